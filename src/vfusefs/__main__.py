@@ -1,0 +1,3 @@
+from vfusefs.cli import main
+
+main()

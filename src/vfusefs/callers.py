@@ -1,0 +1,75 @@
+"""Who sent a FUSE request: uid/gid from the request, cgroup and groups from /proc/<pid>.
+
+Reading /proc costs three syscalls, so results are cached per pid for `TTL` seconds.  A pid can
+be reused by another process, but not within a second (it takes a full wrap of pid_max), and a
+process moved between cgroups is seen within a second; file handles keep the identity captured at
+open(), so a stream of writes or reads costs no /proc reads at all.
+
+When /proc/<pid> cannot be read (the process already exited, or pid 0 for requests the kernel
+makes on its own), the cgroup is unknown: such a caller matches no cgroup grant and is never an
+admin.  We fail closed.
+"""
+
+from __future__ import annotations
+
+import time
+
+from vfusefs.access import Caller
+
+TTL = 1.0
+MAX_ENTRIES = 8192
+
+
+def read_cgroup(pid: int) -> str | None:
+    """The cgroup-v2 path of pid ("0::/path" line), or None if it cannot be read."""
+    if pid <= 0:
+        return None
+    try:
+        with open(f"/proc/{pid}/cgroup", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    for line in data.split(b"\n"):
+        if line.startswith(b"0::"):
+            return line[3:].decode(errors="replace") or "/"
+    return None
+
+
+def read_groups(pid: int) -> frozenset[int]:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Groups:"):
+                    return frozenset(int(g) for g in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return frozenset()
+
+
+class CallerCache:
+    def __init__(self) -> None:
+        self._cgroups: dict[int, tuple[float, str | None]] = {}
+        self._groups: dict[int, tuple[float, frozenset[int]]] = {}
+
+    def caller(self, uid: int, gid: int, pid: int) -> Caller:
+        now = time.monotonic()
+        hit = self._cgroups.get(pid)
+        if hit is None or hit[0] < now:
+            if len(self._cgroups) >= MAX_ENTRIES:
+                self._cgroups.clear()
+            hit = (now + TTL, read_cgroup(pid))
+            self._cgroups[pid] = hit
+        return Caller(uid, gid, pid, hit[1])
+
+    def with_groups(self, caller: Caller) -> Caller:
+        """The caller with supplementary groups filled in (only needed for gid: grants)."""
+        if caller.groups:
+            return caller
+        now = time.monotonic()
+        hit = self._groups.get(caller.pid)
+        if hit is None or hit[0] < now:
+            if len(self._groups) >= MAX_ENTRIES:
+                self._groups.clear()
+            hit = (now + TTL, read_groups(caller.pid) if caller.pid > 0 else frozenset())
+            self._groups[caller.pid] = hit
+        return Caller(caller.uid, caller.gid, caller.pid, caller.cgroup, hit[1] | {caller.gid})

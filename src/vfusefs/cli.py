@@ -1,0 +1,315 @@
+"""The `vfusefs` command: the daemon (`serve`) and a client of its control API for everything else.
+
+Every command prints a table for people or `--json` for scripts, and on any error prints one
+line starting with `vfusefs:` to stderr and exits non-zero (2 for usage errors, 1 otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, NoReturn
+from urllib.parse import quote
+
+import click
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from vfusefs import __version__
+from vfusefs import config as config_mod
+
+console = Console(width=None if sys.stdout.isatty() else 250)
+
+
+class CliError(click.ClickException):
+    def show(self, file: Any = None) -> None:
+        click.echo(f"vfusefs: {self.message}", err=True)
+
+
+def die(message: str) -> NoReturn:
+    raise CliError(message)
+
+
+class Client:
+    """The control API over the daemon's unix socket."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        self.http = httpx.Client(transport=httpx.HTTPTransport(uds=socket_path),
+                                 base_url="http://vfusefs", timeout=60.0)
+
+    def call(self, method: str, path: str, body: Any = None, params: dict | None = None) -> Any:
+        try:
+            r = self.http.request(method, "/v1" + path, json=body, params=params)
+        except (httpx.ConnectError, FileNotFoundError, ConnectionRefusedError):
+            die(f"cannot reach the daemon at {self.socket_path} (is `vfusefs serve` running?)")
+        except PermissionError:
+            die(f"permission denied on {self.socket_path} (the control socket is root only)")
+        except httpx.HTTPError as exc:
+            die(f"control API request failed: {exc}")
+        try:
+            data = r.json()
+        except ValueError:
+            die(f"daemon answered {r.status_code} without JSON")
+        if r.status_code >= 400:
+            msg = data.get("message") if isinstance(data, dict) else None
+            die(msg or f"daemon answered {r.status_code}")
+        return data
+
+
+def _client(ctx: click.Context) -> Client:
+    obj = ctx.find_root().obj or {}
+    if obj.get("socket"):
+        return Client(obj["socket"])
+    path = config_mod.config_path(obj.get("config"))
+    try:
+        cfg = config_mod.load(obj.get("config"), check_paths=False)
+        return Client(cfg.daemon.control_socket)
+    except config_mod.ConfigError as exc:
+        if obj.get("config") or "file not found" not in str(exc):
+            die(str(exc))
+        del path
+        return Client("/run/vfusefs/control.sock")
+
+
+def emit(data: Any, as_json: bool, columns: list[tuple[str, str]] | None = None) -> None:
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+        return
+    rows = data if isinstance(data, list) else [data]
+    if columns is None:
+        columns = [(k, k) for k in (rows[0] if rows else {})]
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for _, title in columns:
+        table.add_column(title.upper())
+    for row in rows:
+        table.add_row(*[_cell(row.get(key)) for key, _ in columns])
+    console.print(table)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return ",".join(f"{g['principal']}={g['mode']}" if isinstance(g, dict) else str(g)
+                        for g in value) or "-"
+    return str(value)
+
+
+VFOLDER_COLUMNS = [("host", "host"), ("id", "id"), ("scope", "scope"), ("quota_bytes", "quota"),
+                   ("grants", "grants"), ("path", "path")]
+json_option = click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", metavar="PATH", help="config file (default "
+              "$VFUSEFS_CONFIG or /etc/vfusefs/vfusefs.toml)")
+@click.option("--socket", "socket_path", metavar="PATH", help="control socket (default from config)")
+@click.version_option(__version__, prog_name="vfusefs")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, socket_path: str | None) -> None:
+    """vfusefs: virtual folders over shared storage, with per-caller access and quota."""
+    ctx.obj = {"config": config_path, "socket": socket_path}
+
+
+@cli.command()
+@click.option("--config", "config_path", metavar="PATH", help="config file")
+@click.pass_context
+def serve(ctx: click.Context, config_path: str | None) -> None:
+    """Mount the tree and serve in the foreground until SIGTERM/SIGINT."""
+    from vfusefs.daemon import serve as run_daemon
+
+    sys.exit(run_daemon(config_path or ctx.find_root().obj.get("config")))
+
+
+@cli.command("check-config")
+@click.option("--config", "config_path", metavar="PATH", help="config file")
+@click.pass_context
+def check_config(ctx: click.Context, config_path: str | None) -> None:
+    """Validate the configuration file and exit (0 if good, 2 if not)."""
+    try:
+        cfg = config_mod.load(config_path or ctx.find_root().obj.get("config"))
+    except config_mod.ConfigError as exc:
+        click.echo(f"vfusefs: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"{cfg.path}: ok ({len(cfg.hosts)} host(s))")
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """The daemon's state: mountpoint, hosts and their health."""
+    data = _client(ctx).call("GET", "/status")
+    if as_json:
+        return emit(data, True)
+    click.echo(f"vfusefs {data['version']}  mounted at {data['mountpoint']}  "
+               f"({data['vfolders']} vfolders)")
+    emit([{"host": h, "health": s} for h, s in data["hosts"].items()], False)
+
+
+@cli.command()
+@json_option
+@click.pass_context
+def hosts(ctx: click.Context, as_json: bool) -> None:
+    """List the configured storage hosts."""
+    emit(_client(ctx).call("GET", "/hosts"), as_json,
+         [("name", "host"), ("backend", "backend"), ("layout", "layout"), ("health", "health"),
+          ("vfolders", "vfolders"), ("path", "native path")])
+
+
+@cli.group()
+def vfolder() -> None:
+    """Create, list, inspect and delete vfolders."""
+
+
+def _grants(values: tuple[str, ...]) -> list[dict[str, str]]:
+    out = []
+    for v in values:
+        principal, sep, mode = v.rpartition("=")
+        if not sep or not principal:
+            die(f"bad --grant {v!r}: use PRINCIPAL=MODE, e.g. uid:1000=rw")
+        out.append({"principal": principal, "mode": mode})
+    return out
+
+
+@vfolder.command("create")
+@click.argument("host")
+@click.option("--id", "vfid", help="UUID to use (default: a new random one)")
+@click.option("--scope", help="quota scope, user:<uuid> or project:<uuid>")
+@click.option("--grant", "grants", multiple=True, metavar="PRINCIPAL=MODE",
+              help="grant at creation, repeatable (uid:1000=rw, cgroup:/docker/x=rwd, '*=ro')")
+@click.option("--adopt", is_flag=True, help="use an existing native directory")
+@json_option
+@click.pass_context
+def vfolder_create(ctx: click.Context, host: str, vfid: str | None, scope: str | None,
+                   grants: tuple[str, ...], adopt: bool, as_json: bool) -> None:
+    """Create a vfolder on HOST."""
+    body: dict[str, Any] = {"grants": _grants(grants)}
+    if vfid:
+        body["id"] = vfid
+    if scope:
+        body["scope"] = scope
+    if adopt:
+        body["adopt"] = True
+    emit(_client(ctx).call("POST", f"/hosts/{quote(host, safe='')}/vfolders", body), as_json,
+         VFOLDER_COLUMNS)
+
+
+@vfolder.command("ls")
+@click.argument("host", required=False)
+@json_option
+@click.pass_context
+def vfolder_ls(ctx: click.Context, host: str | None, as_json: bool) -> None:
+    """List vfolders (of HOST, or of every host)."""
+    client = _client(ctx)
+    names = [host] if host else [h["name"] for h in client.call("GET", "/hosts")]
+    rows = [vf for name in names for vf in client.call("GET", f"/hosts/{quote(name, safe='')}/vfolders")]
+    emit(rows, as_json, VFOLDER_COLUMNS)
+
+
+@vfolder.command("info")
+@click.argument("host")
+@click.argument("vfid")
+@json_option
+@click.pass_context
+def vfolder_info(ctx: click.Context, host: str, vfid: str, as_json: bool) -> None:
+    """Show one vfolder."""
+    data = _client(ctx).call("GET", f"/hosts/{quote(host, safe='')}/vfolders/{quote(vfid, safe='')}")
+    if as_json:
+        return emit(data, True)
+    for key in ("id", "host", "path", "native_path", "scope", "quota_bytes", "quota_inodes",
+                "usage_bytes", "usage_inodes", "grants", "open_handles"):
+        click.echo(f"{key:14} {_cell(data.get(key))}")
+
+
+@vfolder.command("rm")
+@click.argument("host")
+@click.argument("vfid")
+@click.option("--force", is_flag=True, help="delete even if files are open in it")
+@json_option
+@click.pass_context
+def vfolder_rm(ctx: click.Context, host: str, vfid: str, force: bool, as_json: bool) -> None:
+    """Delete a vfolder: its data goes to the host's trash and is purged in the background."""
+    data = _client(ctx).call("DELETE", f"/hosts/{quote(host, safe='')}/vfolders/{quote(vfid, safe='')}",
+                             params={"force": "1"} if force else None)
+    if as_json:
+        return emit(data, True)
+    click.echo(f"deleted {data['deleted']}")
+
+
+def _not_yet(path_suffix: str, method: str = "POST") -> Any:
+    @click.argument("host")
+    @click.argument("vfid")
+    @click.pass_context
+    def command(ctx: click.Context, host: str, vfid: str) -> None:
+        _client(ctx).call(method, f"/hosts/{quote(host, safe='')}/vfolders/{quote(vfid, safe='')}"
+                                  f"{path_suffix}", {})
+
+    return command
+
+
+vfolder.command("clone", help="Clone a vfolder (not implemented yet).")(_not_yet("/clone"))
+vfolder.command("rescan", help="Recount a vfolder's usage (not implemented yet).")(_not_yet("/rescan"))
+vfolder.command("quota", help="Show or set a vfolder's limits (not implemented yet).")(
+    _not_yet("", "PATCH"))
+
+
+@cli.command()
+@click.argument("host")
+@click.argument("vfid")
+@click.argument("principal")
+@click.argument("mode")
+@json_option
+@click.pass_context
+def grant(ctx: click.Context, host: str, vfid: str, principal: str, mode: str, as_json: bool) -> None:
+    """Grant PRINCIPAL (cgroup:/path, uid:N, gid:N or '*') MODE (ro, rw, rwd) on a vfolder."""
+    data = _client(ctx).call("PUT", f"/hosts/{quote(host, safe='')}/vfolders/{quote(vfid, safe='')}"
+                                    f"/grants/{quote(principal, safe='')}", {"mode": mode})
+    emit(data, as_json, VFOLDER_COLUMNS)
+
+
+@cli.command()
+@click.argument("host")
+@click.argument("vfid")
+@click.argument("principal")
+@json_option
+@click.pass_context
+def revoke(ctx: click.Context, host: str, vfid: str, principal: str, as_json: bool) -> None:
+    """Remove PRINCIPAL's grant on a vfolder."""
+    data = _client(ctx).call("DELETE", f"/hosts/{quote(host, safe='')}/vfolders/{quote(vfid, safe='')}"
+                                       f"/grants/{quote(principal, safe='')}")
+    emit(data, as_json, VFOLDER_COLUMNS)
+
+
+@cli.command()
+@click.argument("scope_id")
+@click.pass_context
+def scope(ctx: click.Context, scope_id: str) -> None:
+    """Show a quota scope's limits and usage (not implemented yet)."""
+    _client(ctx).call("GET", f"/scopes/{quote(scope_id, safe='')}")
+
+
+@cli.command("config-doc")
+def config_doc() -> None:
+    """Print the configuration reference (every option, its default and meaning)."""
+    click.echo(config_mod.options_markdown(), nl=False)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("vfusefs: aborted", err=True)
+        sys.exit(1)
+    except click.UsageError as exc:
+        click.echo(f"vfusefs: {exc.format_message()} (see --help)", err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except BrokenPipeError:
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

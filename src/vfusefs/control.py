@@ -1,0 +1,164 @@
+"""The control API (SPEC §6): HTTP/1.1 + JSON, served by hypercorn on the daemon's trio loop.
+
+Routes are thin: parse and validate the request, call the registry, render JSON.  Every error is
+`{"error": code, "message": one line}` with 400, 401, 403, 404, 409 (or 501 for what this
+version does not do yet); no traceback ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from typing import Any, Awaitable, Callable
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from vfusefs import __version__
+from vfusefs.registry import Registry, RegistryError
+
+log = logging.getLogger(__name__)
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message}, status_code=status)
+
+
+def endpoint(fn: Endpoint) -> Endpoint:
+    async def wrapper(request: Request) -> Response:
+        try:
+            return await fn(request)
+        except RegistryError as exc:
+            return error(exc.status, exc.code, exc.message)
+        except Exception:
+            log.exception("control API %s %s failed", request.method, request.url.path)
+            return error(500, "internal", "internal error; see the daemon's log")
+
+    return wrapper
+
+
+async def json_body(request: Request, allowed: set[str]) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw:
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise RegistryError(400, "bad_json", "request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise RegistryError(400, "bad_json", "request body must be a JSON object")
+    unknown = set(body) - allowed
+    if unknown:
+        raise RegistryError(400, "unknown_field", f"unknown field(s): {', '.join(sorted(unknown))} "
+                                                  f"(allowed: {', '.join(sorted(allowed))})")
+    return body
+
+
+def not_yet(feature: str) -> Endpoint:
+    async def handler(request: Request) -> Response:
+        return error(501, "not_implemented", f"{feature} is not implemented in vfusefs {__version__}")
+
+    return handler
+
+
+def build_app(registry: Registry, token: str | None = None) -> Starlette:
+    """The ASGI app; with a token, every request needs `Authorization: Bearer <token>`."""
+    mountpoint = registry.config.daemon.mountpoint
+
+    def vf_json(vf: Any) -> dict[str, Any]:
+        return vf.describe(mountpoint)  # type: ignore[no-any-return]
+
+    @endpoint
+    async def status(request: Request) -> Response:
+        return JSONResponse({
+            "version": __version__, "mountpoint": mountpoint, "mounted": registry.mounted,
+            "started": registry.started, "config": registry.config.path,
+            "hosts": {name: h.health for name, h in registry.hosts.items()},
+            "vfolders": len(registry.vfolders)})
+
+    @endpoint
+    async def hosts(request: Request) -> Response:
+        return JSONResponse([h.describe() for h in registry.hosts.values()])
+
+    @endpoint
+    async def host(request: Request) -> Response:
+        return JSONResponse(registry.host(request.path_params["host"]).describe())
+
+    @endpoint
+    async def vfolders(request: Request) -> Response:
+        h = registry.host(request.path_params["host"])
+        if request.method == "GET":
+            return JSONResponse([vf_json(vf) for vf in h.vfolders.values()])
+        body = await json_body(request, {"id", "scope", "quota_bytes", "quota_inodes", "grants", "adopt"})
+        vf = await registry.create_vfolder(
+            h.name, body.get("id"), body.get("scope"), body.get("quota_bytes", 0),
+            body.get("quota_inodes", 0), body.get("grants"), bool(body.get("adopt", False)))
+        return JSONResponse(vf_json(vf), status_code=201)
+
+    @endpoint
+    async def vfolder(request: Request) -> Response:
+        p = request.path_params
+        if request.method == "GET":
+            return JSONResponse(vf_json(registry.vfolder(p["host"], p["id"])))
+        if request.method == "DELETE":
+            force = request.query_params.get("force", "0") in ("1", "true", "yes")
+            moved = await registry.delete_vfolder(p["host"], p["id"], force)
+            return JSONResponse({"deleted": p["id"], "trash": moved}, status_code=200)
+        return error(501, "not_implemented", "changing quota limits arrives with quota support")
+
+    @endpoint
+    async def grant(request: Request) -> Response:
+        p = request.path_params
+        if request.method == "DELETE":
+            vf = await registry.set_grant(p["host"], p["id"], p["principal"], None)
+            return JSONResponse(vf_json(vf))
+        body = await json_body(request, {"mode"})
+        if "mode" not in body:
+            raise RegistryError(400, "bad_grant", "body needs {\"mode\": \"ro|rw|rwd\"}")
+        vf = await registry.set_grant(p["host"], p["id"], p["principal"], body["mode"])
+        return JSONResponse(vf_json(vf))
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return error(404, "not_found", f"no such endpoint: {request.method} {request.url.path}")
+
+    async def not_allowed(request: Request, exc: Exception) -> Response:
+        return error(405, "method_not_allowed", f"{request.method} not allowed on {request.url.path}")
+
+    routes = [
+        Route("/v1/status", status),
+        Route("/v1/hosts", hosts),
+        Route("/v1/hosts/{host}", host),
+        Route("/v1/hosts/{host}/vfolders", vfolders, methods=["GET", "POST"]),
+        Route("/v1/hosts/{host}/vfolders/{id}", vfolder, methods=["GET", "PATCH", "DELETE"]),
+        Route("/v1/hosts/{host}/vfolders/{id}/grants/{principal:path}", grant, methods=["PUT", "DELETE"]),
+        Route("/v1/hosts/{host}/vfolders/{id}/clone", not_yet("clone"), methods=["POST"]),
+        Route("/v1/hosts/{host}/vfolders/{id}/rescan", not_yet("rescan"), methods=["POST"]),
+        Route("/v1/tasks/{task}", not_yet("background tasks")),
+        Route("/v1/scopes/{scope}", not_yet("quota scopes"), methods=["GET", "PUT"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_allowed})
+    if token is None:
+        return app
+    return BearerAuth(app, token)  # type: ignore[return-value]
+
+
+class BearerAuth:
+    """ASGI wrapper: 401 without a token, 403 with a wrong one (for control_listen over TCP)."""
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app = app
+        self.token = token.encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not auth.startswith(b"Bearer "):
+                return await error(401, "unauthorized", "missing Authorization: Bearer <token>")(
+                    scope, receive, send)
+            if not hmac.compare_digest(auth[7:].strip(), self.token):
+                return await error(403, "forbidden", "wrong token")(scope, receive, send)
+        await self.app(scope, receive, send)

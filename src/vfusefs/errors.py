@@ -1,0 +1,76 @@
+"""The one place exceptions become errno for the kernel.
+
+Rules (which error wins, written down once):
+- `FUSEError` raised on purpose (access, quota, policy) passes through unchanged.
+- `OSError` from a native syscall passes its errno through, so callers see what the native
+  filesystem said (ENOENT, ENOTEMPTY, EDQUOT, ENOSPC...); an OSError without errno is EIO.
+- `trio.TooSlowError` (a host did not answer within its op_timeout) is EIO.
+- Store and backend failures are EIO: the request cannot be decided safely.
+- Anything else is a bug: EIO plus one logged traceback.  pyfuse3 ends its main loop on any
+  exception that is not a FUSEError, so nothing else may ever escape a handler.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+from typing import Any, Awaitable, Callable, TypeVar
+
+import pyfuse3
+import trio
+
+from vfusefs.backends import BackendError
+from vfusefs.store import StoreError
+
+log = logging.getLogger("vfusefs.ops")
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+# exception type -> errno, checked in order; tests assert every class in here maps to an int
+MAPPED: tuple[tuple[type[BaseException], int], ...] = (
+    (trio.TooSlowError, errno.EIO),
+    (StoreError, errno.EIO),
+    (BackendError, errno.EIO),
+    (UnicodeError, errno.EINVAL),
+    (OverflowError, errno.EINVAL),
+)
+
+
+def to_errno(exc: BaseException) -> int:
+    """The errno to answer with for exc (logs a traceback for unexpected ones)."""
+    if isinstance(exc, pyfuse3.FUSEError):
+        return exc.errno
+    if isinstance(exc, OSError):
+        return exc.errno or errno.EIO
+    for kind, code in MAPPED:
+        if isinstance(exc, kind):
+            if code == errno.EIO:
+                log.warning("%s: %s", type(exc).__name__, exc)
+            return code
+    log.error("unexpected error in a FUSE handler, answering EIO", exc_info=exc)
+    return errno.EIO
+
+
+def handler(fn: F) -> F:
+    """Decorate an Operations method: map every exception, count and time the operation."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, *args: Any) -> Any:
+        try:
+            result = await fn(self, *args)
+        except pyfuse3.FUSEError as exc:
+            self.observe(name, exc.errno)
+            raise
+        except trio.Cancelled:
+            raise
+        except BaseException as exc:
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            code = to_errno(exc)
+            self.observe(name, code)
+            raise pyfuse3.FUSEError(code) from None
+        self.observe(name, 0)
+        return result
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,103 @@
+"""The inode table: FUSE inode numbers <-> native inodes held open as O_PATH fds.
+
+A native inode is keyed by (vfolder id, st_dev, st_ino).  The vfolder is part of the key so a hard
+link planted natively between two vfolders still gives two nodes, each judged by its own
+vfolder's grants.  The node's O_PATH fd is the only handle we ever use to reach the inode again:
+no path is rebuilt, so a rename or a swapped symlink cannot redirect us elsewhere.
+
+The root (inode 1) and one node per host are virtual; a vfolder's root directory is a pinned
+native node that the kernel's forget never drops.  Every other node lives while the kernel holds
+a lookup reference to it (lookup, create, mkdir, readdirplus... each count one; forget subtracts).
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    from vfusefs.registry import Host, Vfolder
+
+ROOT_INODE = 1
+
+
+class Kind(enum.Enum):
+    ROOT = "root"
+    HOST = "host"
+    VFROOT = "vfolder"
+    NATIVE = "native"
+
+
+class Node:
+    __slots__ = ("ino", "kind", "fd", "key", "nlookup", "vf", "host", "parent")
+
+    def __init__(self, ino: int, kind: Kind, fd: int = -1, key: tuple | None = None,
+                 vf: "Vfolder | None" = None, host: "Host | None" = None) -> None:
+        self.ino = ino
+        self.kind = kind
+        self.fd = fd
+        self.key = key
+        self.nlookup = 0
+        self.vf = vf
+        self.host = host
+        self.parent = ino  # directories: the inode number of their parent, for ".."
+
+    @property
+    def pinned(self) -> bool:
+        return self.kind is not Kind.NATIVE
+
+    def __repr__(self) -> str:
+        return f"<Node {self.ino} {self.kind.value} fd={self.fd} n={self.nlookup}>"
+
+
+class InodeTable:
+    def __init__(self) -> None:
+        self._next = itertools.count(ROOT_INODE + 1)
+        self.by_ino: dict[int, Node] = {}
+        self.by_key: dict[tuple, Node] = {}  # read (never written) from worker threads
+        self.root = Node(ROOT_INODE, Kind.ROOT)
+        self.by_ino[ROOT_INODE] = self.root
+
+    def __len__(self) -> int:
+        return len(self.by_ino)
+
+    def get(self, ino: int) -> Node | None:
+        return self.by_ino.get(ino)
+
+    def new_virtual(self, kind: Kind, host: "Host") -> Node:
+        node = Node(next(self._next), kind, host=host)
+        self.by_ino[node.ino] = node
+        return node
+
+    def add(self, kind: Kind, fd: int, st: Any, vf: "Vfolder", parent: int) -> Node:
+        key = (vf.id, st.st_dev, st.st_ino)
+        node = Node(next(self._next), kind, fd, key, vf, vf.host)
+        node.parent = parent
+        self.by_ino[node.ino] = node
+        self.by_key[key] = node
+        return node
+
+    def find(self, vf: "Vfolder", st: Any) -> Node | None:
+        return self.by_key.get((vf.id, st.st_dev, st.st_ino))
+
+    def remove(self, node: Node) -> int:
+        """Drop a node; returns its fd for the caller to close on a worker thread."""
+        self.by_ino.pop(node.ino, None)
+        if node.key is not None and self.by_key.get(node.key) is node:
+            del self.by_key[node.key]
+        fd, node.fd = node.fd, -1
+        return fd
+
+    def forget(self, ino: int, count: int) -> int:
+        """Subtract kernel references; returns an fd to close if the node went away, else -1."""
+        node = self.by_ino.get(ino)
+        if node is None:
+            return -1
+        node.nlookup = max(0, node.nlookup - count)
+        if node.nlookup == 0 and not node.pinned:
+            return self.remove(node)
+        return -1
+
+    def of_vfolder(self, vf: "Vfolder") -> Iterator[Node]:
+        return (n for n in list(self.by_ino.values()) if n.vf is vf)

@@ -1,0 +1,324 @@
+"""Blocking syscalls on native storage, one function per FUSE operation.
+
+Every function here runs on a host's worker thread (`workers.py`), never on the event loop, and
+does all the syscalls its operation needs so that a request costs one thread hop.
+
+Safety by construction: every path is one name relative to a directory fd (`*at` calls) and
+nothing follows a symlink on the native side (`O_NOFOLLOW`, `AT_SYMLINK_NOFOLLOW`).  An inode is
+reached through the `O_PATH` fd the inode table holds; where Linux has no `f*` call for an
+`O_PATH` fd (chmod, chown, utimens, xattrs, reopen), we use its `/proc/self/fd/N` magic link, which
+lands on the inode itself and never walks a native path or follows the inode if it is a symlink.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat as stat_mod
+from typing import Any, Iterator, NamedTuple
+
+O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = _libc.renameat2
+_renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def proc(fd: int) -> str:
+    return f"/proc/self/fd/{fd}"
+
+
+class Entry(NamedTuple):
+    """A native inode just reached: a new O_PATH fd (or None if already known) and its stat."""
+
+    fd: int | None
+    st: os.stat_result
+
+
+def _open_path(dirfd: int, name: bytes) -> Entry:
+    fd = os.open(name, O_PATH_FLAGS, dir_fd=dirfd)
+    try:
+        return Entry(fd, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def lookup(dirfd: int, name: bytes, known: Any, vfid: str) -> Entry:
+    """Stat name in dirfd; open an O_PATH fd only if the inode is not in the table yet."""
+    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    if (vfid, st.st_dev, st.st_ino) in known:
+        return Entry(None, st)
+    return _open_path(dirfd, name)
+
+
+def open_path(dirfd: int, name: bytes) -> Entry:
+    return _open_path(dirfd, name)
+
+
+def fstat(fd: int) -> os.stat_result:
+    return os.fstat(fd)
+
+
+def _own(dirfd: int, name: bytes, uid: int, gid: int, mode: int) -> None:
+    """Give a node the daemon just made (as root) to the caller, as if the caller had made it.
+
+    A parent with the set-group-ID bit keeps the group the native filesystem already chose.
+    chown clears set-user/group-ID bits, so those are put back afterwards.
+    """
+    parent = os.fstat(dirfd)
+    os.chown(name, uid, -1 if parent.st_mode & stat_mod.S_ISGID else gid, dir_fd=dirfd,
+             follow_symlinks=False)
+    if mode & (stat_mod.S_ISUID | stat_mod.S_ISGID) and not stat_mod.S_ISLNK(mode):
+        os.chmod(name, stat_mod.S_IMODE(mode), dir_fd=dirfd)
+
+
+def mknod(dirfd: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Entry:
+    if stat_mod.S_ISREG(mode):
+        os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         stat_mod.S_IMODE(mode), dir_fd=dirfd))
+    else:
+        os.mknod(name, mode, rdev, dir_fd=dirfd)
+    _own(dirfd, name, uid, gid, mode)
+    return _open_path(dirfd, name)
+
+
+def mkdir(dirfd: int, name: bytes, mode: int, uid: int, gid: int) -> Entry:
+    os.mkdir(name, mode, dir_fd=dirfd)
+    _own(dirfd, name, uid, gid, mode | stat_mod.S_IFDIR)
+    return _open_path(dirfd, name)
+
+
+def symlink(dirfd: int, name: bytes, target: bytes, uid: int, gid: int) -> Entry:
+    os.symlink(target, name, dir_fd=dirfd)
+    os.chown(name, uid, -1 if os.fstat(dirfd).st_mode & stat_mod.S_ISGID else gid,
+             dir_fd=dirfd, follow_symlinks=False)
+    return _open_path(dirfd, name)
+
+
+def link(fd: int, dirfd: int, name: bytes) -> os.stat_result:
+    os.link(proc(fd), name, dst_dir_fd=dirfd, follow_symlinks=True)
+    return os.fstat(fd)
+
+
+def create(dirfd: int, name: bytes, flags: int, mode: int, uid: int, gid: int) -> tuple[int, Entry]:
+    """Open-or-create name; returns the data fd and the node entry.  Never follows a symlink."""
+    flags = (flags | os.O_NOFOLLOW | os.O_CLOEXEC) & ~os.O_NOCTTY
+    try:
+        datafd = os.open(name, flags | os.O_CREAT | os.O_EXCL, mode, dir_fd=dirfd)
+        created = True
+    except FileExistsError:
+        if flags & os.O_EXCL:
+            raise
+        datafd = os.open(name, flags & ~os.O_CREAT, dir_fd=dirfd)
+        created = False
+    try:
+        if created:
+            _own(dirfd, name, uid, gid, mode | stat_mod.S_IFREG)
+        return datafd, _reopen_path(datafd)
+    except BaseException:
+        os.close(datafd)
+        raise
+
+
+def _reopen_path(datafd: int) -> Entry:
+    fd = os.open(proc(datafd), os.O_PATH | os.O_CLOEXEC)
+    try:
+        return Entry(fd, os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_data(fd: int, flags: int) -> int:
+    return os.open(proc(fd), (flags | os.O_CLOEXEC) & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY))
+
+
+def setattr(fd: int, datafd: int | None, mode: int | None, uid: int, gid: int, size: int | None,
+            atime_ns: int | None, mtime_ns: int | None, now_a: bool, now_m: bool) -> os.stat_result:
+    path = proc(fd)
+    if size is not None:
+        if datafd is not None:
+            os.ftruncate(datafd, size)
+        else:
+            os.truncate(path, size)
+    if mode is not None:
+        os.chmod(path, stat_mod.S_IMODE(mode))
+    if uid != -1 or gid != -1:
+        os.chown(path, uid, gid)
+    if atime_ns is not None or mtime_ns is not None or now_a or now_m:
+        _utimens(path, atime_ns, mtime_ns, now_a, now_m)
+    return os.fstat(fd)
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_UTIME_NOW = (1 << 30) - 1
+_UTIME_OMIT = (1 << 30) - 2
+_utimensat = _libc.utimensat
+_utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec), ctypes.c_int]
+_AT_FDCWD = -100
+
+
+def _utimens(path: str, atime_ns: int | None, mtime_ns: int | None, now_a: bool, now_m: bool) -> None:
+    def ts(value: int | None, now: bool) -> _Timespec:
+        if now:
+            return _Timespec(0, _UTIME_NOW)
+        if value is None:
+            return _Timespec(0, _UTIME_OMIT)
+        return _Timespec(*divmod(value, 1_000_000_000))
+
+    times = (_Timespec * 2)(ts(atime_ns, now_a), ts(mtime_ns, now_m))
+    if _utimensat(_AT_FDCWD, os.fsencode(path), times, 0) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def readlink(fd: int) -> bytes:
+    return os.readlink(b"", dir_fd=fd)  # readlinkat(fd, "") reads the O_PATH symlink itself
+
+
+def unlink(dirfd: int, name: bytes) -> None:
+    os.unlink(name, dir_fd=dirfd)
+
+
+def rmdir(dirfd: int, name: bytes) -> None:
+    os.rmdir(name, dir_fd=dirfd)
+
+
+def stat_at(dirfd: int, name: bytes) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def rename(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int) -> None:
+    if _renameat2(olddirfd, old, newdirfd, new, flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def read(datafd: int, size: int, off: int) -> bytes:
+    return os.pread(datafd, size, off)
+
+
+def write(datafd: int, buf: bytes, off: int) -> int:
+    return os.pwrite(datafd, buf, off)
+
+
+def fallocate(datafd: int, mode: int, off: int, length: int) -> None:
+    if _fallocate(datafd, mode, off, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def flush(datafd: int) -> None:
+    # close(dup(fd)) makes network filesystems write back and report errors now (close-to-open)
+    os.close(os.dup(datafd))
+
+
+def fsync(datafd: int, datasync: bool) -> None:
+    (os.fdatasync if datasync else os.fsync)(datafd)
+
+
+def close(fd: int) -> None:
+    os.close(fd)
+
+
+def close_many(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def statvfs(fd: int) -> os.statvfs_result:
+    return os.statvfs(fd)
+
+
+def statvfs_path(path: str) -> os.statvfs_result:
+    return os.statvfs(path)
+
+
+def getxattr(fd: int, name: bytes) -> bytes:
+    return os.getxattr(proc(fd), name)
+
+
+def setxattr(fd: int, name: bytes, value: bytes, flags: int) -> None:
+    os.setxattr(proc(fd), name, value, flags)
+
+
+def listxattr(fd: int) -> list[str]:
+    return os.listxattr(proc(fd))
+
+
+def removexattr(fd: int, name: bytes) -> None:
+    os.removexattr(proc(fd), name)
+
+
+# -- directories ----------------------------------------------------------------------------------
+class DirStream:
+    """A native directory being listed, read in chunks; offsets are positions in the stream."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = os.open(proc(fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._it: Iterator[os.DirEntry[str]] | None = os.scandir(self.fd)
+        self.position = 0  # offset of the next entry the iterator yields
+
+    def rewind(self) -> None:
+        if self._it is not None:
+            self._it.close()  # type: ignore[attr-defined]
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        self._it = os.scandir(self.fd)
+        self.position = 0
+
+    def chunk(self, count: int, known: Any, vfid: str) -> list[tuple[bytes, Entry]]:
+        """Up to count entries (names, new O_PATH fd or None, stat); [] at the end."""
+        out: list[tuple[bytes, Entry]] = []
+        if self._it is None:
+            return out
+        for dent in self._it:
+            self.position += 1
+            name = os.fsencode(dent.name)
+            try:
+                out.append((name, lookup(self.fd, name, known, vfid)))
+            except FileNotFoundError:
+                continue  # removed since getdents
+            if len(out) >= count:
+                break
+        else:
+            self._it.close()  # type: ignore[attr-defined]
+            self._it = None
+        return out
+
+    def skip(self, count: int) -> None:
+        """Advance to an arbitrary offset (telldir/seekdir); the slow path."""
+        self.rewind()
+        assert self._it is not None
+        for _ in range(count):
+            if next(self._it, None) is None:
+                break
+            self.position += 1
+
+    def close(self) -> None:
+        if self._it is not None:
+            self._it.close()  # type: ignore[attr-defined]
+            self._it = None
+        os.close(self.fd)
+
+
+def is_dir(st: os.stat_result) -> bool:
+    return stat_mod.S_ISDIR(st.st_mode)
+
+
+ENOATTR = errno.ENODATA

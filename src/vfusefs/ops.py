@@ -1,0 +1,664 @@
+"""The data path: every FUSE request, from inode to native syscall, in one file.
+
+Each handler reads the same way: resolve the inode, decide access for the caller (`access.py`),
+run the native syscalls for the operation in one hop on the host's worker thread (`native.py`),
+update the inode table, reply.  Exceptions are mapped to errno in one place (`errors.py`).
+
+The tree:   /              virtual, lists hosts, read-only to everyone
+            /<host>        virtual, lists the vfolders the caller may use, read-only
+            /<host>/<id>   a vfolder: its native directory, delegated
+
+What must never happen here: a blocking syscall on the event loop (pyfuse3 runs every handler on
+one trio thread), a native path rebuilt from strings (we go through O_PATH fds and *at calls), or
+an exception other than FUSEError escaping a handler (it would end the mount).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat as stat_mod
+import time
+from collections import deque
+from typing import Any, Sequence
+
+import pyfuse3
+
+from vfusefs import access, native
+from vfusefs.access import Caller, Mode, Need
+from vfusefs.callers import CallerCache
+from vfusefs.config import DaemonConfig
+from vfusefs.errors import handler
+from vfusefs.inodes import ROOT_INODE, InodeTable, Kind, Node
+from vfusefs.registry import Host, Registry, Vfolder
+
+log = logging.getLogger(__name__)
+
+READDIR_CHUNK = 256  # native entries read (and stat'ed) per worker hop
+XATTR_PREFIX = b"user.vfusefs."
+
+
+def fail(code: int) -> pyfuse3.FUSEError:
+    return pyfuse3.FUSEError(code)
+
+
+class FileHandle:
+    __slots__ = ("fd", "node", "caller", "admin", "dirty", "writable")
+
+    def __init__(self, fd: int, node: Node, caller: Caller, admin: bool, writable: bool) -> None:
+        self.fd = fd
+        self.node = node
+        self.caller = caller
+        self.admin = admin
+        self.dirty = False
+        self.writable = writable
+
+
+class DirHandle:
+    __slots__ = ("node", "caller", "admin", "stream", "buffer", "next_off", "virtual", "dot_attrs")
+
+    def __init__(self, node: Node, caller: Caller, admin: bool) -> None:
+        self.node = node
+        self.caller = caller
+        self.admin = admin
+        self.stream: native.DirStream | None = None
+        self.buffer: deque[tuple[bytes, native.Entry]] = deque()
+        self.next_off = 0  # offset of the next entry to send: 0 ".", 1 "..", 2... native
+        self.virtual: list[tuple[bytes, Node]] | None = None
+        self.dot_attrs: os.stat_result | None = None
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False  # the kernel never asks us for "." or ".." by name
+    enable_acl = False
+
+    def __init__(self, registry: Registry, daemon: DaemonConfig) -> None:
+        super().__init__()
+        self.registry = registry
+        self.table: InodeTable = registry.table
+        self.daemon = daemon
+        self.enable_writeback_cache = daemon.writeback_cache
+        self.timeout = daemon.entry_timeout
+        self.callers = CallerCache()
+        self.handles: dict[int, FileHandle | DirHandle] = {}
+        self._next_fh = 1
+        self.started_ns = time.time_ns()
+        self.checks = True  # access checks; off only in benchmarks measuring their cost
+        self.stats: dict[tuple[str, int], int] = {}
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def observe(self, op: str, code: int) -> None:
+        key = (op, code)
+        self.stats[key] = self.stats.get(key, 0) + 1
+
+    def _new_fh(self, h: FileHandle | DirHandle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = h
+        if h.node.vf is not None:
+            h.node.vf.handles += 1
+        return fh
+
+    def _drop_fh(self, fh: int) -> FileHandle | DirHandle:
+        h = self.handles.pop(fh, None)
+        if h is None:
+            raise fail(errno.EBADF)
+        if h.node.vf is not None:
+            h.node.vf.handles -= 1
+        return h
+
+    def _node(self, ino: int) -> Node:
+        node = self.table.get(ino)
+        if node is None or node.fd == -1 and node.kind in (Kind.NATIVE, Kind.VFROOT):
+            raise fail(errno.ESTALE)
+        if node.vf is not None and node.vf.deleted:
+            raise fail(errno.ENOENT)
+        return node
+
+    # -- access ---------------------------------------------------------------------------------
+    def _caller(self, ctx: pyfuse3.RequestContext) -> tuple[Caller, bool]:
+        caller = self.callers.caller(ctx.uid, ctx.gid, ctx.pid)
+        return caller, access.is_admin(caller, self.daemon.admin_uids, self.daemon.confined_cgroups)
+
+    def _mode(self, caller: Caller, admin: bool, vf: Vfolder) -> Mode:
+        if admin or not self.checks:
+            return Mode.ADMIN
+        grants = vf.grants
+        if access.needs_groups(grants):
+            caller = self.callers.with_groups(caller)
+        return access.effective_mode(caller, grants)
+
+    def _allow(self, ctx: pyfuse3.RequestContext, node: Node, need: Need) -> tuple[Caller, bool]:
+        """Raise the SPEC §3 errno unless the caller may do `need` at node."""
+        caller, admin = self._caller(ctx)
+        if node.vf is None:  # root and host directories
+            if need is not Need.READ:
+                raise fail(errno.EPERM)
+            return caller, admin
+        code = access.check(self._mode(caller, admin, node.vf), need)
+        if code:
+            raise fail(code)
+        return caller, admin
+
+    def _recheck(self, h: FileHandle | DirHandle, need: Need) -> None:
+        """Grants change live: every request on an open handle is decided again."""
+        vf = h.node.vf
+        if vf is None:
+            return
+        if vf.deleted:
+            raise fail(errno.ENOENT)
+        code = access.check(self._mode(h.caller, h.admin, vf), need)
+        if code:
+            raise fail(code)
+
+    def _visible(self, caller: Caller, admin: bool, vf: Vfolder) -> bool:
+        return self._mode(caller, admin, vf) is not Mode.NONE
+
+    # -- attributes -----------------------------------------------------------------------------
+    def _attrs(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.generation = 0
+        a.st_mode = st.st_mode
+        a.st_nlink = st.st_nlink
+        a.st_uid = st.st_uid
+        a.st_gid = st.st_gid
+        a.st_rdev = st.st_rdev
+        a.st_size = st.st_size
+        a.st_blksize = st.st_blksize
+        a.st_blocks = st.st_blocks
+        a.st_atime_ns = st.st_atime_ns
+        a.st_mtime_ns = st.st_mtime_ns
+        a.st_ctime_ns = st.st_ctime_ns
+        # vfolder roots are looked up per caller in a host dir: never let the kernel reuse that
+        a.entry_timeout = 0 if node.kind is Kind.VFROOT else self.timeout
+        a.attr_timeout = self.timeout
+        return a
+
+    def _virtual_attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.ino
+        a.st_mode = stat_mod.S_IFDIR | 0o555
+        if node.kind is Kind.ROOT:
+            a.st_nlink = 2 + len(self.registry.hosts)
+        else:
+            a.st_nlink = 2
+        a.st_uid = a.st_gid = 0
+        a.st_size = 0
+        a.st_blksize = 4096
+        a.st_blocks = 0
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.started_ns
+        a.entry_timeout = self.timeout
+        a.attr_timeout = self.timeout
+        return a
+
+    async def _run(self, node: Node, fn: Any, *args: Any) -> Any:
+        host = node.host
+        assert host is not None
+        return await host.workers.run(fn, *args)
+
+    def _adopt(self, parent: Node, entry: native.Entry) -> Node | None:
+        """The node for a native inode just reached (None if a lost race needs a fresh fd)."""
+        vf = parent.vf
+        assert vf is not None
+        node = self.table.find(vf, entry.st)
+        if node is not None:
+            if entry.fd is not None:
+                node.host.workers.submit(native.close, entry.fd)  # type: ignore[union-attr]
+            return node
+        if entry.fd is None:
+            return None
+        return self.table.add(Kind.NATIVE, entry.fd, entry.st, vf, parent.ino)
+
+    async def _reach(self, parent: Node, name: bytes, entry: native.Entry) -> Node:
+        node = self._adopt(parent, entry)
+        if node is None:  # forgotten between the worker's check and now: open it after all
+            node = self._adopt(parent, await self._run(parent, native.open_path, parent.fd, name))
+            assert node is not None
+        return node
+
+    def _entry(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        node.nlookup += 1
+        return self._attrs(node, st)
+
+    # -- names ----------------------------------------------------------------------------------
+    @handler
+    async def lookup(self, parent_inode: int, name: bytes,
+                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        if parent.kind is Kind.ROOT:
+            host = self.registry.hosts.get(name.decode(errors="replace"))
+            if host is None or host.node is None:
+                raise fail(errno.ENOENT)
+            host.node.nlookup += 1
+            return self._virtual_attrs(host.node)
+        if parent.kind is Kind.HOST:
+            assert parent.host is not None
+            vf = parent.host.vfolders.get(name.decode(errors="replace"))
+            caller, admin = self._caller(ctx)
+            if vf is None or vf.root is None or not self._visible(caller, admin, vf):
+                raise fail(errno.ENOENT)
+            st = await self._run(vf.root, native.fstat, vf.root.fd)
+            return self._entry(vf.root, st)
+        self._allow(ctx, parent, Need.READ)
+        entry = await self._run(parent, native.lookup, parent.fd, name, self.table.by_key,
+                                parent.vf.id)  # type: ignore[union-attr]
+        node = await self._reach(parent, name, entry)
+        return self._entry(node, entry.st)
+
+    @handler
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        closing: dict[Host, list[int]] = {}
+        for ino, count in inode_list:
+            node = self.table.get(ino)
+            if node is None:
+                continue
+            host = node.host
+            fd = self.table.forget(ino, count)
+            if fd >= 0 and host is not None:
+                closing.setdefault(host, []).append(fd)
+        for host, fds in closing.items():
+            host.workers.submit(native.close_many, fds)
+
+    @handler
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        if node.vf is None:
+            return self._virtual_attrs(node)
+        self._allow(ctx, node, Need.READ)
+        return self._attrs(node, await self._run(node, native.fstat, node.fd))
+
+    @handler
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        self._allow(ctx, node, Need.WRITE)
+        h = self.handles.get(fh) if fh is not None else None
+        datafd = h.fd if isinstance(h, FileHandle) else None
+        st = await self._run(
+            node, native.setattr, node.fd, datafd,
+            attr.st_mode if fields.update_mode else None,
+            attr.st_uid if fields.update_uid else -1,
+            attr.st_gid if fields.update_gid else -1,
+            attr.st_size if fields.update_size else None,
+            attr.st_atime_ns if fields.update_atime else None,
+            attr.st_mtime_ns if fields.update_mtime else None, False, False)
+        return self._attrs(node, st)
+
+    @handler
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(inode)
+        self._allow(ctx, node, Need.READ)
+        return await self._run(node, native.readlink, node.fd)  # type: ignore[no-any-return]
+
+    # -- making and removing names ----------------------------------------------------------------
+    def _mkparent(self, parent_inode: int, ctx: pyfuse3.RequestContext) -> Node:
+        parent = self._node(parent_inode)
+        self._allow(ctx, parent, Need.WRITE)
+        return parent
+
+    async def _made(self, parent: Node, name: bytes, entry: native.Entry) -> pyfuse3.EntryAttributes:
+        node = await self._reach(parent, name, entry)
+        return self._entry(node, entry.st)
+
+    @handler
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._mkparent(parent_inode, ctx)
+        entry = await self._run(parent, native.mknod, parent.fd, name, mode & ~ctx.umask, rdev,
+                                ctx.uid, ctx.gid)
+        return await self._made(parent, name, entry)
+
+    @handler
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._mkparent(parent_inode, ctx)
+        entry = await self._run(parent, native.mkdir, parent.fd, name, mode & ~ctx.umask & 0o7777,
+                                ctx.uid, ctx.gid)
+        return await self._made(parent, name, entry)
+
+    @handler
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._mkparent(parent_inode, ctx)
+        entry = await self._run(parent, native.symlink, parent.fd, name, target, ctx.uid, ctx.gid)
+        return await self._made(parent, name, entry)
+
+    @handler
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        parent = self._node(new_parent_inode)
+        if parent.vf is None or node.vf is None:
+            raise fail(errno.EPERM)
+        if parent.vf is not node.vf:
+            raise fail(errno.EXDEV)
+        self._allow(ctx, parent, Need.WRITE)
+        st = await self._run(parent, native.link, node.fd, parent.fd, new_name)
+        return self._entry(node, st)
+
+    @handler
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._node(parent_inode)
+        self._allow(ctx, parent, Need.DELETE)
+        await self._run(parent, native.unlink, parent.fd, name)
+
+    @handler
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent = self._node(parent_inode)
+        self._allow(ctx, parent, Need.DELETE)
+        await self._run(parent, native.rmdir, parent.fd, name)
+
+    @handler
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        old = self._node(parent_inode_old)
+        new = self._node(parent_inode_new)
+        if old.vf is None or new.vf is None:
+            raise fail(errno.EPERM)
+        if old.vf is not new.vf:
+            raise fail(errno.EXDEV)
+        caller, admin = self._caller(ctx)
+        mode = self._mode(caller, admin, old.vf)
+        exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
+        code = access.check(mode, Need.DELETE if exchange else Need.WRITE)
+        if code:
+            raise fail(code)
+        # rw may rename but not replace: ask the kernel for NOREPLACE so no race can slip one in
+        forbid_replace = mode == Mode.RW and not flags & pyfuse3.RENAME_NOREPLACE
+        try:
+            await self._run(old, native.rename, old.fd, name_old, new.fd, name_new,
+                            flags | (native.RENAME_NOREPLACE if forbid_replace else 0))
+        except FileExistsError:
+            raise fail(errno.EPERM if forbid_replace else errno.EEXIST) from None
+        if old is not new:
+            moved = await self._run(new, native.stat_at, new.fd, name_new)
+            if moved is not None and stat_mod.S_ISDIR(moved.st_mode):
+                node = self.table.find(new.vf, moved)
+                if node is not None:
+                    node.parent = new.ino
+
+    # -- files ----------------------------------------------------------------------------------
+    def _open_flags(self, flags: int) -> int:
+        if self.enable_writeback_cache:
+            # the kernel may read to fill pages of a write-only file, and it handles O_APPEND
+            if flags & os.O_ACCMODE == os.O_WRONLY:
+                flags = (flags & ~os.O_ACCMODE) | os.O_RDWR
+            flags &= ~os.O_APPEND
+        return flags
+
+    @staticmethod
+    def _writes(flags: int) -> bool:
+        return flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
+
+    @handler
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        writes = self._writes(flags)
+        caller, admin = self._allow(ctx, node, Need.WRITE if writes else Need.READ)
+        fd = await self._run(node, native.open_data, node.fd, self._open_flags(flags))
+        fh = self._new_fh(FileHandle(fd, node, caller, admin, writes))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @handler
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent = self._mkparent(parent_inode, ctx)
+        caller, admin = self._caller(ctx)
+        fd, entry = await self._run(parent, native.create, parent.fd, name, self._open_flags(flags),
+                                    mode & ~ctx.umask & 0o7777, ctx.uid, ctx.gid)
+        try:
+            node = await self._reach(parent, name, entry)
+        except BaseException:
+            parent.host.workers.submit(native.close, fd)  # type: ignore[union-attr]
+            raise
+        fh = self._new_fh(FileHandle(fd, node, caller, admin, True))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(node, entry.st)
+
+    def _file(self, fh: int) -> FileHandle:
+        h = self.handles.get(fh)
+        if not isinstance(h, FileHandle):
+            raise fail(errno.EBADF)
+        return h
+
+    @handler
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self._file(fh)
+        self._recheck(h, Need.READ)
+        return await self._run(h.node, native.read, h.fd, size, off)  # type: ignore[no-any-return]
+
+    @handler
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        h = self._file(fh)
+        self._recheck(h, Need.WRITE)
+        h.dirty = True
+        return await self._run(h.node, native.write, h.fd, buf, off)  # type: ignore[no-any-return]
+
+    @handler
+    async def flush(self, fh: int) -> None:
+        h = self._file(fh)
+        if h.dirty:  # nothing of ours to push to native storage otherwise
+            h.dirty = False
+            await self._run(h.node, native.flush, h.fd)
+
+    @handler
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        h = self._file(fh)
+        await self._run(h.node, native.fsync, h.fd, datasync)
+
+    @handler
+    async def release(self, fh: int) -> None:
+        h = self._drop_fh(fh)
+        assert isinstance(h, FileHandle)
+        h.node.host.workers.submit(native.close, h.fd)  # type: ignore[union-attr]
+
+    # -- directories ----------------------------------------------------------------------------
+    @handler
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._node(inode)
+        caller, admin = self._allow(ctx, node, Need.READ)
+        h = DirHandle(node, caller, admin)
+        if node.kind is Kind.ROOT:
+            h.virtual = [(name.encode(), host.node) for name, host in self.registry.hosts.items()
+                         if host.node is not None]
+        elif node.kind is Kind.HOST:
+            assert node.host is not None
+            h.virtual = [(vf.id.encode(), vf.root) for vf in node.host.vfolders.values()
+                         if vf.root is not None and self._visible(caller, admin, vf)]
+        else:
+            h.stream, h.dot_attrs = await self._run(node, _open_stream, node.fd)
+        return self._new_fh(h)
+
+    def _dir(self, fh: int) -> DirHandle:
+        h = self.handles.get(fh)
+        if not isinstance(h, DirHandle):
+            raise fail(errno.EBADF)
+        return h
+
+    @handler
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        h = self._dir(fh)
+        self._recheck(h, Need.READ)
+        if h.virtual is not None:
+            return self._readdir_virtual(h, start_id, token)
+        if start_id != h.next_off:
+            await self._seekdir(h, start_id)
+        node = h.node
+        if h.next_off == 0:
+            if not pyfuse3.readdir_reply(token, b".", self._attrs(node, h.dot_attrs), 1):
+                return
+            h.next_off = 1
+        if h.next_off == 1:
+            dotdot = self.table.get(node.parent) or node
+            attrs = self._virtual_attrs(dotdot) if dotdot.vf is None else self._attrs(dotdot, h.dot_attrs)
+            if not pyfuse3.readdir_reply(token, b"..", attrs, 2):
+                return
+            h.next_off = 2
+        assert h.stream is not None and node.vf is not None
+        while True:
+            if not h.buffer:
+                chunk = await self._run(node, h.stream.chunk, READDIR_CHUNK, self.table.by_key, node.vf.id)
+                if not chunk:
+                    return
+                h.buffer.extend(chunk)
+            name, entry = h.buffer[0]
+            child = await self._reach(node, name, entry)
+            h.buffer[0] = (name, native.Entry(None, entry.st))  # the fd now belongs to the table
+            if not pyfuse3.readdir_reply(token, name, self._attrs(child, entry.st), h.next_off + 1):
+                return
+            child.nlookup += 1
+            if stat_mod.S_ISDIR(entry.st.st_mode):
+                child.parent = node.ino
+            h.buffer.popleft()
+            h.next_off += 1
+
+    def _readdir_virtual(self, h: DirHandle, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        assert h.virtual is not None
+        for i in range(start_id, len(h.virtual)):
+            name, child = h.virtual[i]
+            attrs = self._virtual_attrs(child) if child.vf is None else None
+            if attrs is None:
+                # a vfolder root: its attributes come from native storage, but a listing of the
+                # host dir must not wait on every vfolder's storage; getattr fetches them
+                attrs = self._virtual_attrs(child)
+                attrs.attr_timeout = 0
+                attrs.entry_timeout = 0
+            if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
+                return
+            child.nlookup += 1
+
+    async def _seekdir(self, h: DirHandle, offset: int) -> None:
+        """rewinddir or seekdir: restart the native listing (entries already sent stay counted)."""
+        assert h.stream is not None
+        self._discard_buffer(h)
+        if offset <= 2:
+            await self._run(h.node, h.stream.rewind)
+        else:
+            await self._run(h.node, h.stream.skip, offset - 2)
+        h.next_off = offset
+
+    def _discard_buffer(self, h: DirHandle) -> None:
+        fds = [e.fd for _, e in h.buffer if e.fd is not None]
+        h.buffer.clear()
+        if fds and h.node.host is not None:
+            h.node.host.workers.submit(native.close_many, fds)
+
+    @handler
+    async def releasedir(self, fh: int) -> None:
+        h = self._drop_fh(fh)
+        assert isinstance(h, DirHandle)
+        self._discard_buffer(h)
+        if h.stream is not None and h.node.host is not None:
+            h.node.host.workers.submit(h.stream.close)
+
+    @handler
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        h = self._dir(fh)
+        if h.stream is not None:
+            await self._run(h.node, native.fsync, h.stream.fd, datasync)
+
+    # -- file systems and xattrs -----------------------------------------------------------------
+    @handler
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        # pyfuse3 does not tell us which inode df asked about; report all hosts together
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = out.f_frsize = 4096
+        out.f_namemax = 255
+        blocks = bfree = bavail = files = ffree = 0
+        for host in list(self.registry.hosts.values()):
+            if host.node is None:
+                continue
+            try:
+                sv = await host.workers.run(native.statvfs_path, host.config.path)
+            except (OSError, Exception):
+                continue
+            scale = sv.f_frsize / 4096
+            blocks += int(sv.f_blocks * scale)
+            bfree += int(sv.f_bfree * scale)
+            bavail += int(sv.f_bavail * scale)
+            files += sv.f_files
+            ffree += sv.f_ffree
+            out.f_namemax = min(out.f_namemax, sv.f_namemax) if sv.f_namemax else out.f_namemax
+        out.f_blocks, out.f_bfree, out.f_bavail = blocks, bfree, bavail
+        out.f_files, out.f_ffree, out.f_favail = files, ffree, ffree
+        return out
+
+    def _xattr_node(self, inode: int, ctx: pyfuse3.RequestContext, need: Need) -> Node:
+        node = self._node(inode)
+        if node.vf is None:
+            if need is not Need.READ:
+                raise fail(errno.EPERM)
+            raise fail(pyfuse3.ENOATTR)
+        self._allow(ctx, node, need)
+        return node
+
+    @handler
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(inode)
+        if node.vf is None or node.kind is Kind.VFROOT and name.startswith(XATTR_PREFIX):
+            return self._virtual_xattr(node, name, ctx)
+        self._allow(ctx, node, Need.READ)
+        return await self._run(node, native.getxattr, node.fd, name)  # type: ignore[no-any-return]
+
+    @handler
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        node = self._node(inode)
+        if node.vf is None:
+            return list(self._virtual_xattrs(node, ctx))
+        self._allow(ctx, node, Need.READ)
+        names = [os.fsencode(n) for n in await self._run(node, native.listxattr, node.fd)]
+        if node.kind is Kind.VFROOT:
+            names = [n for n in names if not n.startswith(XATTR_PREFIX)]
+            names.extend(self._virtual_xattrs(node, ctx))
+        return names
+
+    @handler
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if name.startswith(XATTR_PREFIX):
+            node = self._node(inode)
+            raise fail(errno.EPERM)  # identity attributes; quota ones arrive with quota support
+        node = self._xattr_node(inode, ctx, Need.WRITE)
+        await self._run(node, native.setxattr, node.fd, name, value, 0)
+
+    @handler
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if name.startswith(XATTR_PREFIX):
+            self._node(inode)
+            raise fail(errno.EPERM)
+        node = self._xattr_node(inode, ctx, Need.WRITE)
+        await self._run(node, native.removexattr, node.fd, name)
+
+    def _virtual_xattrs(self, node: Node, ctx: pyfuse3.RequestContext) -> dict[bytes, bytes]:
+        caller, admin = self._caller(ctx)
+        if node.kind is Kind.ROOT:
+            return {}
+        host = node.host
+        assert host is not None
+        out = {b"user.vfusefs.backend": host.config.backend.encode(),
+               b"user.vfusefs.health": host.health.encode()}
+        if node.kind is Kind.HOST:
+            out[b"user.vfusefs.host"] = host.name.encode()
+            return out
+        vf = node.vf
+        assert vf is not None
+        out.update({b"user.vfusefs.id": vf.id.encode(), b"user.vfusefs.host": host.name.encode(),
+                    b"user.vfusefs.mode": self._mode(caller, admin, vf).label.encode(),
+                    b"user.vfusefs.scope": vf.record.scope.encode()})
+        return out
+
+    def _virtual_xattr(self, node: Node, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if node.vf is not None:
+            self._allow(ctx, node, Need.READ)
+        value = self._virtual_xattrs(node, ctx).get(name)
+        if value is None:
+            raise fail(pyfuse3.ENOATTR)
+        return value
+
+
+def _open_stream(fd: int) -> tuple[native.DirStream, os.stat_result]:
+    stream = native.DirStream(fd)
+    return stream, os.fstat(stream.fd)
+
+
+__all__ = ["Operations", "ROOT_INODE"]
