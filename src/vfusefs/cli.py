@@ -42,10 +42,10 @@ class Client:
     def call(self, method: str, path: str, body: Any = None, params: dict | None = None) -> Any:
         try:
             r = self.http.request(method, "/v1" + path, json=body, params=params)
-        except (httpx.ConnectError, FileNotFoundError, ConnectionRefusedError):
+        except (httpx.ConnectError, OSError) as exc:
+            if "Permission denied" in str(exc) or isinstance(exc, PermissionError):
+                die(f"permission denied on {self.socket_path} (the control socket is root only)")
             die(f"cannot reach the daemon at {self.socket_path} (is `vfusefs serve` running?)")
-        except PermissionError:
-            die(f"permission denied on {self.socket_path} (the control socket is root only)")
         except httpx.HTTPError as exc:
             die(f"control API request failed: {exc}")
         try:

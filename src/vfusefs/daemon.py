@@ -139,12 +139,15 @@ def read_token(path: str) -> str:
 
 
 async def purge_trash_periodically(registry: Registry) -> None:
+    """Purge right after a delete, and retry leftovers (say, after a restart) every minute."""
     while True:
         try:
             await registry.purge_trash()
         except Exception:
             log.exception("trash purge failed")
-        await trio.sleep(TRASH_PURGE_INTERVAL)
+        with trio.move_on_after(TRASH_PURGE_INTERVAL):
+            await registry.trash_waiting.wait()
+        registry.trash_waiting = trio.Event()
 
 
 async def run(cfg: Config) -> None:

@@ -137,7 +137,9 @@ def _reopen_path(datafd: int) -> Entry:
 
 
 def open_data(fd: int, flags: int) -> int:
-    return os.open(proc(fd), (flags | os.O_CLOEXEC) & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY))
+    # O_NOFOLLOW was for the kernel's walk; here it would refuse the /proc magic link itself
+    return os.open(proc(fd), (flags | os.O_CLOEXEC)
+                   & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW))
 
 
 def setattr(fd: int, datafd: int | None, mode: int | None, uid: int, gid: int, size: int | None,

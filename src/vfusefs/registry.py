@@ -108,6 +108,7 @@ class Registry:
         # the store gets its own thread so a slow store never waits behind a hung host
         self.store_workers = HostWorkers("store", 1, 30.0, token)
         self.mounted = False  # kernel notifications only make sense once mounted
+        self.trash_waiting = trio.Event()  # set when a delete queued data for purging
 
     # -- start-up -------------------------------------------------------------------------------
     async def load(self) -> None:
@@ -206,6 +207,7 @@ class Registry:
                                                 f"{exc.strerror}") from None
         trash = TrashRecord(moved, host.name, vf.id, time.time()) if moved else None
         await self.store_workers.run(self.store.delete_vfolder, vf.id, trash)
+        self.trash_waiting.set()
         log.info("vfolder %s deleted from host %s (data moved to %s)", vf.id, host.name, moved or "-")
         return moved
 

@@ -1,0 +1,172 @@
+"""Shared fixtures: a real `vfusefs serve` process with its own config, mount and native dirs.
+
+Nothing is mocked: the daemon is started as users start it (the console script, a TOML file),
+mounted with allow_other at a temporary mountpoint, driven with real tools and syscalls, and
+stopped with SIGTERM; its log must then hold no traceback and no unexpected ERROR line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+VENV_BIN = Path(sys.executable).parent
+VFUSEFS = str(VENV_BIN / "vfusefs")
+IS_ROOT = os.geteuid() == 0
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    if IS_ROOT and os.path.exists("/dev/fuse"):
+        return
+    skip = pytest.mark.skip(reason="needs root and /dev/fuse for a real FUSE mount")
+    for item in items:
+        if "mount" in item.keywords:
+            item.add_marker(skip)
+
+
+class Daemon:
+    """One vfusefs daemon under test."""
+
+    def __init__(self, base: Path, hosts: dict[str, dict[str, Any]] | None = None,
+                 daemon_opts: dict[str, Any] | None = None) -> None:
+        self.base = base
+        self.mnt = base / "mnt"
+        self.state = base / "state"
+        self.config = base / "vfusefs.toml"
+        self.log_path = base / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.allowed_errors: list[str] = []
+        for d in (self.mnt, self.state):
+            d.mkdir(parents=True, exist_ok=True)
+        if hosts is None:
+            hosts = {"local": {"path": str(base / "native")}}
+        for h in hosts.values():
+            Path(h["path"]).mkdir(parents=True, exist_ok=True)
+        self.hosts = hosts
+        self.daemon_opts = {"mountpoint": str(self.mnt), "state_dir": str(self.state),
+                            "control_socket": str(self.state / "control.sock"),
+                            "metrics_listen": "", **(daemon_opts or {})}
+        self.write_config()
+
+    def write_config(self) -> None:
+        lines = ["[daemon]"]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in self.daemon_opts.items()]
+        lines += ["", "[store]", f'url = "sqlite://{self.state}/state.db"']
+        for name, opts in self.hosts.items():
+            lines += ["", f"[hosts.{name}]"]
+            lines += [f"{k} = {json.dumps(v)}" for k, v in opts.items()]
+        self.config.write_text("\n".join(lines) + "\n")
+
+    @property
+    def socket(self) -> str:
+        return str(self.daemon_opts["control_socket"])
+
+    def start(self, timeout: float = 15.0) -> "Daemon":
+        self.logf = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([VFUSEFS, "serve", "--config", str(self.config)],
+                                     stdout=self.logf, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.log()}")
+            if os.path.ismount(self.mnt) and os.path.exists(self.socket):
+                try:
+                    self.api("GET", "/v1/status")
+                    return self
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.05)
+        raise RuntimeError(f"daemon did not come up: {self.log()}")
+
+    def stop(self, check: bool = True) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        code = self.proc.returncode
+        self.proc = None
+        self.logf.close()
+        if os.path.ismount(self.mnt):
+            subprocess.run(["umount", "-l", str(self.mnt)], check=False)
+        if check:
+            self.check_log()
+        return code
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def check_log(self) -> None:
+        text = self.log()
+        assert "Traceback" not in text, text
+        bad = [line for line in text.splitlines() if " ERROR " in line
+               and not any(a in line for a in self.allowed_errors)]
+        assert not bad, "\n".join(bad)
+
+    # -- control API and CLI ----------------------------------------------------------------------
+    def api(self, method: str, path: str, body: Any = None) -> httpx.Response:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=self.socket), base_url="http://x",
+                          timeout=30) as c:
+            return c.request(method, path, json=body)
+
+    def cli(self, *args: str, check: bool = True, user: int | None = None) -> subprocess.CompletedProcess[str]:
+        cmd = [VFUSEFS, "--config", str(self.config), *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        if check and r.returncode != 0:
+            raise AssertionError(f"{cmd} -> {r.returncode}: {r.stderr}")
+        return r
+
+    def create_vfolder(self, host: str = "local", **body: Any) -> dict[str, Any]:
+        r = self.api("POST", f"/v1/hosts/{host}/vfolders", body)
+        assert r.status_code == 201, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    def vfolder(self, host: str = "local", **body: Any) -> Path:
+        """A new vfolder (everyone rwd unless grants given); returns its path under the mount."""
+        body.setdefault("grants", [{"principal": "*", "mode": "rwd"}])
+        return Path(self.create_vfolder(host, **body)["path"])
+
+
+@pytest.fixture
+def world_dir() -> Iterator[Path]:
+    """A scratch dir other uids can traverse (pytest's tmp_path is 0700 to root)."""
+    base = Path(tempfile.mkdtemp(prefix="vfusefs-test-", dir="/tmp"))
+    base.chmod(0o755)
+    yield base
+    for p in (base / "mnt",):
+        if os.path.ismount(p):
+            subprocess.run(["umount", "-l", str(p)], check=False)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(world_dir: Path) -> Iterator[Daemon]:
+    d = Daemon(world_dir).start()
+    yield d
+    assert d.stop() == 0
+
+
+def run(*cmd: str, cwd: Any = None, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, timeout=120, **kw)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{cmd} -> {r.returncode}: {r.stderr}")
+    return r
+
+
+def have(tool: str) -> bool:
+    return shutil.which(tool) is not None

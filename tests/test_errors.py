@@ -1,0 +1,59 @@
+"""The exception -> errno mapping is complete and never lets anything escape a handler."""
+
+from __future__ import annotations
+
+import errno
+import logging
+
+import pyfuse3
+import pytest
+import trio
+
+from vfusefs import errors
+from vfusefs.backends import BackendError
+from vfusefs.store import StoreError
+
+
+def test_mapping_is_complete() -> None:
+    for kind, code in errors.MAPPED:
+        assert isinstance(code, int) and code > 0
+        assert errors.to_errno(kind("x") if kind is not trio.TooSlowError else kind()) == code
+    assert errors.to_errno(pyfuse3.FUSEError(errno.EROFS)) == errno.EROFS
+    assert errors.to_errno(FileNotFoundError(errno.ENOENT, "x")) == errno.ENOENT
+    assert errors.to_errno(OSError("no errno")) == errno.EIO
+    assert errors.to_errno(StoreError("db locked")) == errno.EIO
+    assert errors.to_errno(BackendError("x")) == errno.EIO
+
+
+class Fake:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int]] = []
+
+    def observe(self, op: str, code: int) -> None:
+        self.seen.append((op, code))
+
+    @errors.handler
+    async def boom(self) -> None:
+        raise KeyError("a bug")
+
+    @errors.handler
+    async def native(self) -> None:
+        raise PermissionError(errno.EACCES, "denied")
+
+    @errors.handler
+    async def fine(self) -> int:
+        return 7
+
+
+async def test_handler_turns_bugs_into_eio(caplog: pytest.LogCaptureFixture) -> None:
+    f = Fake()
+    with caplog.at_level(logging.ERROR):
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await f.boom()
+    assert exc.value.errno == errno.EIO
+    assert "unexpected error" in caplog.text and "KeyError" in caplog.text
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await f.native()
+    assert exc.value.errno == errno.EACCES
+    assert await f.fine() == 7
+    assert f.seen == [("boom", errno.EIO), ("native", errno.EACCES), ("fine", 0)]

@@ -1,0 +1,198 @@
+"""The mounted tree driven with ordinary tools, compared against the native directory."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import Daemon, run
+
+pytestmark = pytest.mark.mount
+
+
+def test_tree_shape_and_readonly_levels(daemon: Daemon) -> None:
+    vf = daemon.vfolder()
+    assert sorted(os.listdir(daemon.mnt)) == ["local"]
+    assert os.listdir(daemon.mnt / "local") == [vf.name]
+    st = os.stat(daemon.mnt / "local")
+    assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o555
+    for level in (daemon.mnt, daemon.mnt / "local"):
+        for fn in (lambda p: os.mkdir(p / "x"), lambda p: open(p / "f", "w"),
+                   lambda p: os.symlink("a", p / "l")):
+            with pytest.raises(OSError) as exc:
+                fn(level)
+            assert exc.value.errno in (errno.EPERM, errno.EROFS, errno.EACCES)
+    with pytest.raises(OSError) as exc:
+        os.rmdir(vf)
+    assert exc.value.errno in (errno.EPERM, errno.EROFS)
+    with pytest.raises(FileNotFoundError):
+        os.stat(daemon.mnt / "local" / "00000000-0000-4000-8000-000000000000")
+    with pytest.raises(FileNotFoundError):
+        os.stat(daemon.mnt / "nohost")
+
+
+def test_real_tools_roundtrip(daemon: Daemon, tmp_path: Path) -> None:
+    vf = daemon.vfolder()
+    native = Path(daemon.api("GET", f"/v1/hosts/local/vfolders/{vf.name}").json()["native_path"])
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    run("cp", str(src), str(vf / "copy.bin"))
+    assert (native / "copy.bin").read_bytes() == src.read_bytes()
+    run("dd", "if=/dev/zero", f"of={vf / 'zeros'}", "bs=1M", "count=4", "status=none")
+    assert (native / "zeros").stat().st_size == 4 << 20
+    run("mv", str(vf / "copy.bin"), str(vf / "moved.bin"))
+    assert not (native / "copy.bin").exists() and (native / "moved.bin").exists()
+    run("mkdir", "-p", str(vf / "a/b/c"))
+    run("cp", "-a", str(vf / "moved.bin"), str(vf / "a/b/c/"))
+    run("ln", str(vf / "moved.bin"), str(vf / "hard"))
+    run("ln", "-s", "moved.bin", str(vf / "soft"))
+    assert os.readlink(vf / "soft") == "moved.bin"
+    assert (vf / "soft").read_bytes() == src.read_bytes()
+    assert os.stat(vf / "hard").st_nlink == 2
+    assert os.stat(vf / "hard").st_ino == os.stat(vf / "moved.bin").st_ino
+    run("mkfifo", str(vf / "fifo"))
+    assert stat.S_ISFIFO(os.lstat(vf / "fifo").st_mode)
+    run("setfattr", "-n", "user.color", "-v", "blue", str(vf / "moved.bin"))
+    assert "user.color=\"blue\"" in run("getfattr", "-d", str(vf / "moved.bin")).stdout
+    assert os.getxattr(native / "moved.bin", "user.color") == b"blue"
+    run("truncate", "-s", "10", str(vf / "moved.bin"))
+    assert (native / "moved.bin").stat().st_size == 10
+    run("touch", "-d", "2001-02-03 04:05:06", str(vf / "hard"))
+    assert (native / "hard").stat().st_mtime == os.stat(vf / "hard").st_mtime
+    # ls -l through the mount shows what the native directory holds
+    mine = run("ls", "-l", "--time-style=+%s", str(vf)).stdout.splitlines()[1:]
+    theirs = run("ls", "-l", "--time-style=+%s", str(native)).stdout.splitlines()[1:]
+    strip = [" ".join(line.split()[:5] + line.split()[6:]) for line in mine]
+    assert strip == [" ".join(line.split()[:5] + line.split()[6:]) for line in theirs]
+    run("rm", "-rf", str(vf / "a"), str(vf / "hard"), str(vf / "soft"), str(vf / "fifo"))
+    assert sorted(os.listdir(native)) == ["moved.bin", "zeros"]
+    assert sorted(os.listdir(vf)) == ["moved.bin", "zeros"]
+
+
+def test_ownership_and_umask_follow_the_caller(daemon: Daemon) -> None:
+    vf = daemon.vfolder()
+    native = Path(daemon.api("GET", f"/v1/hosts/local/vfolders/{vf.name}").json()["native_path"])
+    os.chmod(vf, 0o777)
+    cmd = ["setpriv", "--reuid=1234", "--regid=2345", "--clear-groups", "sh", "-c",
+           f"umask 027 && mkdir {vf}/d && touch {vf}/f && ln -s f {vf}/l && mkfifo {vf}/p"]
+    subprocess.run(cmd, check=True)
+    for name, mode in (("d", 0o750), ("f", 0o640), ("p", 0o640)):
+        st = os.lstat(native / name)
+        assert (st.st_uid, st.st_gid) == (1234, 2345), name
+        assert stat.S_IMODE(st.st_mode) == mode, name
+    assert os.lstat(native / "l").st_uid == 1234
+    # a set-group-ID directory passes its group on, as natively
+    os.mkdir(vf / "shared")
+    os.chown(vf / "shared", 0, 777)
+    os.chmod(vf / "shared", 0o2777)
+    subprocess.run(["setpriv", "--reuid=1234", "--regid=2345", "--clear-groups", "mkdir",
+                    f"{vf}/shared/sub"], check=True)
+    st = os.stat(native / "shared" / "sub")
+    assert st.st_gid == 777 and st.st_mode & stat.S_ISGID
+    # and permission bits are enforced for others, as natively
+    os.chmod(vf / "f", 0o600)
+    r = subprocess.run(["setpriv", "--reuid=4321", "--regid=4321", "--clear-groups", "cat",
+                        f"{vf}/f"], capture_output=True, text=True)
+    assert r.returncode != 0 and "Permission denied" in r.stderr
+
+
+def test_long_names_and_deep_paths(daemon: Daemon) -> None:
+    vf = daemon.vfolder()
+    name = "n" * 255
+    (vf / name).write_text("x")
+    assert (vf / name).read_text() == "x"
+    with pytest.raises(OSError) as exc:
+        (vf / ("n" * 256)).write_text("x")
+    assert exc.value.errno == errno.ENAMETOOLONG
+    # build a path close to PATH_MAX relative to the vfolder, walking with dir fds
+    fd = os.open(vf, os.O_RDONLY)
+    depth = 0
+    try:
+        while depth < 16:
+            os.mkdir("d" * 250, dir_fd=fd)
+            nfd = os.open("d" * 250, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+            depth += 1
+        os.close(os.open("leaf", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+    rel = "/".join(["d" * 250] * depth) + "/leaf"
+    assert 4000 < len(rel) < 4096
+    os.chdir(vf)
+    try:
+        assert os.path.exists(rel)
+    finally:
+        os.chdir("/")
+    run("rm", "-rf", str(vf / ("d" * 250)))
+
+
+def test_sparse_and_large_offsets(daemon: Daemon) -> None:
+    vf = daemon.vfolder()
+    with open(vf / "sparse", "wb") as f:
+        f.seek(1 << 33)
+        f.write(b"end")
+    st = os.stat(vf / "sparse")
+    assert st.st_size == (1 << 33) + 3
+    assert st.st_blocks * 512 < 1 << 20
+    with open(vf / "sparse", "rb") as f:
+        f.seek((1 << 33) - 2)
+        assert f.read() == b"\0\0end"
+
+
+def test_rename_flags(daemon: Daemon) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    vf = daemon.vfolder()
+    (vf / "a").write_text("A")
+    (vf / "b").write_text("B")
+
+    def renameat2(old: str, new: str, flags: int) -> int:
+        r = libc.renameat2(-100, str(vf / old).encode(), -100, str(vf / new).encode(), flags)
+        return 0 if r == 0 else ctypes.get_errno()
+
+    assert renameat2("a", "b", 1) == errno.EEXIST  # RENAME_NOREPLACE
+    assert renameat2("a", "b", 2) == 0  # RENAME_EXCHANGE
+    assert (vf / "a").read_text() == "B" and (vf / "b").read_text() == "A"
+    assert renameat2("a", "c", 1) == 0
+    assert sorted(os.listdir(vf)) == ["b", "c"]
+
+
+def test_nothing_escapes_via_native_symlinks(daemon: Daemon, tmp_path: Path) -> None:
+    vf = daemon.vfolder()
+    native = Path(daemon.api("GET", f"/v1/hosts/local/vfolders/{vf.name}").json()["native_path"])
+    secret = tmp_path / "outside"
+    secret.write_text("secret")
+    os.symlink(str(secret), native / "planted")
+    os.symlink("../..", native / "up")
+    # the kernel resolves symlinks in the caller's namespace; vfusefs itself never follows them
+    assert os.readlink(vf / "planted") == str(secret)
+    with pytest.raises(OSError):
+        open(vf / "up" / "x", "w")  # resolves to /mnt's parent level, read-only here
+    # O_CREAT on a planted dangling symlink must not create its target outside
+    os.symlink(str(tmp_path / "created-outside"), native / "dangling")
+    fd = os.open(vf, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError):
+            os.close(os.open("dangling", os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+    assert not (tmp_path / "created-outside").exists()
+
+
+def test_unlinked_open_file_keeps_working(daemon: Daemon) -> None:
+    vf = daemon.vfolder()
+    with open(vf / "tmp", "w+b") as f:
+        f.write(b"data")
+        os.unlink(vf / "tmp")
+        f.seek(0)
+        assert f.read() == b"data"
+        f.write(b"more")
+        assert os.fstat(f.fileno()).st_nlink == 0
+    assert os.listdir(vf) == []
