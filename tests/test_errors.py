@@ -29,7 +29,7 @@ class Fake:
     def __init__(self) -> None:
         self.seen: list[tuple[str, int]] = []
 
-    def observe(self, op: str, code: int) -> None:
+    def observe(self, op: str, code: int, seconds: float) -> None:
         self.seen.append((op, code))
 
     @errors.handler

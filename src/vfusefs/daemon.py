@@ -192,6 +192,9 @@ async def run(cfg: Config) -> None:
         nursery.start_soon(purge_trash_periodically, registry)
         await pyfuse3.main(min_tasks=1, max_tasks=d.max_tasks)
         log.info("FUSE loop ended; unmounting %s", d.mountpoint)
+        for (op, code), (count, seconds) in sorted(ops.stats.items()):
+            log.debug("served %-12s errno %-3d x%-8d %8.1f us each", op, code, count,
+                      seconds / count * 1e6)
         unmount()
         unmounted = True
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import time
 from typing import Any, Awaitable, Callable, TypeVar
 
 import pyfuse3
@@ -57,10 +58,16 @@ def handler(fn: F) -> F:
 
     @functools.wraps(fn)
     async def wrapper(self: Any, *args: Any) -> Any:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s%r", name, tuple(a for a in args if not isinstance(a, (bytes, bytearray))
+                                          or len(a) < 64), extra={"op": name})
+        start = time.perf_counter()
         try:
             result = await fn(self, *args)
         except pyfuse3.FUSEError as exc:
-            self.observe(name, exc.errno)
+            self.observe(name, exc.errno, time.perf_counter() - start)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("%s -> errno %d", name, exc.errno, extra={"op": name, "errno": exc.errno})
             raise
         except trio.Cancelled:
             raise
@@ -68,9 +75,9 @@ def handler(fn: F) -> F:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             code = to_errno(exc)
-            self.observe(name, code)
+            self.observe(name, code, time.perf_counter() - start)
             raise pyfuse3.FUSEError(code) from None
-        self.observe(name, 0)
+        self.observe(name, 0, time.perf_counter() - start)
         return result
 
     return wrapper  # type: ignore[return-value]

@@ -30,7 +30,8 @@ class Kind(enum.Enum):
 
 
 class Node:
-    __slots__ = ("ino", "kind", "fd", "key", "nlookup", "vf", "host", "parent")
+    __slots__ = ("ino", "kind", "fd", "key", "nlookup", "vf", "host", "parent", "xattrs",
+                 "xattrs_until", "st", "st_until")
 
     def __init__(self, ino: int, kind: Kind, fd: int = -1, key: tuple | None = None,
                  vf: "Vfolder | None" = None, host: "Host | None" = None) -> None:
@@ -42,6 +43,11 @@ class Node:
         self.vf = vf
         self.host = host
         self.parent = ino  # directories: the inode number of their parent, for ".."
+        # names of the native xattrs, trusted until xattrs_until (monotonic), like cached attrs
+        self.xattrs: frozenset[bytes] | None = None
+        self.xattrs_until = 0.0
+        self.st: Any = None  # the last native stat we replied with
+        self.st_until = 0.0  # st was taken after our last change to the node: valid until then
 
     @property
     def pinned(self) -> bool:

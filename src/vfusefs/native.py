@@ -35,16 +35,25 @@ def proc(fd: int) -> str:
 
 
 class Entry(NamedTuple):
-    """A native inode just reached: a new O_PATH fd (or None if already known) and its stat."""
+    """A native inode just reached: a new O_PATH fd (or None if already known), its stat, and
+    the names of its xattrs (so `ls -l` asking for absent ACL/SELinux xattrs needs no hop)."""
 
     fd: int | None
     st: os.stat_result
+    xattrs: frozenset[bytes] | None = None
+
+
+def xattr_names(path: str | bytes) -> frozenset[bytes] | None:
+    try:
+        return frozenset(os.fsencode(n) for n in os.listxattr(path, follow_symlinks=False))
+    except OSError:
+        return None
 
 
 def _open_path(dirfd: int, name: bytes) -> Entry:
     fd = os.open(name, O_PATH_FLAGS, dir_fd=dirfd)
     try:
-        return Entry(fd, os.fstat(fd))
+        return Entry(fd, os.fstat(fd), xattr_names(proc(fd)))
     except BaseException:
         os.close(fd)
         raise
@@ -54,7 +63,8 @@ def lookup(dirfd: int, name: bytes, known: Any, vfid: str) -> Entry:
     """Stat name in dirfd; open an O_PATH fd only if the inode is not in the table yet."""
     st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
     if (vfid, st.st_dev, st.st_ino) in known:
-        return Entry(None, st)
+        # the trailing name is one component from the kernel or getdents: never followed
+        return Entry(None, st, xattr_names(b"/proc/self/fd/%d/%s" % (dirfd, name)))
     return _open_path(dirfd, name)
 
 
@@ -79,35 +89,41 @@ def _own(dirfd: int, name: bytes, uid: int, gid: int, mode: int) -> None:
         os.chmod(name, stat_mod.S_IMODE(mode), dir_fd=dirfd)
 
 
-def mknod(dirfd: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Entry:
+# Functions that change a directory also return its stat taken afterwards ("pst"), so the
+# kernel's next getattr on it (it drops the dir's cached attributes) needs no second hop.
+
+def mknod(dirfd: int, name: bytes, mode: int, rdev: int, uid: int,
+          gid: int) -> tuple[Entry, os.stat_result]:
     if stat_mod.S_ISREG(mode):
         os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                          stat_mod.S_IMODE(mode), dir_fd=dirfd))
     else:
         os.mknod(name, mode, rdev, dir_fd=dirfd)
     _own(dirfd, name, uid, gid, mode)
-    return _open_path(dirfd, name)
+    return _open_path(dirfd, name), os.fstat(dirfd)
 
 
-def mkdir(dirfd: int, name: bytes, mode: int, uid: int, gid: int) -> Entry:
+def mkdir(dirfd: int, name: bytes, mode: int, uid: int, gid: int) -> tuple[Entry, os.stat_result]:
     os.mkdir(name, mode, dir_fd=dirfd)
     _own(dirfd, name, uid, gid, mode | stat_mod.S_IFDIR)
-    return _open_path(dirfd, name)
+    return _open_path(dirfd, name), os.fstat(dirfd)
 
 
-def symlink(dirfd: int, name: bytes, target: bytes, uid: int, gid: int) -> Entry:
+def symlink(dirfd: int, name: bytes, target: bytes, uid: int,
+            gid: int) -> tuple[Entry, os.stat_result]:
     os.symlink(target, name, dir_fd=dirfd)
     os.chown(name, uid, -1 if os.fstat(dirfd).st_mode & stat_mod.S_ISGID else gid,
              dir_fd=dirfd, follow_symlinks=False)
-    return _open_path(dirfd, name)
+    return _open_path(dirfd, name), os.fstat(dirfd)
 
 
-def link(fd: int, dirfd: int, name: bytes) -> os.stat_result:
+def link(fd: int, dirfd: int, name: bytes) -> tuple[os.stat_result, os.stat_result]:
     os.link(proc(fd), name, dst_dir_fd=dirfd, follow_symlinks=True)
-    return os.fstat(fd)
+    return os.fstat(fd), os.fstat(dirfd)
 
 
-def create(dirfd: int, name: bytes, flags: int, mode: int, uid: int, gid: int) -> tuple[int, Entry]:
+def create(dirfd: int, name: bytes, flags: int, mode: int, uid: int,
+           gid: int) -> tuple[int, Entry, os.stat_result]:
     """Open-or-create name; returns the data fd and the node entry.  Never follows a symlink."""
     flags = (flags | os.O_NOFOLLOW | os.O_CLOEXEC) & ~os.O_NOCTTY
     try:
@@ -121,7 +137,7 @@ def create(dirfd: int, name: bytes, flags: int, mode: int, uid: int, gid: int) -
     try:
         if created:
             _own(dirfd, name, uid, gid, mode | stat_mod.S_IFREG)
-        return datafd, _reopen_path(datafd)
+        return datafd, _reopen_path(datafd), os.fstat(dirfd)
     except BaseException:
         os.close(datafd)
         raise
@@ -130,7 +146,7 @@ def create(dirfd: int, name: bytes, flags: int, mode: int, uid: int, gid: int) -
 def _reopen_path(datafd: int) -> Entry:
     fd = os.open(proc(datafd), os.O_PATH | os.O_CLOEXEC)
     try:
-        return Entry(fd, os.fstat(fd))
+        return Entry(fd, os.fstat(fd), frozenset())  # just created: no xattrs yet
     except BaseException:
         os.close(fd)
         raise
@@ -188,12 +204,14 @@ def readlink(fd: int) -> bytes:
     return os.readlink(b"", dir_fd=fd)  # readlinkat(fd, "") reads the O_PATH symlink itself
 
 
-def unlink(dirfd: int, name: bytes) -> None:
+def unlink(dirfd: int, name: bytes) -> os.stat_result:
     os.unlink(name, dir_fd=dirfd)
+    return os.fstat(dirfd)
 
 
-def rmdir(dirfd: int, name: bytes) -> None:
+def rmdir(dirfd: int, name: bytes) -> os.stat_result:
     os.rmdir(name, dir_fd=dirfd)
+    return os.fstat(dirfd)
 
 
 def stat_at(dirfd: int, name: bytes) -> os.stat_result | None:
@@ -203,18 +221,21 @@ def stat_at(dirfd: int, name: bytes) -> os.stat_result | None:
         return None
 
 
-def rename(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int) -> None:
+def rename(olddirfd: int, old: bytes, newdirfd: int, new: bytes,
+           flags: int) -> tuple[os.stat_result, os.stat_result, os.stat_result | None]:
+    """Returns both parents' stats and the stat of what now sits at new."""
     if _renameat2(olddirfd, old, newdirfd, new, flags) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
+    return os.fstat(olddirfd), os.fstat(newdirfd), stat_at(newdirfd, new)
 
 
 def read(datafd: int, size: int, off: int) -> bytes:
     return os.pread(datafd, size, off)
 
 
-def write(datafd: int, buf: bytes, off: int) -> int:
-    return os.pwrite(datafd, buf, off)
+def write(datafd: int, buf: bytes, off: int) -> tuple[int, os.stat_result]:
+    return os.pwrite(datafd, buf, off), os.fstat(datafd)
 
 
 def fallocate(datafd: int, mode: int, off: int, length: int) -> None:

@@ -85,12 +85,16 @@ class Operations(pyfuse3.Operations):
         self._next_fh = 1
         self.started_ns = time.time_ns()
         self.checks = True  # access checks; off only in benchmarks measuring their cost
-        self.stats: dict[tuple[str, int], int] = {}
+        self.stats: dict[tuple[str, int], list[float]] = {}  # (op, errno) -> [count, seconds]
 
     # -- bookkeeping ----------------------------------------------------------------------------
-    def observe(self, op: str, code: int) -> None:
-        key = (op, code)
-        self.stats[key] = self.stats.get(key, 0) + 1
+    def observe(self, op: str, code: int, seconds: float) -> None:
+        entry = self.stats.get((op, code))
+        if entry is None:
+            self.stats[(op, code)] = [1, seconds]
+        else:
+            entry[0] += 1
+            entry[1] += seconds
 
     def _new_fh(self, h: FileHandle | DirHandle) -> int:
         fh = self._next_fh
@@ -156,6 +160,18 @@ class Operations(pyfuse3.Operations):
         return self._mode(caller, admin, vf) is not Mode.NONE
 
     # -- attributes -----------------------------------------------------------------------------
+    def _fresh(self, node: Node, st: os.stat_result) -> None:
+        """Remember a stat taken after our last change to node; getattr may answer from it."""
+        node.st = st
+        node.st_until = time.monotonic() + self.timeout
+
+    def _stale(self, st: os.stat_result | None, vf: Vfolder | None) -> None:
+        """An inode changed in a way we have no new stat for (a link of it went away)."""
+        if st is not None and vf is not None:
+            node = self.table.find(vf, st)
+            if node is not None:
+                node.st_until = 0.0
+
     def _attrs(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
@@ -214,12 +230,27 @@ class Operations(pyfuse3.Operations):
     async def _reach(self, parent: Node, name: bytes, entry: native.Entry) -> Node:
         node = self._adopt(parent, entry)
         if node is None:  # forgotten between the worker's check and now: open it after all
-            node = self._adopt(parent, await self._run(parent, native.open_path, parent.fd, name))
+            entry = await self._run(parent, native.open_path, parent.fd, name)
+            node = self._adopt(parent, entry)
             assert node is not None
+        if entry.xattrs is not None:
+            node.xattrs = entry.xattrs
+            node.xattrs_until = time.monotonic() + self.timeout
         return node
+
+    def _absent_xattr(self, node: Node, name: bytes) -> bool:
+        """True if the cached name list (fresh as cached attributes are) says name is absent."""
+        return node.xattrs is not None and name not in node.xattrs and \
+            time.monotonic() < node.xattrs_until
+
+    @staticmethod
+    def _xattr_changed(node: Node, name: bytes, present: bool) -> None:
+        if node.xattrs is not None:
+            node.xattrs = node.xattrs | {name} if present else node.xattrs - {name}
 
     def _entry(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
         node.nlookup += 1
+        self._fresh(node, st)
         return self._attrs(node, st)
 
     # -- names ----------------------------------------------------------------------------------
@@ -239,8 +270,12 @@ class Operations(pyfuse3.Operations):
             caller, admin = self._caller(ctx)
             if vf is None or vf.root is None or not self._visible(caller, admin, vf):
                 raise fail(errno.ENOENT)
-            st = await self._run(vf.root, native.fstat, vf.root.fd)
-            return self._entry(vf.root, st)
+            # entry_timeout 0 makes every path walk look the vfolder up again (visibility is
+            # per caller); its attributes may be as old as any cached attribute, so no hop here
+            root = vf.root
+            st = root.st if root.st is not None and time.monotonic() < root.st_until else \
+                await self._run(root, native.fstat, root.fd)
+            return self._entry(root, st)
         self._allow(ctx, parent, Need.READ)
         entry = await self._run(parent, native.lookup, parent.fd, name, self.table.by_key,
                                 parent.vf.id)  # type: ignore[union-attr]
@@ -267,13 +302,24 @@ class Operations(pyfuse3.Operations):
         if node.vf is None:
             return self._virtual_attrs(node)
         self._allow(ctx, node, Need.READ)
-        return self._attrs(node, await self._run(node, native.fstat, node.fd))
+        if node.st is not None and time.monotonic() < node.st_until:
+            return self._attrs(node, node.st)
+        st = await self._run(node, native.fstat, node.fd)
+        self._fresh(node, st)
+        return self._attrs(node, st)
 
     @handler
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
         self._allow(ctx, node, Need.WRITE)
+        if self._setattr_is_noop(node, attr, fields):
+            # after an unlink the kernel "sets" ctime and the mtime it already has: nothing to do
+            # natively (no syscall sets ctime); answer uncached so the next stat asks us
+            node.st_until = 0.0
+            a = self._attrs(node, node.st)
+            a.attr_timeout = 0
+            return a
         h = self.handles.get(fh) if fh is not None else None
         datafd = h.fd if isinstance(h, FileHandle) else None
         st = await self._run(
@@ -284,7 +330,19 @@ class Operations(pyfuse3.Operations):
             attr.st_size if fields.update_size else None,
             attr.st_atime_ns if fields.update_atime else None,
             attr.st_mtime_ns if fields.update_mtime else None, False, False)
+        self._fresh(node, st)
         return self._attrs(node, st)
+
+    @staticmethod
+    def _setattr_is_noop(node: Node, attr: pyfuse3.EntryAttributes,
+                         fields: pyfuse3.SetattrFields) -> bool:
+        st = node.st
+        if st is None or fields.update_mode or fields.update_uid or fields.update_gid \
+                or fields.update_size:
+            return False
+        if fields.update_mtime and attr.st_mtime_ns != st.st_mtime_ns:
+            return False
+        return not (fields.update_atime and attr.st_atime_ns != st.st_atime_ns)
 
     @handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -298,7 +356,10 @@ class Operations(pyfuse3.Operations):
         self._allow(ctx, parent, Need.WRITE)
         return parent
 
-    async def _made(self, parent: Node, name: bytes, entry: native.Entry) -> pyfuse3.EntryAttributes:
+    async def _made(self, parent: Node, name: bytes,
+                    made: tuple[native.Entry, os.stat_result]) -> pyfuse3.EntryAttributes:
+        entry, parent_st = made
+        self._fresh(parent, parent_st)
         node = await self._reach(parent, name, entry)
         return self._entry(node, entry.st)
 
@@ -306,24 +367,24 @@ class Operations(pyfuse3.Operations):
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self._mkparent(parent_inode, ctx)
-        entry = await self._run(parent, native.mknod, parent.fd, name, mode & ~ctx.umask, rdev,
+        made = await self._run(parent, native.mknod, parent.fd, name, mode & ~ctx.umask, rdev,
                                 ctx.uid, ctx.gid)
-        return await self._made(parent, name, entry)
+        return await self._made(parent, name, made)
 
     @handler
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self._mkparent(parent_inode, ctx)
-        entry = await self._run(parent, native.mkdir, parent.fd, name, mode & ~ctx.umask & 0o7777,
+        made = await self._run(parent, native.mkdir, parent.fd, name, mode & ~ctx.umask & 0o7777,
                                 ctx.uid, ctx.gid)
-        return await self._made(parent, name, entry)
+        return await self._made(parent, name, made)
 
     @handler
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self._mkparent(parent_inode, ctx)
-        entry = await self._run(parent, native.symlink, parent.fd, name, target, ctx.uid, ctx.gid)
-        return await self._made(parent, name, entry)
+        made = await self._run(parent, native.symlink, parent.fd, name, target, ctx.uid, ctx.gid)
+        return await self._made(parent, name, made)
 
     @handler
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
@@ -335,20 +396,23 @@ class Operations(pyfuse3.Operations):
         if parent.vf is not node.vf:
             raise fail(errno.EXDEV)
         self._allow(ctx, parent, Need.WRITE)
-        st = await self._run(parent, native.link, node.fd, parent.fd, new_name)
+        st, parent_st = await self._run(parent, native.link, node.fd, parent.fd, new_name)
+        self._fresh(parent, parent_st)
         return self._entry(node, st)
 
     @handler
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._node(parent_inode)
         self._allow(ctx, parent, Need.DELETE)
-        await self._run(parent, native.unlink, parent.fd, name)
+        victim, parent_st = await self._run(parent, _unlink, parent.fd, name)
+        self._fresh(parent, parent_st)
+        self._stale(victim, parent.vf)  # its link count dropped; other links may remain
 
     @handler
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._node(parent_inode)
         self._allow(ctx, parent, Need.DELETE)
-        await self._run(parent, native.rmdir, parent.fd, name)
+        self._fresh(parent, await self._run(parent, native.rmdir, parent.fd, name))
 
     @handler
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
@@ -368,16 +432,19 @@ class Operations(pyfuse3.Operations):
         # rw may rename but not replace: ask the kernel for NOREPLACE so no race can slip one in
         forbid_replace = mode == Mode.RW and not flags & pyfuse3.RENAME_NOREPLACE
         try:
-            await self._run(old, native.rename, old.fd, name_old, new.fd, name_new,
-                            flags | (native.RENAME_NOREPLACE if forbid_replace else 0))
+            victim, old_st, new_st, moved = await self._run(
+                old, _rename, old.fd, name_old, new.fd, name_new,
+                flags | (native.RENAME_NOREPLACE if forbid_replace else 0))
         except FileExistsError:
             raise fail(errno.EPERM if forbid_replace else errno.EEXIST) from None
-        if old is not new:
-            moved = await self._run(new, native.stat_at, new.fd, name_new)
-            if moved is not None and stat_mod.S_ISDIR(moved.st_mode):
-                node = self.table.find(new.vf, moved)
-                if node is not None:
-                    node.parent = new.ino
+        self._fresh(old, old_st)
+        self._fresh(new, new_st)
+        self._stale(victim, new.vf)
+        self._stale(moved, new.vf)  # its ctime changed
+        if moved is not None and stat_mod.S_ISDIR(moved.st_mode):
+            node = self.table.find(new.vf, moved)
+            if node is not None:
+                node.parent = new.ino
 
     # -- files ----------------------------------------------------------------------------------
     def _open_flags(self, flags: int) -> int:
@@ -406,8 +473,10 @@ class Operations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self._mkparent(parent_inode, ctx)
         caller, admin = self._caller(ctx)
-        fd, entry = await self._run(parent, native.create, parent.fd, name, self._open_flags(flags),
-                                    mode & ~ctx.umask & 0o7777, ctx.uid, ctx.gid)
+        fd, entry, parent_st = await self._run(parent, native.create, parent.fd, name,
+                                               self._open_flags(flags), mode & ~ctx.umask & 0o7777,
+                                               ctx.uid, ctx.gid)
+        self._fresh(parent, parent_st)
         try:
             node = await self._reach(parent, name, entry)
         except BaseException:
@@ -433,7 +502,9 @@ class Operations(pyfuse3.Operations):
         h = self._file(fh)
         self._recheck(h, Need.WRITE)
         h.dirty = True
-        return await self._run(h.node, native.write, h.fd, buf, off)  # type: ignore[no-any-return]
+        written, st = await self._run(h.node, native.write, h.fd, buf, off)
+        self._fresh(h.node, st)
+        return written  # type: ignore[no-any-return]
 
     @handler
     async def flush(self, fh: int) -> None:
@@ -599,6 +670,8 @@ class Operations(pyfuse3.Operations):
         if node.vf is None or node.kind is Kind.VFROOT and name.startswith(XATTR_PREFIX):
             return self._virtual_xattr(node, name, ctx)
         self._allow(ctx, node, Need.READ)
+        if self._absent_xattr(node, name):
+            raise fail(pyfuse3.ENOATTR)
         return await self._run(node, native.getxattr, node.fd, name)  # type: ignore[no-any-return]
 
     @handler
@@ -620,6 +693,8 @@ class Operations(pyfuse3.Operations):
             raise fail(errno.EPERM)  # identity attributes; quota ones arrive with quota support
         node = self._xattr_node(inode, ctx, Need.WRITE)
         await self._run(node, native.setxattr, node.fd, name, value, 0)
+        self._xattr_changed(node, name, True)
+        node.st_until = 0.0  # ctime changed
 
     @handler
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -628,6 +703,8 @@ class Operations(pyfuse3.Operations):
             raise fail(errno.EPERM)
         node = self._xattr_node(inode, ctx, Need.WRITE)
         await self._run(node, native.removexattr, node.fd, name)
+        self._xattr_changed(node, name, False)
+        node.st_until = 0.0  # ctime changed
 
     def _virtual_xattrs(self, node: Node, ctx: pyfuse3.RequestContext) -> dict[bytes, bytes]:
         caller, admin = self._caller(ctx)
@@ -654,6 +731,19 @@ class Operations(pyfuse3.Operations):
         if value is None:
             raise fail(pyfuse3.ENOATTR)
         return value
+
+
+def _unlink(dirfd: int, name: bytes) -> tuple[os.stat_result | None, os.stat_result]:
+    victim = native.stat_at(dirfd, name)
+    return victim, native.unlink(dirfd, name)
+
+
+def _rename(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int) -> tuple:
+    victim = None if flags & native.RENAME_EXCHANGE else native.stat_at(newdirfd, new)
+    old_st, new_st, moved = native.rename(olddirfd, old, newdirfd, new, flags)
+    if flags & native.RENAME_EXCHANGE:
+        victim = native.stat_at(olddirfd, old)  # the other one moved too
+    return victim, old_st, new_st, moved
 
 
 def _open_stream(fd: int) -> tuple[native.DirStream, os.stat_result]:
