@@ -87,8 +87,9 @@ DAEMON_OPTIONS: tuple[Option, ...] = (
            _one_of("text", "json")),
     Option("log_level", str, "info", True, "debug, info, warning or error",
            _one_of("debug", "info", "warning", "error")),
-    Option("writeback_cache", bool, True, False,
-           "let the kernel batch writes in its page cache (EDQUOT may then surface at fsync/close)"),
+    Option("writeback_cache", bool, False, False,
+           "let the kernel batch writes in its page cache: faster small writes, but a narrowed "
+           "grant or EDQUOT then surfaces at fsync/close instead of at write()"),
     Option("entry_timeout", (int, float), 1.0, False,
            "seconds the kernel may cache names and attributes inside vfolders", _non_negative),
     Option("io_threads", int, 16, False, "worker threads per host for native syscalls", _positive),
