@@ -26,13 +26,11 @@ run: venv
 	@mkdir -p $(DEMO)/native $(DEMO)/state
 	@test -f $(DEMO)/vfusefs.toml || sed -e 's|@DEMO@|$(DEMO)|g' examples/demo.toml > $(DEMO)/vfusefs.toml
 	@echo "config: $(DEMO)/vfusefs.toml   mount: /mnt/vfroot   (Ctrl-C unmounts and exits)"
-	@$(VENV)/bin/vfusefs serve --config $(DEMO)/vfusefs.toml & pid=$$!; \
-	trap 'kill -TERM $$pid 2>/dev/null; wait $$pid' INT TERM; \
-	for i in $$(seq 50); do $(VENV)/bin/vfusefs --config $(DEMO)/vfusefs.toml status >/dev/null 2>&1 && break; sleep 0.2; done; \
-	$(VENV)/bin/vfusefs --config $(DEMO)/vfusefs.toml vfolder info local $(DEMO_ID) >/dev/null 2>&1 || \
-	  $(VENV)/bin/vfusefs --config $(DEMO)/vfusefs.toml vfolder create local --id $(DEMO_ID) --grant '*=rwd'; \
-	echo "demo vfolder: /mnt/vfroot/local/$(DEMO_ID)"; \
-	wait $$pid
+	@( for i in $$(seq 100); do $(VENV)/bin/vfusefs --config $(DEMO)/vfusefs.toml status >/dev/null 2>&1 && break; sleep 0.2; done; \
+	   $(VENV)/bin/vfusefs --config $(DEMO)/vfusefs.toml vfolder info local $(DEMO_ID) >/dev/null 2>&1 || \
+	   $(VENV)/bin/vfusefs --config $(DEMO)/vfusefs.toml vfolder create local --id $(DEMO_ID) --grant '*=rwd'; \
+	   echo "demo vfolder: /mnt/vfroot/local/$(DEMO_ID)" ) & \
+	exec $(VENV)/bin/vfusefs serve --config $(DEMO)/vfusefs.toml
 
 test: venv
 	$(VENV)/bin/python -m pytest -q tests
