@@ -1,21 +1,24 @@
 #!/usr/bin/env python3
 """vfusefs benchmark: the same workloads on a native directory and through the mount, one run.
 
-    sudo .venv/bin/python bench/run.py [--quick] [--rss-files 100000] [--only NAME,...]
+    sudo .venv/bin/python bench/run.py [--quick] [--compare-checks] [--repeat 3]
+                                       [--rss-files 100000] [--only write,untar,...]
 
-Prints seconds for each side and the ratio mount/native (1.0 = as fast as native).  Caches are
-dropped before the "cold" rows only; every other row runs as a user would see it, right after
-the previous one.  The daemon is started by this script from a temporary config, exactly as
-`vfusefs serve` runs in production.
+Prints the median seconds on each side and the ratio mount/native (1.0 = as fast as native).
+Workloads run as a container would: root inside a confined cgroup, through a bind mount of the
+vfolder, with several grants in place (one matching).  --compare-checks mounts a second daemon
+with access checks off and reports what the checks cost.  Targets take turns within each
+repetition, so drift on the machine hits all of them alike.  Caches are dropped before the
+"cold" rows only; every other row runs right after the previous one, as a user would see it.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
+import statistics
 import signal
 import subprocess
 import sys
@@ -109,30 +112,33 @@ def make_tarball(path: Path, files: int, dirs: int = 50) -> None:
 class Daemon:
     def __init__(self, base: Path, checks: bool) -> None:
         self.base = base
-        (base / "native").mkdir()
-        (base / "state").mkdir()
-        (base / "mnt").mkdir()
+        for sub in ("native", "state", "mnt", "bind"):
+            (base / sub).mkdir(parents=True)
         self.sock = base / "state" / "control.sock"
         cfg = base / "vfusefs.toml"
         cfg.write_text(f'[daemon]\nmountpoint = "{base}/mnt"\nstate_dir = "{base}/state"\n'
                        f'control_socket = "{self.sock}"\nmetrics_listen = ""\n'
                        f'[hosts.local]\npath = "{base}/native"\n')
+        env = dict(os.environ)
+        if not checks:
+            env["VFUSEFS_BENCH_NO_ACCESS_CHECKS"] = "1"
         self.proc = subprocess.Popen([str(BIN), "serve", "--config", str(cfg)],
-                                     stderr=open(base / "daemon.log", "wb"))
+                                     stderr=open(base / "daemon.log", "wb"), env=env)
         for _ in range(200):
             if os.path.ismount(base / "mnt") and self.sock.exists():
                 break
             time.sleep(0.05)
         else:
             raise SystemExit(f"daemon did not start: {(base / 'daemon.log').read_text()}")
+        # grants in place, as on a real node: the bench's caller matches the cgroup grant
         grants = [{"principal": "uid:4242", "mode": "ro"}, {"principal": "gid:4242", "mode": "rw"},
-                  {"principal": "cgroup:/docker/bench", "mode": "rwd"}, {"principal": "*", "mode": "rwd"}]
+                  {"principal": "cgroup:/docker", "mode": "ro"},
+                  {"principal": f"cgroup:{CGROUP}", "mode": "rwd"}, {"principal": "*", "mode": "ro"}]
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(self.sock)), base_url="http://x") as c:
             vf = c.post("/v1/hosts/local/vfolders", json={"grants": grants}).json()
         self.native = Path(vf["native_path"])
         # containers see a vfolder through a bind mount of /mnt/vfroot/<host>/<id>, so do we
         self.vfolder = base / "bind"
-        self.vfolder.mkdir()
         subprocess.run(["mount", "--bind", vf["path"], str(self.vfolder)], check=True)
 
     def rss_mib(self) -> float:
@@ -147,74 +153,140 @@ class Daemon:
         self.proc.wait(30)
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup/unified")
+CGROUP = "/docker/vfusefs-bench"
+
+
+def in_container(args: list[str]) -> list[str]:
+    """Run a workload as a container would: root, but in a confined cgroup (never an admin)."""
+    procs = CGROUP_ROOT / CGROUP.lstrip("/") / "cgroup.procs"
+    return ["sh", "-c", f'echo $$ > {procs} && exec "$@"', "sh", *args]
+
+
+def workload_seconds(w: Workloads, key: str, target: Path, cold: bool) -> float:
+    if cold:
+        drop_caches()
+    out = subprocess.run(in_container([sys.executable, __file__, "--worker", key, str(target),
+                                       "--size-mib", str(w.size_mib), "--tarball", str(w.tarball)]),
+                         check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def worker(key: str, target: Path, size_mib: int, tarball: Path) -> None:
+    w = Workloads(size_mib, 0, tarball)
+    fn = {k: f for k, _, f, _ in rows(w)}[key]
+    print(timed(lambda: fn(target)))
+
+
+def rows(w: Workloads) -> list[tuple[str, str, Callable[[Path], object], bool]]:
+    return [
+        ("write", f"seq write {w.size_mib} MiB (1 MiB blocks)", w.seq_write, False),
+        ("read-cold", f"seq read {w.size_mib} MiB cold", w.seq_read, True),
+        ("read-warm", f"seq read {w.size_mib} MiB warm", w.seq_read, False),
+        ("random", "4 KiB random reads x20000 (cold)", w.random_reads, True),
+        ("untar", f"untar {w.files} files of 4-12 KiB", w.untar, False),
+        ("ls", "ls -lR of that tree", w.ls_lr, False),
+        ("readback", "read the tree back (find|cat)", w.read_tree, False),
+        ("rm", "rm -rf the tree", w.rm_tree, False),
+    ]
+
+
+def run_suite(base: Path, w: Workloads, compare: bool, only: set[str],
+              repeat: int) -> dict[str, dict[str, list[float]]]:
+    """Every workload on each target in turn (rotating the order), the whole sequence `repeat`
+    times; returns {workload: {target: [seconds...]}}."""
+    daemons = {"on": Daemon(base / "on", True)}
+    if compare:
+        daemons["off"] = Daemon(base / "off", False)
+    plain = base / "plain"
+    plain.mkdir()
+    targets = {"native": plain, **{k: d.vfolder for k, d in daemons.items()}}
+    times: dict[str, dict[str, list[float]]] = {}
+    try:
+        for rep in range(repeat):
+            for key, name, _, cold in rows(w):
+                if only and key not in only:
+                    continue
+                order = list(targets)
+                order = order[rep % len(order):] + order[:rep % len(order)]
+                for target in order:
+                    t = workload_seconds(w, key, targets[target], cold)
+                    times.setdefault(key, {}).setdefault(target, []).append(t)
+                got = times[key]
+                print(f"  run {rep + 1}/{repeat} {name:38} " + "  ".join(
+                    f"{t} {got[t][-1]:7.3f}s" for t in targets), flush=True)
+    finally:
+        for d in daemons.values():
+            d.stop()
+    return times
+
+
+def rss_check(base: Path, files: int) -> tuple[float, float]:
+    daemon = Daemon(base, True)
+    try:
+        tree = daemon.native / "rss"
+        for i in range(files):
+            if i % 1000 == 0:
+                (tree / f"d{i // 1000:03d}").mkdir(parents=True)
+            (tree / f"d{i // 1000:03d}" / f"f{i:06d}").touch()
+        t = timed(lambda: sh("ls", "-lR", str(daemon.vfolder / "rss")))
+        return daemon.rss_mib(), t
+    finally:
+        daemon.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="256 MiB and 5,000 files (smoke run)")
     ap.add_argument("--rss-files", type=int, default=100000, help="files for the RSS check (0: skip)")
     ap.add_argument("--only", default="", help="comma-separated workloads: write, read-cold, "
                     "read-warm, random, untar, ls, readback, rm")
-    ap.add_argument("--json", action="store_true", help="print results as JSON")
+    ap.add_argument("--compare-checks", action="store_true",
+                    help="run the suite again with access checks off and compare")
+    ap.add_argument("--repeat", type=int, default=3, help="run the whole sequence N times")
+    ap.add_argument("--worker", nargs=2, metavar=("KEY", "DIR"), help=argparse.SUPPRESS)
+    ap.add_argument("--size-mib", type=int, default=1024, help=argparse.SUPPRESS)
+    ap.add_argument("--tarball", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        return worker(args.worker[0], Path(args.worker[1]), args.size_mib, Path(args.tarball))
     if os.geteuid() != 0:
-        raise SystemExit("bench: run as root (it mounts and drops caches)")
+        raise SystemExit("bench: run as root (it mounts, drops caches and makes a cgroup)")
     size, files = (256, 5000) if args.quick else (1024, 20000)
-    base = Path(tempfile.mkdtemp(prefix="vfusefs-bench-", dir="/var/tmp"))
-    base.chmod(0o755)
-    tarball = base / "tree.tar"
-    make_tarball(tarball, files)
-    w = Workloads(size, files, tarball)
-    daemon = Daemon(base, checks=True)
-    native = base / "plain"
-    native.mkdir()
-    rows: list[tuple[str, str, Callable[[Path], object], bool]] = [
-        ("write", f"seq write {size} MiB (1 MiB blocks)", w.seq_write, False),
-        ("read-cold", f"seq read {size} MiB cold", w.seq_read, True),
-        ("read-warm", f"seq read {size} MiB warm", w.seq_read, False),
-        ("random", "4 KiB random reads x20000 (cold)", w.random_reads, True),
-        ("untar", f"untar {files} files of 4-12 KiB", w.untar, False),
-        ("ls", "ls -lR of that tree", w.ls_lr, False),
-        ("readback", "read the tree back (find|cat)", w.read_tree, False),
-        ("rm", "rm -rf the tree", w.rm_tree, False),
-    ]
     only = set(filter(None, args.only.split(",")))
-    unknown = only - {key for key, *_ in rows}
+    w = Workloads(size, files, Path("/nonexistent"))
+    unknown = only - {key for key, *_ in rows(w)}
     if unknown:
         raise SystemExit(f"bench: unknown workload(s) {', '.join(sorted(unknown))}; "
-                         f"known: {', '.join(key for key, *_ in rows)}")
-    results = []
+                         f"known: {', '.join(key for key, *_ in rows(w))}")
+    (CGROUP_ROOT / CGROUP.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    base = Path(tempfile.mkdtemp(prefix="vfusefs-bench-", dir="/var/tmp"))
+    base.chmod(0o755)
     try:
-        for key, name, fn, cold in rows:
-            if only and key not in only:
+        w.tarball = base / "tree.tar"
+        make_tarball(w.tarball, files)
+        print(f"workloads run as root in cgroup {CGROUP} (a container: not an admin) on a plain "
+              f"directory and on a vfolder bind mount; ratio = vfusefs / native (medians of "
+              f"{args.repeat})")
+        times = run_suite(base, w, args.compare_checks, only, args.repeat)
+        med = {k: {t: statistics.median(v) for t, v in tv.items()} for k, tv in times.items()}
+        print()
+        print(f"{'workload':40} {'native s':>9} {'vfusefs s':>10} {'ratio':>7}"
+              + (f" {'no-checks s':>12} {'ratio':>7} {'checks cost':>11}" if args.compare_checks else ""))
+        for key, name, _, _ in rows(w):
+            if key not in med:
                 continue
-            times = []
-            for target in (native, daemon.vfolder):
-                if cold:
-                    drop_caches()
-                times.append(timed(lambda: fn(target)))
-            results.append({"workload": name, "native_s": times[0], "vfusefs_s": times[1],
-                            "ratio": times[1] / times[0] if times[0] else float("inf")})
-            if not args.json:
-                r = results[-1]
-                print(f"{name:40} native {r['native_s']:8.3f}s  vfusefs {r['vfusefs_s']:8.3f}s  "
-                      f"x{r['ratio']:.2f}", flush=True)
+            n, v = med[key]["native"], med[key]["on"]
+            line = f"{name:40} {n:9.3f} {v:10.3f} {v / n:7.2f}"
+            if "off" in med[key]:
+                v2 = med[key]["off"]
+                line += f" {v2:12.3f} {v2 / n:7.2f} {(v / v2 - 1) * 100:+10.1f}%"
+            print(line)
         if args.rss_files:
-            tree = daemon.native / "rss"
-            for i in range(args.rss_files):
-                if i % 1000 == 0:
-                    (tree / f"d{i // 1000:03d}").mkdir(parents=True)
-                (tree / f"d{i // 1000:03d}" / f"f{i:06d}").touch()
-            t = timed(lambda: sh("ls", "-lR", str(daemon.vfolder / "rss")))
-            rss = daemon.rss_mib()
-            results.append({"workload": f"RSS after ls -lR of {args.rss_files} files",
-                            "rss_mib": rss, "ls_s": t})
-            if not args.json:
-                print(f"daemon RSS after ls -lR of {args.rss_files} files: {rss:.0f} MiB "
-                      f"(ls took {t:.2f}s)")
+            rss, t = rss_check(base / "rss", args.rss_files)
+            print(f"daemon RSS after ls -lR of {args.rss_files} files: {rss:.0f} MiB (ls took {t:.2f}s)")
     finally:
-        daemon.stop()
         shutil.rmtree(base, ignore_errors=True)
-    if args.json:
-        print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

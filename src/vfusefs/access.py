@@ -76,9 +76,12 @@ def parse_principal(text: str) -> str:
     raise BadGrant(f"bad principal {text!r}: use cgroup:/path, uid:N, gid:N or *")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Caller:
-    """Who is asking: from the FUSE request context plus its pid's cgroup (None if unknown)."""
+    """Who is asking: from the FUSE request context plus its pid's cgroup (None if unknown).
+
+    Compared and hashed by identity: the caller cache hands out one object per pid while it is
+    fresh, and per-vfolder decisions are cached on that object."""
 
     uid: int
     gid: int

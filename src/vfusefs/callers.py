@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 
-from vfusefs.access import Caller
+from vfusefs.access import Caller, is_admin
 
 TTL = 1.0
 MAX_ENTRIES = 8192
@@ -47,19 +47,26 @@ def read_groups(pid: int) -> frozenset[int]:
 
 
 class CallerCache:
-    def __init__(self) -> None:
-        self._cgroups: dict[int, tuple[float, str | None]] = {}
+    """pid -> (Caller, is admin), fresh for TTL seconds; the same Caller object is handed out
+    while fresh, so callers can key further caches on it cheaply."""
+
+    def __init__(self, admin_uids: tuple[int, ...] = (0,), confined: tuple[str, ...] = ()) -> None:
+        self.admin_uids = admin_uids
+        self.confined = confined
+        self._callers: dict[int, tuple[float, int, int, Caller, bool]] = {}
         self._groups: dict[int, tuple[float, frozenset[int]]] = {}
 
-    def caller(self, uid: int, gid: int, pid: int) -> Caller:
+    def caller(self, uid: int, gid: int, pid: int) -> tuple[Caller, bool]:
         now = time.monotonic()
-        hit = self._cgroups.get(pid)
-        if hit is None or hit[0] < now:
-            if len(self._cgroups) >= MAX_ENTRIES:
-                self._cgroups.clear()
-            hit = (now + TTL, read_cgroup(pid))
-            self._cgroups[pid] = hit
-        return Caller(uid, gid, pid, hit[1])
+        hit = self._callers.get(pid)
+        if hit is not None and hit[0] >= now and hit[1] == uid and hit[2] == gid:
+            return hit[3], hit[4]
+        if len(self._callers) >= MAX_ENTRIES:
+            self._callers.clear()
+        caller = Caller(uid, gid, pid, read_cgroup(pid))
+        admin = is_admin(caller, self.admin_uids, self.confined)
+        self._callers[pid] = (now + TTL, uid, gid, caller, admin)
+        return caller, admin
 
     def with_groups(self, caller: Caller) -> Caller:
         """The caller with supplementary groups filled in (only needed for gid: grants)."""

@@ -39,6 +39,9 @@ READDIR_CHUNK = 256  # native entries read (and stat'ed) per worker hop
 XATTR_PREFIX = b"user.vfusefs."
 
 
+UNCHECKED = Caller(0, 0, 0, "/")  # the caller of every request when checks are off (bench only)
+
+
 def fail(code: int) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(code)
 
@@ -80,11 +83,15 @@ class Operations(pyfuse3.Operations):
         self.daemon = daemon
         self.enable_writeback_cache = daemon.writeback_cache
         self.timeout = daemon.entry_timeout
-        self.callers = CallerCache()
+        self.callers = CallerCache(daemon.admin_uids, daemon.confined_cgroups)
         self.handles: dict[int, FileHandle | DirHandle] = {}
         self._next_fh = 1
         self.started_ns = time.time_ns()
-        self.checks = True  # access checks; off only in benchmarks measuring their cost
+        # access checks; VFUSEFS_BENCH_NO_ACCESS_CHECKS=1 turns them off so bench/ can measure
+        # their cost (everyone is then an admin: never on a real node)
+        self.checks = os.environ.get("VFUSEFS_BENCH_NO_ACCESS_CHECKS") != "1"
+        if not self.checks:
+            log.warning("ACCESS CHECKS ARE OFF (VFUSEFS_BENCH_NO_ACCESS_CHECKS=1): benchmark only")
         self.stats: dict[tuple[str, int], list[float]] = {}  # (op, errno) -> [count, seconds]
 
     # -- bookkeeping ----------------------------------------------------------------------------
@@ -122,16 +129,22 @@ class Operations(pyfuse3.Operations):
 
     # -- access ---------------------------------------------------------------------------------
     def _caller(self, ctx: pyfuse3.RequestContext) -> tuple[Caller, bool]:
-        caller = self.callers.caller(ctx.uid, ctx.gid, ctx.pid)
-        return caller, access.is_admin(caller, self.daemon.admin_uids, self.daemon.confined_cgroups)
+        if not self.checks:
+            return UNCHECKED, True
+        return self.callers.caller(ctx.uid, ctx.gid, ctx.pid)
 
     def _mode(self, caller: Caller, admin: bool, vf: Vfolder) -> Mode:
         if admin or not self.checks:
             return Mode.ADMIN
-        grants = vf.grants
-        if access.needs_groups(grants):
-            caller = self.callers.with_groups(caller)
-        return access.effective_mode(caller, grants)
+        mode = vf.modes.get(caller)  # emptied whenever the vfolder's grants change
+        if mode is None:
+            grants = vf.grants
+            full = self.callers.with_groups(caller) if access.needs_groups(grants) else caller
+            mode = access.effective_mode(full, grants)
+            if len(vf.modes) >= 4096:
+                vf.modes.clear()
+            vf.modes[caller] = mode
+        return mode
 
     def _allow(self, ctx: pyfuse3.RequestContext, node: Node, need: Need) -> tuple[Caller, bool]:
         """Raise the SPEC §3 errno unless the caller may do `need` at node."""

@@ -42,6 +42,7 @@ class Vfolder:
     host: "Host"
     record: VfolderRecord
     root: Node | None = None
+    modes: dict[Any, access.Mode] = field(default_factory=dict)  # Caller -> mode, per grants
     handles: int = 0  # open file and directory handles: "in use"
     deleted: bool = False
 
@@ -227,6 +228,7 @@ class Registry:
         rec = VfolderRecord(**{**vf.record.__dict__, "grants": grants})
         await self.store_workers.run(self.store.put_vfolder, rec)
         vf.record = rec
+        vf.modes = {}
         await self._grants_changed(vf)
         return vf
 
