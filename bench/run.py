@@ -46,7 +46,9 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def sh(*cmd: str, cwd: Path | None = None) -> None:
-    subprocess.run(list(cmd), cwd=cwd, check=True, stdout=subprocess.DEVNULL)
+    r = subprocess.run(list(cmd), cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)}: exit {r.returncode}: {r.stderr.strip()[-2000:]}")
 
 
 class Workloads:
@@ -166,10 +168,12 @@ def in_container(args: list[str]) -> list[str]:
 def workload_seconds(w: Workloads, key: str, target: Path, cold: bool) -> float:
     if cold:
         drop_caches()
-    out = subprocess.run(in_container([sys.executable, __file__, "--worker", key, str(target),
-                                       "--size-mib", str(w.size_mib), "--tarball", str(w.tarball)]),
-                         check=True, capture_output=True, text=True).stdout
-    return float(out.strip().splitlines()[-1])
+    r = subprocess.run(in_container([sys.executable, __file__, "--worker", key, str(target),
+                                     "--size-mib", str(w.size_mib), "--tarball", str(w.tarball)]),
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"bench: workload {key} on {target} failed:\n{r.stderr.strip()}")
+    return float(r.stdout.strip().splitlines()[-1])
 
 
 def worker(key: str, target: Path, size_mib: int, tarball: Path) -> None:

@@ -6,6 +6,7 @@ import errno
 import os
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,49 @@ def test_unlinked_open_file_keeps_working(daemon: Daemon) -> None:
         f.write(b"more")
         assert os.fstat(f.fileno()).st_nlink == 0
     assert os.listdir(vf) == []
+
+
+def test_partial_listings_do_not_leak_inodes(daemon: Daemon) -> None:
+    """A listing abandoned half-way (ls | head) must not leave read-ahead nodes behind."""
+    vf = daemon.vfolder()
+    native = Path(daemon.api("GET", f"/v1/hosts/local/vfolders/{vf.name}").json()["native_path"])
+    for i in range(3000):
+        (native / f"f{i:05d}").touch()
+    base = daemon.api("GET", "/v1/status").json()["inodes"]
+    for _ in range(5):
+        with os.scandir(vf) as it:
+            for _, _entry in zip(range(10), it):
+                pass
+    Path("/proc/sys/vm/drop_caches").write_text("2\n")  # the kernel forgets what it was sent
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        now = daemon.api("GET", "/v1/status").json()["inodes"]
+        if now <= base + 5:
+            break
+        time.sleep(0.2)
+    assert now <= base + 5, f"{now - base} inodes left behind by abandoned listings"
+
+
+def test_fd_budget_is_kept_by_asking_the_kernel_to_forget(world_dir: Path) -> None:
+    """Every cached inode holds an O_PATH fd; past inode_fds the oldest entries are dropped."""
+    d = Daemon(world_dir, daemon_opts={"inode_fds": 600}).start()
+    try:
+        vf = d.vfolder()
+        for i in range(20):
+            (vf / f"d{i}").mkdir()
+            for j in range(150):
+                (vf / f"d{i}" / f"f{j}").write_bytes(b"%d/%d" % (i, j))
+        run("ls", "-lR", str(vf))
+        deadline = time.monotonic() + 5  # FORGETs arrive asynchronously
+        while True:
+            held = len(os.listdir(f"/proc/{d.proc.pid}/fd"))  # type: ignore[union-attr]
+            if held < 800 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert held < 800, f"{held} fds held with inode_fds = 600"
+        for i in range(20):  # everything forgotten is simply looked up again
+            for j in range(0, 150, 7):
+                assert (vf / f"d{i}" / f"f{j}").read_bytes() == b"%d/%d" % (i, j)
+        assert "asking the kernel to forget" in d.log()
+    finally:
+        assert d.stop() == 0

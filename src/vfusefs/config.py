@@ -93,6 +93,9 @@ DAEMON_OPTIONS: tuple[Option, ...] = (
     Option("entry_timeout", (int, float), 1.0, False,
            "seconds the kernel may cache names and attributes inside vfolders", _non_negative),
     Option("io_threads", int, 16, False, "worker threads per host for native syscalls", _positive),
+    Option("inode_fds", int, 0, False,
+           "O_PATH fds kept for inodes the kernel caches (0: from RLIMIT_NOFILE); above it the "
+           "kernel is asked to forget its oldest entries", _non_negative),
     Option("max_tasks", int, 64, False, "concurrent FUSE requests the daemon works on at once", _positive),
 )
 
@@ -128,6 +131,7 @@ class DaemonConfig:
     writeback_cache: bool
     entry_timeout: float
     io_threads: int
+    inode_fds: int
     max_tasks: int
 
 

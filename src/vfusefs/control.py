@@ -78,7 +78,8 @@ def build_app(registry: Registry, token: str | None = None) -> Starlette:
             "version": __version__, "mountpoint": mountpoint, "mounted": registry.mounted,
             "started": registry.started, "config": registry.config.path,
             "hosts": {name: h.health for name, h in registry.hosts.items()},
-            "vfolders": len(registry.vfolders)})
+            "vfolders": len(registry.vfolders), "inodes": len(registry.table),
+            "open_handles": sum(vf.handles for vf in registry.vfolders.values())})
 
     @endpoint
     async def hosts(request: Request) -> Response:

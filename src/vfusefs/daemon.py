@@ -23,6 +23,7 @@ import pyfuse3
 import trio
 
 from vfusefs import config as config_mod
+from vfusefs.backends import load_backend
 from vfusefs.config import Config, ConfigError
 from vfusefs.control import build_app
 from vfusefs.inodes import InodeTable
@@ -52,7 +53,7 @@ def raise_fd_limit() -> int:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, max(target, hard)))
             return target
         except (ValueError, OSError):
-            continue
+            continue  # raising the hard limit needs CAP_SYS_RESOURCE (systemd: LimitNOFILE=)
     return soft
 
 
@@ -190,6 +191,7 @@ async def run(cfg: Config) -> None:
                  len(registry.vfolders), d.mountpoint)
         nursery.start_soon(watch_signals)
         nursery.start_soon(purge_trash_periodically, registry)
+        nursery.start_soon(ops.keep_fd_budget)
         await pyfuse3.main(min_tasks=1, max_tasks=d.max_tasks)
         log.info("FUSE loop ended; unmounting %s", d.mountpoint)
         for (op, code), (count, seconds) in sorted(ops.stats.items()):
@@ -224,12 +226,21 @@ def serve(config_path: str | None) -> int:
     except ConfigError as exc:
         print(f"vfusefs: {exc}", file=sys.stderr)
         return 2
+    try:
+        for host in cfg.hosts.values():
+            load_backend(host)  # unknown backends and backend options are config errors too
+    except ConfigError as exc:
+        print(f"vfusefs: {cfg.path}: {exc}", file=sys.stderr)
+        return 2
     setup_logging(cfg.daemon.log_format, cfg.daemon.log_level)
     if os.geteuid() != 0:
         print("vfusefs: serve must run as root (it mounts with allow_other and serves all users)",
               file=sys.stderr)
         return 1
-    raise_fd_limit()
+    fds = raise_fd_limit()
+    if fds < 65536:
+        log.warning("only %d file descriptors allowed (RLIMIT_NOFILE): the kernel will be asked "
+                    "to forget cached entries often; raise it (systemd: LimitNOFILE=1048576)", fds)
     try:
         trio.run(run, cfg)
     except BaseException as exc:  # trio wraps errors raised inside nurseries in groups

@@ -12,6 +12,7 @@ a lookup reference to it (lookup, create, mkdir, readdirplus... each count one; 
 
 from __future__ import annotations
 
+import collections
 import enum
 import itertools
 from typing import TYPE_CHECKING, Any, Iterator
@@ -30,7 +31,7 @@ class Kind(enum.Enum):
 
 
 class Node:
-    __slots__ = ("ino", "kind", "fd", "key", "nlookup", "vf", "host", "parent", "xattrs",
+    __slots__ = ("ino", "kind", "fd", "key", "nlookup", "vf", "host", "parent", "name", "xattrs",
                  "xattrs_until", "st", "st_until")
 
     def __init__(self, ino: int, kind: Kind, fd: int = -1, key: tuple | None = None,
@@ -42,7 +43,8 @@ class Node:
         self.nlookup = 0
         self.vf = vf
         self.host = host
-        self.parent = ino  # directories: the inode number of their parent, for ".."
+        self.parent = ino  # the inode number of the parent we last reached it from
+        self.name = b""  # and the name there: a hint for asking the kernel to forget it
         # names of the native xattrs, trusted until xattrs_until (monotonic), like cached attrs
         self.xattrs: frozenset[bytes] | None = None
         self.xattrs_until = 0.0
@@ -64,6 +66,8 @@ class InodeTable:
         self.by_key: dict[tuple, Node] = {}  # read (never written) from worker threads
         self.root = Node(ROOT_INODE, Kind.ROOT)
         self.by_ino[ROOT_INODE] = self.root
+        self.native_fds = 0  # O_PATH fds held for NATIVE nodes
+        self._age: collections.deque[int] = collections.deque()  # NATIVE inos, oldest first
 
     def __len__(self) -> int:
         return len(self.by_ino)
@@ -76,20 +80,40 @@ class InodeTable:
         self.by_ino[node.ino] = node
         return node
 
-    def add(self, kind: Kind, fd: int, st: Any, vf: "Vfolder", parent: int) -> Node:
+    def add(self, kind: Kind, fd: int, st: Any, vf: "Vfolder", parent: int, name: bytes = b"") -> Node:
         key = (vf.id, st.st_dev, st.st_ino)
         node = Node(next(self._next), kind, fd, key, vf, vf.host)
         node.parent = parent
+        node.name = name
         self.by_ino[node.ino] = node
         self.by_key[key] = node
+        if kind is Kind.NATIVE:
+            self.native_fds += 1
+            self._age.append(node.ino)
         return node
+
+    def oldest(self, count: int) -> list[Node]:
+        """Up to count NATIVE nodes the kernel holds, oldest first (candidates to forget)."""
+        out: list[Node] = []
+        for _ in range(len(self._age)):
+            if len(out) >= count:
+                break
+            ino = self._age.popleft()
+            node = self.by_ino.get(ino)
+            if node is None or node.kind is not Kind.NATIVE:
+                continue
+            self._age.append(ino)  # still alive: back of the queue until the kernel forgets it
+            if node.nlookup > 0 and node.name:
+                out.append(node)
+        return out
 
     def find(self, vf: "Vfolder", st: Any) -> Node | None:
         return self.by_key.get((vf.id, st.st_dev, st.st_ino))
 
     def remove(self, node: Node) -> int:
         """Drop a node; returns its fd for the caller to close on a worker thread."""
-        self.by_ino.pop(node.ino, None)
+        if self.by_ino.pop(node.ino, None) is not None and node.kind is Kind.NATIVE and node.fd >= 0:
+            self.native_fds -= 1
         if node.key is not None and self.by_key.get(node.key) is node:
             del self.by_key[node.key]
         fd, node.fd = node.fd, -1

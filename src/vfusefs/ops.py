@@ -18,12 +18,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import stat as stat_mod
 import time
 from collections import deque
 from typing import Any, Sequence
 
 import pyfuse3
+import trio
 
 from vfusefs import access, native
 from vfusefs.access import Caller, Mode, Need
@@ -93,6 +95,14 @@ class Operations(pyfuse3.Operations):
         if not self.checks:
             log.warning("ACCESS CHECKS ARE OFF (VFUSEFS_BENCH_NO_ACCESS_CHECKS=1): benchmark only")
         self.stats: dict[tuple[str, int], list[float]] = {}  # (op, errno) -> [count, seconds]
+        # fd budget: start pruning kernel entries above fd_high, down to fd_low
+        self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        # keep room for data fds of open files, sockets and the store
+        self.fd_high = max(64, self.fd_limit - max(256, self.fd_limit // 8))
+        if daemon.inode_fds:
+            self.fd_high = min(self.fd_high, daemon.inode_fds)
+        self.fd_low = max(32, self.fd_high - max(16, self.fd_high // 8))
+        self._prune_after = 0.0
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def observe(self, op: str, code: int, seconds: float) -> None:
@@ -227,7 +237,7 @@ class Operations(pyfuse3.Operations):
         assert host is not None
         return await host.workers.run(fn, *args)
 
-    def _adopt(self, parent: Node, entry: native.Entry) -> Node | None:
+    def _adopt(self, parent: Node, name: bytes, entry: native.Entry) -> Node | None:
         """The node for a native inode just reached (None if a lost race needs a fresh fd)."""
         vf = parent.vf
         assert vf is not None
@@ -235,16 +245,46 @@ class Operations(pyfuse3.Operations):
         if node is not None:
             if entry.fd is not None:
                 node.host.workers.submit(native.close, entry.fd)  # type: ignore[union-attr]
+            if node.kind is Kind.NATIVE:
+                node.parent, node.name = parent.ino, name
             return node
         if entry.fd is None:
             return None
-        return self.table.add(Kind.NATIVE, entry.fd, entry.st, vf, parent.ino)
+        node = self.table.add(Kind.NATIVE, entry.fd, entry.st, vf, parent.ino, name)
+        if self.table.native_fds > self.fd_high:
+            self._prune()
+        return node
+
+    def _prune(self) -> None:
+        """Near the fd limit: ask the kernel to forget its oldest cached entries.
+
+        Every inode the kernel knows holds an O_PATH fd here; the kernel only forgets inodes
+        when it drops their dentries, which on a big machine may be never.  Invalidating the
+        oldest entries (not in use: the kernel keeps those) makes it send FORGET, and we close
+        their fds.  A forgotten entry is simply looked up again when next used.
+        """
+        now = time.monotonic()
+        if now < self._prune_after or not self.registry.mounted:
+            return
+        self._prune_after = now + 0.2  # give the FORGETs time to arrive before asking again
+        nodes = self.table.oldest(self.table.native_fds - self.fd_low)
+        log.info("%d native fds held (limit %d): asking the kernel to forget %d old entries",
+                 self.table.native_fds, self.fd_limit, len(nodes))
+        for node in nodes:
+            pyfuse3.invalidate_entry_async(node.parent, node.name, ignore_enoent=True)
+
+    async def keep_fd_budget(self) -> None:
+        """After a burst (an untar, an ls -lR) ends, keep asking until the budget holds again."""
+        while True:
+            await trio.sleep(0.5)
+            if self.table.native_fds > self.fd_low + (self.fd_high - self.fd_low) // 2:
+                self._prune()
 
     async def _reach(self, parent: Node, name: bytes, entry: native.Entry) -> Node:
-        node = self._adopt(parent, entry)
+        node = self._adopt(parent, name, entry)
         if node is None:  # forgotten between the worker's check and now: open it after all
             entry = await self._run(parent, native.open_path, parent.fd, name)
-            node = self._adopt(parent, entry)
+            node = self._adopt(parent, name, entry)
             assert node is not None
         if entry.xattrs is not None:
             node.xattrs = entry.xattrs
@@ -601,11 +641,13 @@ class Operations(pyfuse3.Operations):
         assert h.virtual is not None
         for i in range(start_id, len(h.virtual)):
             name, child = h.virtual[i]
-            attrs = self._virtual_attrs(child) if child.vf is None else None
-            if attrs is None:
-                # a vfolder root: its attributes come from native storage, but a listing of the
-                # host dir must not wait on every vfolder's storage; getattr fetches them
+            if child.vf is None:
                 attrs = self._virtual_attrs(child)
+            else:
+                # a vfolder root: listing a host dir must not wait on every vfolder's storage, so
+                # send what we last saw, uncached: the kernel's next stat asks us for fresh ones
+                attrs = self._attrs(child, child.st) if child.st is not None \
+                    else self._virtual_attrs(child)
                 attrs.attr_timeout = 0
                 attrs.entry_timeout = 0
             if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
@@ -623,7 +665,17 @@ class Operations(pyfuse3.Operations):
         h.next_off = offset
 
     def _discard_buffer(self, h: DirHandle) -> None:
-        fds = [e.fd for _, e in h.buffer if e.fd is not None]
+        """Drop entries read ahead but never sent: their fds, and nodes the kernel never saw."""
+        fds = []
+        vf = h.node.vf
+        for _, entry in h.buffer:
+            if entry.fd is not None:
+                fds.append(entry.fd)
+            elif vf is not None:
+                node = self.table.find(vf, entry.st)
+                # nlookup 0: the kernel never saw it, so it has no open file either
+                if node is not None and node.nlookup == 0 and node.kind is Kind.NATIVE:
+                    fds.append(self.table.remove(node))
         h.buffer.clear()
         if fds and h.node.host is not None:
             h.node.host.workers.submit(native.close_many, fds)
@@ -655,7 +707,7 @@ class Operations(pyfuse3.Operations):
                 continue
             try:
                 sv = await host.workers.run(native.statvfs_path, host.config.path)
-            except (OSError, Exception):
+            except Exception:  # a host that fails or hangs is left out of the sum
                 continue
             scale = sv.f_frsize / 4096
             blocks += int(sv.f_blocks * scale)
@@ -702,7 +754,7 @@ class Operations(pyfuse3.Operations):
     @handler
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         if name.startswith(XATTR_PREFIX):
-            node = self._node(inode)
+            self._node(inode)
             raise fail(errno.EPERM)  # identity attributes; quota ones arrive with quota support
         node = self._xattr_node(inode, ctx, Need.WRITE)
         await self._run(node, native.setxattr, node.fd, name, value, 0)

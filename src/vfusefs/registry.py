@@ -200,6 +200,7 @@ class Registry:
         self.vfolders.pop(vf.id, None)
         if vf.root is not None:
             vf.root.kind = Kind.NATIVE  # no longer pinned: dropped once the kernel forgets it
+            self.table.native_fds += 1
         self._invalidate_entry(host, vf.id)
         try:
             moved = await host.workers.run(host.backend.delete_vfolder, vf.record.native_path, vf.id)
