@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any, NoReturn
 from urllib.parse import quote
 
@@ -94,11 +95,16 @@ def _cell(value: Any) -> str:
     if isinstance(value, list):
         return ",".join(f"{g['principal']}={g['mode']}" if isinstance(g, dict) else str(g)
                         for g in value) or "-"
+    if isinstance(value, float):
+        return f"{value:.0f}"
     return str(value)
 
 
 VFOLDER_COLUMNS = [("host", "host"), ("id", "id"), ("scope", "scope"), ("quota_bytes", "quota"),
-                   ("grants", "grants"), ("path", "path")]
+                   ("usage_bytes", "used"), ("grants", "grants"), ("path", "path")]
+QUOTA_COLUMNS = [("host", "host"), ("id", "id"), ("quota_bytes", "quota bytes"),
+                 ("usage_bytes", "used bytes"), ("quota_inodes", "quota inodes"),
+                 ("usage_inodes", "used inodes")]
 json_option = click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")
 
 
@@ -251,9 +257,61 @@ def _not_yet(path_suffix: str, method: str = "POST") -> Any:
 
 
 vfolder.command("clone", help="Clone a vfolder (not implemented yet).")(_not_yet("/clone"))
-vfolder.command("rescan", help="Recount a vfolder's usage (not implemented yet).")(_not_yet("/rescan"))
-vfolder.command("quota", help="Show or set a vfolder's limits (not implemented yet).")(
-    _not_yet("", "PATCH"))
+
+
+@vfolder.command("rescan")
+@click.argument("host")
+@click.argument("vfid")
+@click.option("--no-wait", is_flag=True, help="start it and print the task id")
+@json_option
+@click.pass_context
+def vfolder_rescan(ctx: click.Context, host: str, vfid: str, no_wait: bool, as_json: bool) -> None:
+    """Recount a vfolder's usage from its native tree (corrects changes made behind vfusefs)."""
+    client = _client(ctx)
+    task = client.call("POST", f"/hosts/{quote(host, safe='')}/vfolders/{quote(vfid, safe='')}/rescan", {})
+    if not no_wait:
+        task = wait_task(client, task, show=not as_json)
+    if as_json:
+        return emit(task, True)
+    if task["state"] == "failed":
+        die(f"rescan failed: {task['error']}")
+    click.echo(f"{task['state']}: {task['entries']} inodes, {task['bytes']} bytes" if not no_wait
+               else task["id"])
+
+
+def wait_task(client: Client, task: dict, show: bool) -> dict:
+    """Poll a background task until it ends, with a progress line for people."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=Console(stderr=True), disable=not show, transient=True) as progress:
+        bar = progress.add_task(f"{task['kind']} {task['vfolder']}", total=None)
+        while task["state"] == "running":
+            time.sleep(0.2)
+            task = client.call("GET", f"/tasks/{quote(task['id'], safe='')}")
+            progress.update(bar, description=f"{task['kind']} {task['vfolder']}: "
+                                             f"{task['entries']} inodes, {task['bytes']} bytes")
+    return task
+
+
+@vfolder.command("quota")
+@click.argument("host")
+@click.argument("vfid")
+@click.option("--bytes", "qbytes", metavar="SIZE", help="byte limit: 10G, 512M, 0 for none")
+@click.option("--inodes", "qinodes", metavar="N", help="inode limit, 0 for none")
+@json_option
+@click.pass_context
+def vfolder_quota(ctx: click.Context, host: str, vfid: str, qbytes: str | None, qinodes: str | None,
+                  as_json: bool) -> None:
+    """Show a vfolder's limits and usage, or set them."""
+    path = f"/hosts/{quote(host, safe='')}/vfolders/{quote(vfid, safe='')}"
+    client = _client(ctx)
+    if qbytes is None and qinodes is None:
+        data = client.call("GET", path)
+    else:
+        body = {k: v for k, v in (("quota_bytes", qbytes), ("quota_inodes", qinodes)) if v is not None}
+        data = client.call("PATCH", path, body)
+    emit(data, as_json, QUOTA_COLUMNS)
 
 
 @cli.command()
@@ -284,11 +342,22 @@ def revoke(ctx: click.Context, host: str, vfid: str, principal: str, as_json: bo
 
 
 @cli.command()
-@click.argument("scope_id")
+@click.argument("scope_id", metavar="SCOPE")
+@click.option("--bytes", "qbytes", metavar="SIZE", help="byte limit over all its vfolders")
+@click.option("--inodes", "qinodes", metavar="N", help="inode limit over all its vfolders")
+@json_option
 @click.pass_context
-def scope(ctx: click.Context, scope_id: str) -> None:
-    """Show a quota scope's limits and usage (not implemented yet)."""
-    _client(ctx).call("GET", f"/scopes/{quote(scope_id, safe='')}")
+def scope(ctx: click.Context, scope_id: str, qbytes: str | None, qinodes: str | None,
+          as_json: bool) -> None:
+    """Show a quota scope's (user:<uuid> or project:<uuid>) limits and usage, or set them."""
+    path = f"/scopes/{quote(scope_id, safe='')}"
+    client = _client(ctx)
+    if qbytes is None and qinodes is None:
+        data = client.call("GET", path)
+    else:
+        body = {k: v for k, v in (("quota_bytes", qbytes), ("quota_inodes", qinodes)) if v is not None}
+        data = client.call("PUT", path, body)
+    emit(data, as_json, [("scope", "scope")] + QUOTA_COLUMNS[2:] + [("vfolders", "vfolders")])
 
 
 @cli.command("config-doc")

@@ -97,6 +97,9 @@ DAEMON_OPTIONS: tuple[Option, ...] = (
            "O_PATH fds kept for inodes the kernel caches (0: from RLIMIT_NOFILE); above it the "
            "kernel is asked to forget its oldest entries", _non_negative),
     Option("max_tasks", int, 64, False, "concurrent FUSE requests the daemon works on at once", _positive),
+    Option("scan_interval", (int, float), 3600.0, True,
+           "seconds between background rescans that correct usage for changes made behind "
+           "vfusefs (0: only on request and after an unclean stop)", _non_negative),
 )
 
 STORE_OPTIONS: tuple[Option, ...] = (
@@ -133,6 +136,7 @@ class DaemonConfig:
     io_threads: int
     inode_fds: int
     max_tasks: int
+    scan_interval: float
 
 
 @dataclass(frozen=True)

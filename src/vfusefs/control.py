@@ -70,7 +70,7 @@ def build_app(registry: Registry, token: str | None = None) -> Starlette:
     mountpoint = registry.config.daemon.mountpoint
 
     def vf_json(vf: Any) -> dict[str, Any]:
-        return vf.describe(mountpoint)  # type: ignore[no-any-return]
+        return vf.describe(mountpoint, registry.ledger)  # type: ignore[no-any-return]
 
     @endpoint
     async def status(request: Request) -> Response:
@@ -93,6 +93,8 @@ def build_app(registry: Registry, token: str | None = None) -> Starlette:
     async def vfolders(request: Request) -> Response:
         h = registry.host(request.path_params["host"])
         if request.method == "GET":
+            for vf in list(h.vfolders.values()):
+                await registry.reconcile(vf)
             return JSONResponse([vf_json(vf) for vf in h.vfolders.values()])
         body = await json_body(request, {"id", "scope", "quota_bytes", "quota_inodes", "grants", "adopt"})
         vf = await registry.create_vfolder(
@@ -104,12 +106,42 @@ def build_app(registry: Registry, token: str | None = None) -> Starlette:
     async def vfolder(request: Request) -> Response:
         p = request.path_params
         if request.method == "GET":
-            return JSONResponse(vf_json(registry.vfolder(p["host"], p["id"])))
+            vf = registry.vfolder(p["host"], p["id"])
+            await registry.reconcile(vf)
+            return JSONResponse(vf_json(vf))
         if request.method == "DELETE":
             force = request.query_params.get("force", "0") in ("1", "true", "yes")
             moved = await registry.delete_vfolder(p["host"], p["id"], force)
             return JSONResponse({"deleted": p["id"], "trash": moved}, status_code=200)
-        return error(501, "not_implemented", "changing quota limits arrives with quota support")
+        body = await json_body(request, {"quota_bytes", "quota_inodes"})
+        vf = await registry.set_limits(p["host"], p["id"], body.get("quota_bytes"),
+                                       body.get("quota_inodes"))
+        return JSONResponse(vf_json(vf))
+
+    @endpoint
+    async def rescan(request: Request) -> Response:
+        p = request.path_params
+        task = registry.start_rescan(registry.vfolder(p["host"], p["id"]))
+        return JSONResponse(task.describe(), status_code=202)
+
+    @endpoint
+    async def task(request: Request) -> Response:
+        t = registry.tasks.get(request.path_params["task"])
+        if t is None:
+            raise RegistryError(404, "no_such_task", f"no task {request.path_params['task']!r}")
+        return JSONResponse(t.describe())
+
+    @endpoint
+    async def scope(request: Request) -> Response:
+        name = request.path_params["scope"]
+        if request.method == "GET":
+            for vf in list(registry.vfolders.values()):
+                if vf.record.scope and vf.record.scope == name:
+                    await registry.reconcile(vf)
+            return JSONResponse(registry.scope_info(name))
+        body = await json_body(request, {"quota_bytes", "quota_inodes"})
+        return JSONResponse(await registry.set_scope(name, body.get("quota_bytes"),
+                                                     body.get("quota_inodes")))
 
     @endpoint
     async def grant(request: Request) -> Response:
@@ -137,9 +169,9 @@ def build_app(registry: Registry, token: str | None = None) -> Starlette:
         Route("/v1/hosts/{host}/vfolders/{id}", vfolder, methods=["GET", "PATCH", "DELETE"]),
         Route("/v1/hosts/{host}/vfolders/{id}/grants/{principal:path}", grant, methods=["PUT", "DELETE"]),
         Route("/v1/hosts/{host}/vfolders/{id}/clone", not_yet("clone"), methods=["POST"]),
-        Route("/v1/hosts/{host}/vfolders/{id}/rescan", not_yet("rescan"), methods=["POST"]),
-        Route("/v1/tasks/{task}", not_yet("background tasks")),
-        Route("/v1/scopes/{scope}", not_yet("quota scopes"), methods=["GET", "PUT"]),
+        Route("/v1/hosts/{host}/vfolders/{id}/rescan", rescan, methods=["POST"]),
+        Route("/v1/tasks/{task}", task),
+        Route("/v1/scopes/{scope}", scope, methods=["GET", "PUT"]),
     ]
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_allowed})
     if token is None:

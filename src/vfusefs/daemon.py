@@ -34,6 +34,7 @@ from vfusefs.store import StoreError, open_store
 
 log = logging.getLogger(__name__)
 TRASH_PURGE_INTERVAL = 60.0
+USAGE_FLUSH_INTERVAL = 5.0
 
 
 class StartupError(Exception):
@@ -169,6 +170,9 @@ async def run(cfg: Config) -> None:
         nursery = await stack.enter_async_context(trio.open_nursery())
         stack.callback(nursery.cancel_scope.cancel)
         await nursery.start(serve_control, registry, cfg)
+        registry.nursery = nursery
+        for vf in registry.needs_scan:  # usage not trusted after an unclean stop
+            registry.start_rescan(vf)
 
         ops = Operations(registry, d)
         options = set(pyfuse3.default_options)  # default_permissions: the kernel checks mode bits
@@ -192,13 +196,39 @@ async def run(cfg: Config) -> None:
         nursery.start_soon(watch_signals)
         nursery.start_soon(purge_trash_periodically, registry)
         nursery.start_soon(ops.keep_fd_budget)
+        nursery.start_soon(flush_usage_periodically, registry)
+        nursery.start_soon(rescan_periodically, registry, d.scan_interval)
         await pyfuse3.main(min_tasks=1, max_tasks=d.max_tasks)
         log.info("FUSE loop ended; unmounting %s", d.mountpoint)
+        await registry.mark_clean()  # usage persisted: the next start may trust it
         for (op, code), (count, seconds) in sorted(ops.stats.items()):
             log.debug("served %-12s errno %-3d x%-8d %8.1f us each", op, code, count,
                       seconds / count * 1e6)
         unmount()
         unmounted = True
+
+
+async def flush_usage_periodically(registry: Registry) -> None:
+    """Usage is persisted every few seconds; after a crash a rescan recounts it anyway."""
+    while True:
+        await trio.sleep(USAGE_FLUSH_INTERVAL)
+        try:
+            for vf in list(registry.vfolders.values()):
+                await registry.reconcile(vf)
+            await registry.flush_usage()
+        except Exception:
+            log.exception("persisting usage failed")
+
+
+async def rescan_periodically(registry: Registry, interval: float) -> None:
+    if not interval:
+        return
+    while True:
+        await trio.sleep(interval)
+        for vf in list(registry.vfolders.values()):
+            task = registry.start_rescan(vf)
+            while task.state == "running":  # one vfolder at a time
+                await trio.sleep(1)
 
 
 async def watch_signals() -> None:

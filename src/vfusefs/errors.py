@@ -22,6 +22,7 @@ import pyfuse3
 import trio
 
 from vfusefs.backends import BackendError
+from vfusefs.quota import QuotaExceeded
 from vfusefs.store import StoreError
 
 log = logging.getLogger("vfusefs.ops")
@@ -29,6 +30,7 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 # exception type -> errno, checked in order; tests assert every class in here maps to an int
 MAPPED: tuple[tuple[type[BaseException], int], ...] = (
+    (QuotaExceeded, errno.EDQUOT),
     (trio.TooSlowError, errno.EIO),
     (StoreError, errno.EIO),
     (BackendError, errno.EIO),

@@ -32,7 +32,7 @@ class Kind(enum.Enum):
 
 class Node:
     __slots__ = ("ino", "kind", "fd", "key", "nlookup", "vf", "host", "parent", "name", "xattrs",
-                 "xattrs_until", "st", "st_until")
+                 "xattrs_until", "st", "st_until", "lock", "alloc")
 
     def __init__(self, ino: int, kind: Kind, fd: int = -1, key: tuple | None = None,
                  vf: "Vfolder | None" = None, host: "Host | None" = None) -> None:
@@ -50,6 +50,8 @@ class Node:
         self.xattrs_until = 0.0
         self.st: Any = None  # the last native stat we replied with
         self.st_until = 0.0  # st was taken after our last change to the node: valid until then
+        self.lock: Any = None  # serializes changes whose allocated-bytes delta we measure
+        self.alloc: int | None = None  # allocated bytes the quota ledger holds for this inode
 
     @property
     def pinned(self) -> bool:

@@ -90,41 +90,60 @@ def _own(dirfd: int, name: bytes, uid: int, gid: int, mode: int) -> None:
 
 
 # Functions that change a directory also return its stat taken afterwards ("pst"), so the
-# kernel's next getattr on it (it drops the dir's cached attributes) needs no second hop.
+# kernel's next getattr on it (it drops the dir's cached attributes) needs no second hop, and
+# the change in allocated bytes they caused (stats before and after, same hop) for quota.
+
+def _alloc(st: os.stat_result | None) -> int:
+    return st.st_blocks * 512 if st is not None else 0
 
 def mknod(dirfd: int, name: bytes, mode: int, rdev: int, uid: int,
-          gid: int) -> tuple[Entry, os.stat_result]:
+          gid: int) -> tuple[Entry, os.stat_result, int]:
+    before = os.fstat(dirfd)
     if stat_mod.S_ISREG(mode):
         os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                          stat_mod.S_IMODE(mode), dir_fd=dirfd))
     else:
         os.mknod(name, mode, rdev, dir_fd=dirfd)
     _own(dirfd, name, uid, gid, mode)
-    return _open_path(dirfd, name), os.fstat(dirfd)
+    return _made(dirfd, name, before)
 
 
-def mkdir(dirfd: int, name: bytes, mode: int, uid: int, gid: int) -> tuple[Entry, os.stat_result]:
+def _made(dirfd: int, name: bytes, before: os.stat_result) -> tuple[Entry, os.stat_result, int]:
+    entry = _open_path(dirfd, name)
+    after = os.fstat(dirfd)
+    return entry, after, _alloc(entry.st) + _alloc(after) - _alloc(before)
+
+
+def mkdir(dirfd: int, name: bytes, mode: int, uid: int,
+          gid: int) -> tuple[Entry, os.stat_result, int]:
+    before = os.fstat(dirfd)
     os.mkdir(name, mode, dir_fd=dirfd)
     _own(dirfd, name, uid, gid, mode | stat_mod.S_IFDIR)
-    return _open_path(dirfd, name), os.fstat(dirfd)
+    return _made(dirfd, name, before)
 
 
 def symlink(dirfd: int, name: bytes, target: bytes, uid: int,
-            gid: int) -> tuple[Entry, os.stat_result]:
+            gid: int) -> tuple[Entry, os.stat_result, int]:
+    before = os.fstat(dirfd)
     os.symlink(target, name, dir_fd=dirfd)
-    os.chown(name, uid, -1 if os.fstat(dirfd).st_mode & stat_mod.S_ISGID else gid,
+    os.chown(name, uid, -1 if before.st_mode & stat_mod.S_ISGID else gid,
              dir_fd=dirfd, follow_symlinks=False)
-    return _open_path(dirfd, name), os.fstat(dirfd)
+    return _made(dirfd, name, before)
 
 
-def link(fd: int, dirfd: int, name: bytes) -> tuple[os.stat_result, os.stat_result]:
+def link(fd: int, dirfd: int, name: bytes) -> tuple[os.stat_result, os.stat_result, int]:
+    before = os.fstat(dirfd)
     os.link(proc(fd), name, dst_dir_fd=dirfd, follow_symlinks=True)
-    return os.fstat(fd), os.fstat(dirfd)
+    after = os.fstat(dirfd)
+    return os.fstat(fd), after, _alloc(after) - _alloc(before)  # a link adds no file bytes
 
 
 def create(dirfd: int, name: bytes, flags: int, mode: int, uid: int,
-           gid: int) -> tuple[int, Entry, os.stat_result]:
-    """Open-or-create name; returns the data fd and the node entry.  Never follows a symlink."""
+           gid: int) -> tuple[int, Entry, os.stat_result, int, int]:
+    """Open-or-create name, never following a symlink.  Returns the data fd, the node entry,
+    the parent's stat, and the bytes and inodes added (O_TRUNC on an existing file frees)."""
+    before = os.fstat(dirfd)
+    existing = stat_at(dirfd, name)
     flags = (flags | os.O_NOFOLLOW | os.O_CLOEXEC) & ~os.O_NOCTTY
     try:
         datafd = os.open(name, flags | os.O_CREAT | os.O_EXCL, mode, dir_fd=dirfd)
@@ -137,7 +156,10 @@ def create(dirfd: int, name: bytes, flags: int, mode: int, uid: int,
     try:
         if created:
             _own(dirfd, name, uid, gid, mode | stat_mod.S_IFREG)
-        return datafd, _reopen_path(datafd), os.fstat(dirfd)
+        entry = _reopen_path(datafd)
+        after = os.fstat(dirfd)
+        grown = _alloc(after) - _alloc(before) + _alloc(entry.st) - (0 if created else _alloc(existing))
+        return datafd, entry, after, grown, 1 if created else 0
     except BaseException:
         os.close(datafd)
         raise
@@ -159,8 +181,11 @@ def open_data(fd: int, flags: int) -> int:
 
 
 def setattr(fd: int, datafd: int | None, mode: int | None, uid: int, gid: int, size: int | None,
-            atime_ns: int | None, mtime_ns: int | None, now_a: bool, now_m: bool) -> os.stat_result:
+            atime_ns: int | None, mtime_ns: int | None, now_a: bool,
+            now_m: bool) -> tuple[os.stat_result, int]:
+    """Returns the new stat and the change in allocated bytes (a truncate may free blocks)."""
     path = proc(fd)
+    before = os.fstat(fd) if size is not None else None
     if size is not None:
         if datafd is not None:
             os.ftruncate(datafd, size)
@@ -172,7 +197,8 @@ def setattr(fd: int, datafd: int | None, mode: int | None, uid: int, gid: int, s
         os.chown(path, uid, gid)
     if atime_ns is not None or mtime_ns is not None or now_a or now_m:
         _utimens(path, atime_ns, mtime_ns, now_a, now_m)
-    return os.fstat(fd)
+    after = os.fstat(fd)
+    return after, _alloc(after) - _alloc(before) if before is not None else 0
 
 
 class _Timespec(ctypes.Structure):
@@ -204,14 +230,30 @@ def readlink(fd: int) -> bytes:
     return os.readlink(b"", dir_fd=fd)  # readlinkat(fd, "") reads the O_PATH symlink itself
 
 
-def unlink(dirfd: int, name: bytes) -> os.stat_result:
+def removed(victim: os.stat_result | None) -> tuple[int, int]:
+    """Bytes and inodes freed when the name victim had goes away: only with its last link."""
+    if victim is None or not stat_mod.S_ISDIR(victim.st_mode) and victim.st_nlink > 1:
+        return 0, 0
+    return -_alloc(victim), -1
+
+
+def unlink(dirfd: int, name: bytes) -> tuple[os.stat_result | None, os.stat_result, int, int]:
+    """Returns what was removed, the parent's stat after, and the bytes and inodes freed."""
+    victim = stat_at(dirfd, name)
+    before = os.fstat(dirfd)
     os.unlink(name, dir_fd=dirfd)
-    return os.fstat(dirfd)
+    after = os.fstat(dirfd)
+    freed_bytes, freed_inodes = removed(victim)
+    return victim, after, freed_bytes + _alloc(after) - _alloc(before), freed_inodes
 
 
-def rmdir(dirfd: int, name: bytes) -> os.stat_result:
+def rmdir(dirfd: int, name: bytes) -> tuple[os.stat_result, int, int]:
+    victim = stat_at(dirfd, name)
+    before = os.fstat(dirfd)
     os.rmdir(name, dir_fd=dirfd)
-    return os.fstat(dirfd)
+    after = os.fstat(dirfd)
+    freed_bytes, freed_inodes = removed(victim)
+    return after, freed_bytes + _alloc(after) - _alloc(before), freed_inodes
 
 
 def stat_at(dirfd: int, name: bytes) -> os.stat_result | None:
@@ -221,21 +263,35 @@ def stat_at(dirfd: int, name: bytes) -> os.stat_result | None:
         return None
 
 
-def rename(olddirfd: int, old: bytes, newdirfd: int, new: bytes,
-           flags: int) -> tuple[os.stat_result, os.stat_result, os.stat_result | None]:
-    """Returns both parents' stats and the stat of what now sits at new."""
+def rename(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int) -> tuple:
+    """Returns the replaced inode's stat (None if none), both parents' stats after, the stat of
+    what now sits at new, and the bytes and inodes freed (a replaced last link)."""
+    victim = None if flags & RENAME_EXCHANGE else stat_at(newdirfd, new)
+    before = _alloc(os.fstat(olddirfd)) + (_alloc(os.fstat(newdirfd)) if newdirfd != olddirfd else 0)
     if _renameat2(olddirfd, old, newdirfd, new, flags) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
-    return os.fstat(olddirfd), os.fstat(newdirfd), stat_at(newdirfd, new)
+    old_st, new_st = os.fstat(olddirfd), os.fstat(newdirfd)
+    after = _alloc(old_st) + (_alloc(new_st) if newdirfd != olddirfd else 0)
+    moved = stat_at(newdirfd, new)
+    if flags & RENAME_EXCHANGE:
+        victim = stat_at(olddirfd, old)  # the other one moved too: its ctime changed
+        freed_bytes, freed_inodes = 0, 0
+    else:
+        freed_bytes, freed_inodes = removed(victim)
+    return victim, old_st, new_st, moved, freed_bytes + after - before, freed_inodes
 
 
 def read(datafd: int, size: int, off: int) -> bytes:
     return os.pread(datafd, size, off)
 
 
-def write(datafd: int, buf: bytes, off: int) -> tuple[int, os.stat_result]:
-    return os.pwrite(datafd, buf, off), os.fstat(datafd)
+def write(datafd: int, buf: bytes, off: int) -> tuple[int, os.stat_result, int]:
+    """Returns bytes written, the new stat and the change in allocated bytes."""
+    before = os.fstat(datafd)
+    n = os.pwrite(datafd, buf, off)
+    after = os.fstat(datafd)
+    return n, after, _alloc(after) - _alloc(before)
 
 
 def fallocate(datafd: int, mode: int, off: int, length: int) -> None:
@@ -277,16 +333,72 @@ def getxattr(fd: int, name: bytes) -> bytes:
     return os.getxattr(proc(fd), name)
 
 
-def setxattr(fd: int, name: bytes, value: bytes, flags: int) -> None:
+def setxattr(fd: int, name: bytes, value: bytes, flags: int) -> tuple[os.stat_result, int]:
+    """Returns the new stat and the change in allocated bytes (an xattr may take a block)."""
+    before = os.fstat(fd)
     os.setxattr(proc(fd), name, value, flags)
+    after = os.fstat(fd)
+    return after, _alloc(after) - _alloc(before)
 
 
 def listxattr(fd: int) -> list[str]:
     return os.listxattr(proc(fd))
 
 
-def removexattr(fd: int, name: bytes) -> None:
+def removexattr(fd: int, name: bytes) -> tuple[os.stat_result, int]:
+    before = os.fstat(fd)
     os.removexattr(proc(fd), name)
+    after = os.fstat(fd)
+    return after, _alloc(after) - _alloc(before)
+
+
+def allocation(fd: int, dev: int, ino: int) -> tuple[int, int] | None:
+    """(allocated bytes, link count) of the inode fd refers to; None if fd no longer refers to
+    (dev, ino) (closed and reused meanwhile)."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return (_alloc(st), st.st_nlink) if (st.st_dev, st.st_ino) == (dev, ino) else None
+
+
+def scan(root_fd: int, progress: Any = None) -> tuple[int, int]:
+    """Walk a vfolder's native tree: allocated bytes (du -s) and inodes below the root.
+
+    Hard links count once, as du counts them.  Never follows symlinks and never leaves the
+    tree: every directory is opened relative to its parent with O_NOFOLLOW.
+    """
+    seen: set[tuple[int, int]] = set()
+    root = os.fstat(root_fd)
+    total, inodes = _alloc(root), 0
+    stack = [os.open(proc(root_fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
+    while stack:
+        dfd = stack.pop()
+        try:
+            with os.scandir(dfd) as it:
+                for dent in it:
+                    try:
+                        st = dent.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    key = (st.st_dev, st.st_ino)
+                    if key in seen:
+                        continue
+                    if st.st_nlink > 1 and not stat_mod.S_ISDIR(st.st_mode):
+                        seen.add(key)
+                    total += _alloc(st)
+                    inodes += 1
+                    if progress is not None:
+                        progress(inodes, total)
+                    if stat_mod.S_ISDIR(st.st_mode):
+                        try:
+                            stack.append(os.open(dent.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                                 | os.O_CLOEXEC, dir_fd=dfd))
+                        except OSError:
+                            pass
+        finally:
+            os.close(dfd)
+    return total, inodes
 
 
 # -- directories ----------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import logging
 import os
 import resource
 import stat as stat_mod
+import threading
 import time
 from collections import deque
 from typing import Any, Sequence
@@ -33,11 +34,14 @@ from vfusefs.callers import CallerCache
 from vfusefs.config import DaemonConfig
 from vfusefs.errors import handler
 from vfusefs.inodes import ROOT_INODE, InodeTable, Kind, Node
+from vfusefs.quota import QuotaExceeded, parse_count, parse_size
 from vfusefs.registry import Host, Registry, Vfolder
 
 log = logging.getLogger(__name__)
 
 READDIR_CHUNK = 256  # native entries read (and stat'ed) per worker hop
+BLOCK = 4096  # allocation unit assumed for quota reservations (commits use real st_blocks)
+RECONCILE_WINDOW = 60.0  # seconds a changed file is watched (> the kernel's 30 s writeback)
 XATTR_PREFIX = b"user.vfusefs."
 
 
@@ -82,6 +86,7 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.registry = registry
         self.table: InodeTable = registry.table
+        self.ledger = registry.ledger
         self.daemon = daemon
         self.enable_writeback_cache = daemon.writeback_cache
         self.timeout = daemon.entry_timeout
@@ -237,6 +242,77 @@ class Operations(pyfuse3.Operations):
         assert host is not None
         return await host.workers.run(fn, *args)
 
+    # -- quota ----------------------------------------------------------------------------------
+    async def _charged(self, node: Node, nbytes: int, inodes: int, fn: Any, *args: Any,
+                       lock: tuple[Node, ...] = ()) -> Any:
+        """Run fn on node's host with room reserved for nbytes/inodes of growth.
+
+        The reservation is taken before the first await (EDQUOT here, nothing changed); fn
+        returns a tuple whose last two items are the bytes and inodes it really added (which
+        may be negative), and that is what the vfolder and its scope are charged.
+        """
+        vf = node.vf
+        assert vf is not None
+        try:
+            res = self.ledger.reserve(vf.quota_keys, nbytes, inodes)
+        except QuotaExceeded:
+            raise fail(errno.EDQUOT) from None
+        try:
+            result = await self._run(node, _locked, self._locks(lock or (node,)), fn, *args)
+        except BaseException:
+            self.ledger.refund(res)
+            raise
+        self.ledger.commit(res, result[-2], result[-1])
+        return result
+
+    @staticmethod
+    def _locks(nodes: tuple[Node, ...]) -> list[threading.Lock]:
+        """The nodes' locks, in inode order (two renames can never wait on each other)."""
+        out = []
+        for n in sorted(set(nodes), key=lambda n: n.ino):
+            if n.lock is None:
+                n.lock = threading.Lock()
+            out.append(n.lock)
+        return out
+
+    def _watch(self, node: Node) -> None:
+        """node's allocation is charged through node.alloc: give it a lock and watch it for a
+        while, because the native fs may settle its blocks later (Registry.reconcile)."""
+        vf = node.vf
+        if node.lock is None:
+            node.lock = threading.Lock()
+        if vf is not None and node.kind is Kind.NATIVE:
+            vf.recent[node.ino] = (node, time.monotonic() + RECONCILE_WINDOW)
+
+    def _refund(self, parent: Node, victim: os.stat_result | None, freed: int, inodes: int) -> int:
+        """What removing victim's last link frees in the ledger: what the ledger holds for it
+        (node.alloc), which may differ from its stat if the native fs settled it meanwhile."""
+        if victim is None or not inodes or parent.vf is None:
+            return freed
+        node = self.table.find(parent.vf, victim)
+        if node is None or node.alloc is None:
+            return freed
+        held = node.alloc
+        node.alloc = None
+        parent.vf.recent.pop(node.ino, None)
+        return freed + victim.st_blocks * 512 - held
+
+    def _release(self, node: Node, nbytes: int, inodes: int) -> None:
+        """Apply a change that needs no check (what an unlink freed)."""
+        if node.vf is not None and (nbytes or inodes):
+            self.ledger.apply(node.vf.quota_keys, nbytes, inodes)
+
+    @staticmethod
+    def _write_bound(st: os.stat_result | None, off: int, size: int) -> int:
+        """Most bytes a write of size at off can allocate: the blocks it touches, less those
+        of a fully allocated file below its end (an overwrite in place allocates nothing)."""
+        start, end = off // BLOCK * BLOCK, -(-(off + size) // BLOCK) * BLOCK
+        if st is not None:
+            size_end = -(-st.st_size // BLOCK) * BLOCK
+            if st.st_blocks * 512 >= size_end:
+                start = max(start, size_end)
+        return max(0, end - start)
+
     def _adopt(self, parent: Node, name: bytes, entry: native.Entry) -> Node | None:
         """The node for a native inode just reached (None if a lost race needs a fresh fd)."""
         vf = parent.vf
@@ -375,8 +451,10 @@ class Operations(pyfuse3.Operations):
             return a
         h = self.handles.get(fh) if fh is not None else None
         datafd = h.fd if isinstance(h, FileHandle) else None
-        st = await self._run(
-            node, native.setattr, node.fd, datafd,
+        # a truncate allocates nothing (the new range is a hole): reserve 0, charge what changed
+        self._watch(node)
+        st, _, _ = await self._charged(
+            node, 0, 0, _tracked(node, native.setattr), node.fd, datafd,
             attr.st_mode if fields.update_mode else None,
             attr.st_uid if fields.update_uid else -1,
             attr.st_gid if fields.update_gid else -1,
@@ -409,9 +487,8 @@ class Operations(pyfuse3.Operations):
         self._allow(ctx, parent, Need.WRITE)
         return parent
 
-    async def _made(self, parent: Node, name: bytes,
-                    made: tuple[native.Entry, os.stat_result]) -> pyfuse3.EntryAttributes:
-        entry, parent_st = made
+    async def _made(self, parent: Node, name: bytes, made: tuple) -> pyfuse3.EntryAttributes:
+        entry, parent_st = made[0], made[1]
         self._fresh(parent, parent_st)
         node = await self._reach(parent, name, entry)
         return self._entry(node, entry.st)
@@ -420,23 +497,24 @@ class Operations(pyfuse3.Operations):
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self._mkparent(parent_inode, ctx)
-        made = await self._run(parent, native.mknod, parent.fd, name, mode & ~ctx.umask, rdev,
-                                ctx.uid, ctx.gid)
+        made = await self._charged(parent, BLOCK, 1, _counted(native.mknod), parent.fd, name,
+                                   mode & ~ctx.umask, rdev, ctx.uid, ctx.gid)
         return await self._made(parent, name, made)
 
     @handler
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self._mkparent(parent_inode, ctx)
-        made = await self._run(parent, native.mkdir, parent.fd, name, mode & ~ctx.umask & 0o7777,
-                                ctx.uid, ctx.gid)
+        made = await self._charged(parent, 2 * BLOCK, 1, _counted(native.mkdir), parent.fd, name,
+                                   mode & ~ctx.umask & 0o7777, ctx.uid, ctx.gid)
         return await self._made(parent, name, made)
 
     @handler
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self._mkparent(parent_inode, ctx)
-        made = await self._run(parent, native.symlink, parent.fd, name, target, ctx.uid, ctx.gid)
+        made = await self._charged(parent, BLOCK + -(-len(target) // BLOCK) * BLOCK, 1,
+                                   _counted(native.symlink), parent.fd, name, target, ctx.uid, ctx.gid)
         return await self._made(parent, name, made)
 
     @handler
@@ -449,7 +527,8 @@ class Operations(pyfuse3.Operations):
         if parent.vf is not node.vf:
             raise fail(errno.EXDEV)
         self._allow(ctx, parent, Need.WRITE)
-        st, parent_st = await self._run(parent, native.link, node.fd, parent.fd, new_name)
+        st, parent_st, _, _ = await self._charged(parent, BLOCK, 0, _counted(native.link, 0),
+                                                  node.fd, parent.fd, new_name)
         self._fresh(parent, parent_st)
         return self._entry(node, st)
 
@@ -457,7 +536,9 @@ class Operations(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._node(parent_inode)
         self._allow(ctx, parent, Need.DELETE)
-        victim, parent_st = await self._run(parent, _unlink, parent.fd, name)
+        victim, parent_st, freed, inodes = await self._run(parent, _locked, self._locks((parent,)),
+                                                           native.unlink, parent.fd, name)
+        self._release(parent, self._refund(parent, victim, freed, inodes), inodes)
         self._fresh(parent, parent_st)
         self._stale(victim, parent.vf)  # its link count dropped; other links may remain
 
@@ -465,7 +546,10 @@ class Operations(pyfuse3.Operations):
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._node(parent_inode)
         self._allow(ctx, parent, Need.DELETE)
-        self._fresh(parent, await self._run(parent, native.rmdir, parent.fd, name))
+        parent_st, freed, inodes = await self._run(parent, _locked, self._locks((parent,)),
+                                                   native.rmdir, parent.fd, name)
+        self._release(parent, freed, inodes)
+        self._fresh(parent, parent_st)
 
     @handler
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
@@ -485,14 +569,19 @@ class Operations(pyfuse3.Operations):
         # rw may rename but not replace: ask the kernel for NOREPLACE so no race can slip one in
         forbid_replace = mode == Mode.RW and not flags & pyfuse3.RENAME_NOREPLACE
         try:
-            victim, old_st, new_st, moved = await self._run(
-                old, _rename, old.fd, name_old, new.fd, name_new,
-                flags | (native.RENAME_NOREPLACE if forbid_replace else 0))
+            # the target directory may grow by a block; a replaced last link frees its bytes
+            victim, old_st, new_st, moved, _, _ = await self._charged(
+                old, BLOCK, 0, native.rename, old.fd, name_old, new.fd, name_new,
+                flags | (native.RENAME_NOREPLACE if forbid_replace else 0), lock=(old, new))
         except FileExistsError:
             raise fail(errno.EPERM if forbid_replace else errno.EEXIST) from None
         self._fresh(old, old_st)
         self._fresh(new, new_st)
         self._stale(victim, new.vf)
+        if victim is not None and not flags & pyfuse3.RENAME_EXCHANGE:
+            # rename charged what the victim's stat said; the ledger may hold other for it
+            self._release(new, self._refund(new, victim, 0, -1) if stat_mod.S_ISREG(victim.st_mode)
+                          and victim.st_nlink == 1 else 0, 0)
         self._stale(moved, new.vf)  # its ctime changed
         if moved is not None and stat_mod.S_ISDIR(moved.st_mode):
             node = self.table.find(new.vf, moved)
@@ -526,9 +615,9 @@ class Operations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self._mkparent(parent_inode, ctx)
         caller, admin = self._caller(ctx)
-        fd, entry, parent_st = await self._run(parent, native.create, parent.fd, name,
-                                               self._open_flags(flags), mode & ~ctx.umask & 0o7777,
-                                               ctx.uid, ctx.gid)
+        fd, entry, parent_st, _, _ = await self._charged(
+            parent, BLOCK, 1, native.create, parent.fd, name, self._open_flags(flags),
+            mode & ~ctx.umask & 0o7777, ctx.uid, ctx.gid)
         self._fresh(parent, parent_st)
         try:
             node = await self._reach(parent, name, entry)
@@ -555,7 +644,10 @@ class Operations(pyfuse3.Operations):
         h = self._file(fh)
         self._recheck(h, Need.WRITE)
         h.dirty = True
-        written, st = await self._run(h.node, native.write, h.fd, buf, off)
+        bound = self._write_bound(h.node.st, off, len(buf))
+        self._watch(h.node)
+        written, st, _, _ = await self._charged(h.node, bound, 0, _tracked(h.node, native.write),
+                                                h.fd, buf, off)
         self._fresh(h.node, st)
         return written  # type: ignore[no-any-return]
 
@@ -733,6 +825,9 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._node(inode)
         if node.vf is None or node.kind is Kind.VFROOT and name.startswith(XATTR_PREFIX):
+            if name.startswith(b"user.vfusefs.usage."):  # O(files changed lately), not O(tree)
+                for vf in ([node.vf] if node.vf else list(node.host.vfolders.values()) if node.host else []):
+                    await self.registry.reconcile(vf)
             return self._virtual_xattr(node, name, ctx)
         self._allow(ctx, node, Need.READ)
         if self._absent_xattr(node, name):
@@ -754,10 +849,11 @@ class Operations(pyfuse3.Operations):
     @handler
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         if name.startswith(XATTR_PREFIX):
-            self._node(inode)
-            raise fail(errno.EPERM)  # identity attributes; quota ones arrive with quota support
+            return await self._set_limit(self._node(inode), name, value, ctx)
         node = self._xattr_node(inode, ctx, Need.WRITE)
-        await self._run(node, native.setxattr, node.fd, name, value, 0)
+        self._watch(node)
+        await self._charged(node, -(-(len(name) + len(value)) // BLOCK) * BLOCK, 0,
+                            _tracked(node, native.setxattr), node.fd, name, value, 0)
         self._xattr_changed(node, name, True)
         node.st_until = 0.0  # ctime changed
 
@@ -767,9 +863,26 @@ class Operations(pyfuse3.Operations):
             self._node(inode)
             raise fail(errno.EPERM)
         node = self._xattr_node(inode, ctx, Need.WRITE)
-        await self._run(node, native.removexattr, node.fd, name)
+        self._watch(node)
+        await self._charged(node, 0, 0, _tracked(node, native.removexattr), node.fd, name)
         self._xattr_changed(node, name, False)
         node.st_until = 0.0  # ctime changed
+
+    async def _set_limit(self, node: Node, name: bytes, value: bytes,
+                         ctx: pyfuse3.RequestContext) -> None:
+        """Admins set a vfolder's limits with setfattr; everything else under user.vfusefs. is
+        read-only (EPERM), and a value that is not a size is EINVAL."""
+        _, admin = self._caller(ctx)
+        field = {b"user.vfusefs.quota.bytes": "quota_bytes",
+                 b"user.vfusefs.quota.inodes": "quota_inodes"}.get(name)
+        if not admin or field is None or node.kind is not Kind.VFROOT or node.vf is None:
+            raise fail(errno.EPERM)
+        try:
+            text = value.decode("ascii").strip("\0 \n")
+            limit = parse_size(text) if field == "quota_bytes" else parse_count(text)
+        except (UnicodeDecodeError, ValueError):
+            raise fail(errno.EINVAL) from None
+        await self.registry.set_limits(node.vf.host.name, node.vf.id, **{field: limit})
 
     def _virtual_xattrs(self, node: Node, ctx: pyfuse3.RequestContext) -> dict[bytes, bytes]:
         caller, admin = self._caller(ctx)
@@ -780,13 +893,22 @@ class Operations(pyfuse3.Operations):
         out = {b"user.vfusefs.backend": host.config.backend.encode(),
                b"user.vfusefs.health": host.health.encode()}
         if node.kind is Kind.HOST:
+            accounts = [self.ledger.account(vf.quota_keys[0]) for vf in host.vfolders.values()]
             out[b"user.vfusefs.host"] = host.name.encode()
+            out[b"user.vfusefs.vfolders"] = b"%d" % len(accounts)
+            out[b"user.vfusefs.usage.bytes"] = b"%d" % sum(a.used_bytes for a in accounts)
+            out[b"user.vfusefs.usage.inodes"] = b"%d" % sum(a.used_inodes for a in accounts)
             return out
         vf = node.vf
         assert vf is not None
+        acc = self.ledger.account(vf.quota_keys[0])
         out.update({b"user.vfusefs.id": vf.id.encode(), b"user.vfusefs.host": host.name.encode(),
                     b"user.vfusefs.mode": self._mode(caller, admin, vf).label.encode(),
-                    b"user.vfusefs.scope": vf.record.scope.encode()})
+                    b"user.vfusefs.scope": vf.record.scope.encode(),
+                    b"user.vfusefs.quota.bytes": b"%d" % vf.record.quota_bytes,
+                    b"user.vfusefs.quota.inodes": b"%d" % vf.record.quota_inodes,
+                    b"user.vfusefs.usage.bytes": b"%d" % acc.used_bytes,
+                    b"user.vfusefs.usage.inodes": b"%d" % acc.used_inodes})
         return out
 
     def _virtual_xattr(self, node: Node, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
@@ -798,17 +920,46 @@ class Operations(pyfuse3.Operations):
         return value
 
 
-def _unlink(dirfd: int, name: bytes) -> tuple[os.stat_result | None, os.stat_result]:
-    victim = native.stat_at(dirfd, name)
-    return victim, native.unlink(dirfd, name)
+def _locked(locks: list[threading.Lock], fn: Any, *args: Any) -> Any:
+    """Run fn holding locks: concurrent changes to one inode must not measure each other's
+    allocation (two appends each seeing the other's blocks would count them twice)."""
+    for lock in locks:
+        lock.acquire()
+    try:
+        return fn(*args)
+    finally:
+        for lock in reversed(locks):
+            lock.release()
 
 
-def _rename(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int) -> tuple:
-    victim = None if flags & native.RENAME_EXCHANGE else native.stat_at(newdirfd, new)
-    old_st, new_st, moved = native.rename(olddirfd, old, newdirfd, new, flags)
-    if flags & native.RENAME_EXCHANGE:
-        victim = native.stat_at(olddirfd, old)  # the other one moved too
-    return victim, old_st, new_st, moved
+def _counted(fn: Any, inodes: int = 1) -> Any:
+    """Adapt a native function returning (..., bytes) to the (..., bytes, inodes) _charged
+    expects; the inode count is fixed by the operation (a mkdir adds one, a write none)."""
+    def counted(*args: Any) -> tuple:
+        result = fn(*args)
+        if not isinstance(result, tuple):
+            result = (result,)
+        return (*result, inodes)
+
+    counted.__name__ = getattr(fn, "__name__", "counted")
+    return counted
+
+
+def _tracked(node: Node, fn: Any) -> Any:
+    """Adapt fn (returning (..., stat after, bytes delta)) for _charged: charge the inode's
+    allocation relative to what the ledger holds for it (node.alloc), so growth the native fs
+    made on its own since our last look (delayed allocation) is charged too, then remember it.
+    Runs on the worker thread under node.lock (see _charged)."""
+    def tracked(*args: Any) -> tuple:
+        *rest, st, delta = fn(*args)
+        alloc = st.st_blocks * 512
+        if node.alloc is not None:
+            delta = alloc - node.alloc
+        node.alloc = alloc
+        return (*rest, st, delta, 0)
+
+    tracked.__name__ = getattr(fn, "__name__", "tracked")
+    return tracked
 
 
 def _open_stream(fd: int) -> tuple[native.DirStream, os.stat_result]:

@@ -19,6 +19,7 @@ import pyfuse3
 import trio
 
 from vfusefs import access, native
+from vfusefs.quota import QuotaLedger, parse_count, parse_size
 from vfusefs.backends import Backend, BackendError, load_backend
 from vfusefs.config import Config, HostConfig
 from vfusefs.inodes import InodeTable, Kind, Node
@@ -43,6 +44,10 @@ class Vfolder:
     record: VfolderRecord
     root: Node | None = None
     modes: dict[Any, access.Mode] = field(default_factory=dict)  # Caller -> mode, per grants
+    quota_keys: tuple[str, ...] = ()  # ledger accounts charged: the vfolder's, its scope's
+    # files changed lately whose allocation the native fs may still adjust (delayed allocation,
+    # speculative preallocation): ino -> (node, monotonic time to stop watching)
+    recent: dict[int, tuple[Node, float]] = field(default_factory=dict)
     handles: int = 0  # open file and directory handles: "in use"
     deleted: bool = False
 
@@ -50,13 +55,15 @@ class Vfolder:
     def grants(self) -> dict[str, str]:
         return self.record.grants
 
-    def describe(self, mountpoint: str) -> dict[str, Any]:
+    def describe(self, mountpoint: str, ledger: QuotaLedger | None = None) -> dict[str, Any]:
         r = self.record
+        acc = ledger.account(self.quota_keys[0]) if ledger is not None and self.quota_keys else None
         return {"id": self.id, "host": self.host.name,
                 "path": os.path.join(mountpoint, self.host.name, self.id),
                 "native_path": r.native_path, "scope": r.scope or None,
                 "quota_bytes": r.quota_bytes, "quota_inodes": r.quota_inodes,
-                "usage_bytes": None, "usage_inodes": None,
+                "usage_bytes": acc.used_bytes if acc else None,
+                "usage_inodes": acc.used_inodes if acc else None,
                 "grants": [{"principal": p, "mode": m} for p, m in sorted(r.grants.items())],
                 "open_handles": self.handles, "created": r.created}
 
@@ -110,11 +117,22 @@ class Registry:
         self.store_workers = HostWorkers("store", 1, 30.0, token)
         self.mounted = False  # kernel notifications only make sense once mounted
         self.trash_waiting = trio.Event()  # set when a delete queued data for purging
-
+        self.ledger = QuotaLedger()
+        self.tasks: dict[str, Task] = {}
+        self.nursery: trio.Nursery | None = None  # for background tasks, set by the daemon
+        self.needs_scan: list[Vfolder] = []  # usage not trusted after an unclean stop
     # -- start-up -------------------------------------------------------------------------------
     async def load(self) -> None:
         for hc in self.config.hosts.values():
             self._add_host(hc)
+        usage = await self.store_workers.run(self.store.usage)
+        for scope, (qb, qi) in (await self.store_workers.run(self.store.scopes)).items():
+            acc = self.ledger.account(f"scope:{scope}")
+            acc.limit_bytes, acc.limit_inodes = qb, qi
+        clean = await self.store_workers.run(self.store.get_meta, "clean") == "1"
+        await self.store_workers.run(self.store.set_meta, "clean", "0")
+        if not clean and usage:
+            log.warning("the last stop was not clean: usage will be recounted by a rescan")
         for rec in await self.store_workers.run(self.store.vfolders):
             host = self.hosts.get(rec.host)
             if host is None:
@@ -122,10 +140,15 @@ class Registry:
                             rec.id, rec.host)
                 continue
             try:
-                await self._attach(host, rec)
+                vf = await self._attach(host, rec)
             except OSError as exc:
                 log.error("vfolder %s: native directory %s cannot be opened (%s): not served",
                           rec.id, rec.native_path, exc.strerror)
+                continue
+            if rec.id in usage:
+                self.set_usage(vf, *usage[rec.id])
+            if not clean or rec.id not in usage:
+                self.needs_scan.append(vf)
 
     def _add_host(self, hc: HostConfig) -> Host:
         backend = load_backend(hc)
@@ -137,6 +160,9 @@ class Registry:
 
     async def _attach(self, host: Host, rec: VfolderRecord) -> Vfolder:
         vf = Vfolder(rec.id, host, rec)
+        vf.quota_keys = (f"vf:{rec.id}",) + ((f"scope:{rec.scope}",) if rec.scope else ())
+        acc = self.ledger.account(vf.quota_keys[0])
+        acc.limit_bytes, acc.limit_inodes = rec.quota_bytes, rec.quota_inodes
         fd, st = await host.workers.run(_open_dir, rec.native_path)
         vf.root = self.table.add(Kind.VFROOT, fd, st, vf, parent=host.node.ino if host.node else 1)
         host.vfolders[vf.id] = vf
@@ -171,9 +197,7 @@ class Registry:
         vfid = canonical_uuid(vfid) if vfid else str(uuid.uuid4())
         scope = parse_scope(scope)
         grant_map = parse_grants(grants or [])
-        for name, value in (("quota_bytes", quota_bytes), ("quota_inodes", quota_inodes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise RegistryError(400, "bad_quota", f"{name} must be a non-negative integer")
+        quota_bytes, quota_inodes = (v or 0 for v in parse_limits(quota_bytes, quota_inodes))
         if vfid in self.vfolders:
             raise RegistryError(409, "exists", f"vfolder {vfid} already exists")
         try:
@@ -185,8 +209,124 @@ class Registry:
                             quota_bytes=quota_bytes, quota_inodes=quota_inodes, grants=grant_map)
         await self.store_workers.run(self.store.put_vfolder, rec)
         vf = await self._attach(host, rec)
+        if adopt:
+            self.start_rescan(vf)
+        else:
+            self.set_usage(vf, *await host.workers.run(native.scan, vf.root.fd))  # type: ignore[union-attr]
         log.info("vfolder %s created on host %s at %s", vfid, host.name, path)
         return vf
+
+    # -- quota ----------------------------------------------------------------------------------
+    async def reconcile(self, vf: Vfolder) -> None:
+        """Charge what the native fs changed on its own in recently written files (ext4/XFS
+        settle st_blocks at writeback).  Runs before usage is reported and every few seconds."""
+        if not vf.recent:
+            return
+        nodes = [node for node, _ in vf.recent.values()]
+        drift, gone = await vf.host.workers.run(_reconcile, nodes)
+        self.ledger.apply(vf.quota_keys, drift, 0)
+        now = time.monotonic()
+        for node in gone:
+            vf.recent.pop(node.ino, None)
+        for ino, (node, until) in list(vf.recent.items()):
+            if until < now:
+                del vf.recent[ino]
+
+    def set_usage(self, vf: Vfolder, nbytes: int, inodes: int) -> None:
+        """Set a vfolder's usage (load, rescan), moving its scope's total by the difference."""
+        acc = self.ledger.account(vf.quota_keys[0])
+        dbytes, dinodes = nbytes - acc.used_bytes, inodes - acc.used_inodes
+        self.ledger.set_usage(vf.quota_keys[0], nbytes, inodes)
+        self.ledger.apply(vf.quota_keys[1:], dbytes, dinodes)
+
+    async def set_limits(self, host_name: str, vfid: str, quota_bytes: Any = None,
+                         quota_inodes: Any = None) -> Vfolder:
+        vf = self.vfolder(host_name, vfid)
+        qb, qi = parse_limits(quota_bytes, quota_inodes)
+        rec = VfolderRecord(**{**vf.record.__dict__,
+                               "quota_bytes": vf.record.quota_bytes if qb is None else qb,
+                               "quota_inodes": vf.record.quota_inodes if qi is None else qi})
+        await self.store_workers.run(self.store.put_vfolder, rec)
+        vf.record = rec
+        acc = self.ledger.account(vf.quota_keys[0])
+        acc.limit_bytes, acc.limit_inodes = rec.quota_bytes, rec.quota_inodes
+        log.info("vfolder %s limits: %d bytes, %d inodes (0: unlimited)", vf.id, rec.quota_bytes,
+                 rec.quota_inodes)
+        return vf
+
+    def scope_info(self, scope: str) -> dict[str, Any]:
+        scope = parse_scope(scope)
+        acc = self.ledger.account(f"scope:{scope}")
+        return {"scope": scope, "quota_bytes": acc.limit_bytes, "quota_inodes": acc.limit_inodes,
+                "usage_bytes": acc.used_bytes, "usage_inodes": acc.used_inodes,
+                "vfolders": [vf.id for vf in self.vfolders.values() if vf.record.scope == scope]}
+
+    async def set_scope(self, scope: str, quota_bytes: Any = None, quota_inodes: Any = None) -> dict[str, Any]:
+        scope = parse_scope(scope)
+        if not scope:
+            raise RegistryError(400, "bad_scope", "a scope is user:<uuid> or project:<uuid>")
+        acc = self.ledger.account(f"scope:{scope}")
+        qb, qi = parse_limits(quota_bytes, quota_inodes)
+        qb = acc.limit_bytes if qb is None else qb
+        qi = acc.limit_inodes if qi is None else qi
+        await self.store_workers.run(self.store.put_scope, scope, qb, qi)
+        acc.limit_bytes, acc.limit_inodes = qb, qi
+        return self.scope_info(scope)
+
+    async def flush_usage(self) -> None:
+        """Persist usage that changed since the last flush."""
+        rows = []
+        for vf in self.vfolders.values():
+            acc = self.ledger.account(vf.quota_keys[0])
+            if acc.dirty:
+                acc.dirty = False
+                rows.append((vf.id, acc.used_bytes, acc.used_inodes))
+        if rows:
+            await self.store_workers.run(self.store.put_usage, rows)
+
+    async def mark_clean(self) -> None:
+        await self.flush_usage()
+        await self.store_workers.run(self.store.set_meta, "clean", "1")
+
+    def start_rescan(self, vf: Vfolder) -> "Task":
+        """Recount a vfolder's usage from its native tree in the background (one at a time)."""
+        for task in self.tasks.values():
+            if task.vfolder == vf.id and task.state == "running":
+                return task
+        task = Task(id=str(uuid.uuid4()), kind="rescan", host=vf.host.name, vfolder=vf.id)
+        self.tasks[task.id] = task
+        if self.nursery is None:
+            raise RegistryError(409, "not_ready", "the daemon is not ready for background tasks")
+        self.nursery.start_soon(self._rescan, vf, task)
+        return task
+
+    async def _rescan(self, vf: Vfolder, task: "Task") -> None:
+        def progress(entries: int, nbytes: int) -> None:
+            task.entries, task.bytes = entries, nbytes
+
+        try:
+            assert vf.root is not None
+            nbytes, inodes = await trio.to_thread.run_sync(native.scan, vf.root.fd, progress,
+                                                           abandon_on_cancel=True)
+        except Exception as exc:
+            task.state, task.error = "failed", str(exc)
+            log.warning("rescan of vfolder %s failed: %s", vf.id, exc)
+        else:
+            if not vf.deleted:
+                for node, _ in vf.recent.values():  # the scan saw their current allocation
+                    node.alloc = None
+                vf.recent.clear()
+                old = self.ledger.account(vf.quota_keys[0])
+                if (old.used_bytes, old.used_inodes) != (nbytes, inodes):
+                    log.info("rescan of vfolder %s: usage %d -> %d bytes, %d -> %d inodes", vf.id,
+                             old.used_bytes, nbytes, old.used_inodes, inodes)
+                self.set_usage(vf, nbytes, inodes)
+            task.entries, task.bytes, task.state = inodes, nbytes, "done"
+        task.finished = time.time()
+        if len(self.tasks) > 1000:  # keep the most recent ones
+            for key in list(self.tasks)[:-500]:
+                if self.tasks[key].state != "running":
+                    del self.tasks[key]
 
     async def delete_vfolder(self, host_name: str, vfid: str, force: bool = False) -> str:
         vf = self.vfolder(host_name, vfid)
@@ -195,6 +335,8 @@ class Registry:
                                                f"handles); add force=1 to delete anyway")
         host = vf.host
         # hide it first so no new request reaches it, then move the data aside
+        self.set_usage(vf, 0, 0)  # its scope no longer carries it
+        self.ledger.accounts.pop(vf.quota_keys[0], None)
         vf.deleted = True
         host.vfolders.pop(vf.id, None)
         self.vfolders.pop(vf.id, None)
@@ -268,6 +410,33 @@ class Registry:
             log.info("purged trashed data of vfolder %s (%s)", rec.vfolder, rec.path)
 
 
+@dataclass
+class Task:
+    id: str
+    kind: str
+    host: str
+    vfolder: str
+    state: str = "running"  # running, done, failed
+    entries: int = 0
+    bytes: int = 0
+    error: str = ""
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def parse_limits(quota_bytes: Any, quota_inodes: Any) -> tuple[int | None, int | None]:
+    """Limits from the API: ints or strings like "10G"; None leaves a limit unchanged."""
+    try:
+        qb = None if quota_bytes is None else parse_size(quota_bytes)
+        qi = None if quota_inodes is None else parse_count(quota_inodes)
+    except (ValueError, TypeError) as exc:
+        raise RegistryError(400, "bad_quota", str(exc)) from None
+    return qb, qi
+
+
 def parse_grants(grants: Any) -> dict[str, str]:
     if not isinstance(grants, list):
         raise RegistryError(400, "bad_grant", "grants must be a list of {principal, mode}")
@@ -280,6 +449,24 @@ def parse_grants(grants: Any) -> dict[str, str]:
         except access.BadGrant as exc:
             raise RegistryError(400, "bad_grant", str(exc)) from None
     return out
+
+
+def _reconcile(nodes: list[Node]) -> tuple[int, list[Node]]:
+    """Worker side of Registry.reconcile: under each node's lock, compare its allocation with
+    what the ledger holds for it (node.alloc); returns the total drift and nodes to stop watching."""
+    drift, gone = 0, []
+    for node in nodes:
+        with node.lock:
+            if node.fd < 0 or node.key is None or node.alloc is None:
+                gone.append(node)
+                continue
+            got = native.allocation(node.fd, node.key[1], node.key[2])
+            if got is None or got[1] == 0:  # closed meanwhile, or unlinked (already refunded)
+                gone.append(node)
+                continue
+            drift += got[0] - node.alloc
+            node.alloc = got[0]
+    return drift, gone
 
 
 def _open_dir(path: str) -> tuple[int, os.stat_result]:

@@ -49,6 +49,11 @@ CREATE TABLE IF NOT EXISTS vfolders (
     created REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS trash (
     path TEXT PRIMARY KEY, host TEXT NOT NULL, vfolder TEXT NOT NULL, deleted REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS usage (
+    vfolder TEXT PRIMARY KEY, bytes INTEGER NOT NULL, inodes INTEGER NOT NULL, scanned REAL);
+CREATE TABLE IF NOT EXISTS scopes (
+    scope TEXT PRIMARY KEY, quota_bytes INTEGER NOT NULL DEFAULT 0,
+    quota_inodes INTEGER NOT NULL DEFAULT 0);
 """
 SCHEMA_VERSION = "1"
 
@@ -103,11 +108,39 @@ class SqliteStore:
                 with self._db:
                     self._db.execute("BEGIN")
                     self._db.execute("DELETE FROM vfolders WHERE id = ?", (vfid,))
+                    self._db.execute("DELETE FROM usage WHERE vfolder = ?", (vfid,))
                     if trash is not None:
                         self._db.execute("INSERT OR REPLACE INTO trash VALUES (?, ?, ?, ?)",
                                          (trash.path, trash.host, trash.vfolder, trash.deleted))
             except sqlite3.Error as exc:
                 raise StoreError(f"store {self.path}: {exc}") from None
+
+    # -- usage and scopes ------------------------------------------------------------------------
+    def usage(self) -> dict[str, tuple[int, int]]:
+        return {r[0]: (r[1], r[2]) for r in self._run("SELECT vfolder, bytes, inodes FROM usage")}
+
+    def put_usage(self, rows: list[tuple[str, int, int]]) -> None:
+        with self._lock:
+            try:
+                with self._db:
+                    self._db.execute("BEGIN")
+                    self._db.executemany("INSERT OR REPLACE INTO usage (vfolder, bytes, inodes) "
+                                         "VALUES (?, ?, ?)", rows)
+            except sqlite3.Error as exc:
+                raise StoreError(f"store {self.path}: {exc}") from None
+
+    def scopes(self) -> dict[str, tuple[int, int]]:
+        return {r[0]: (r[1], r[2]) for r in self._run("SELECT scope, quota_bytes, quota_inodes FROM scopes")}
+
+    def put_scope(self, scope: str, quota_bytes: int, quota_inodes: int) -> None:
+        self._run("INSERT OR REPLACE INTO scopes VALUES (?, ?, ?)", (scope, quota_bytes, quota_inodes))
+
+    def get_meta(self, key: str) -> str | None:
+        rows = self._run("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._run("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def trash(self) -> Iterator[TrashRecord]:
         for r in self._run("SELECT path, host, vfolder, deleted FROM trash ORDER BY deleted"):
