@@ -309,3 +309,44 @@ def test_rescan_corrects_drift(daemon: Daemon) -> None:
     out = daemon.cli("vfolder", "rescan", "local", vf.name).stdout
     assert out.startswith("done") and usage(daemon, vf) == du(native)
     assert daemon.api("GET", "/v1/tasks/nope").status_code == 404
+
+
+def df(path: str, *flags: str, runner: list[str] | None = None) -> list[str]:
+    out = subprocess.run((runner or []) + ["df", "--output=size,used,avail", *flags, path],
+                         capture_output=True, text=True, check=True).stdout
+    return out.splitlines()[1].split()
+
+
+def test_df_and_getfattr_show_the_quota_to_admins_and_containers(daemon: Daemon) -> None:
+    from test_access_mount import CGROOT, Container
+
+    if not (CGROOT / "cgroup.procs").exists():
+        pytest.skip("no cgroup v2 hierarchy")
+    container = Container()
+    try:
+        vf = Path(daemon.create_vfolder(quota_bytes="64M", quota_inodes=100, grants=[
+            {"principal": f"cgroup:{container.cgroup}", "mode": "rw"}])["path"])
+        (vf / "data").write_bytes(b"d" * (10 * MiB))
+        used = usage(daemon, vf)
+        # as the admin, with 1K blocks: size is the quota, used what vfusefs counts
+        size, used_k, avail = map(int, df(str(vf), "-k"))
+        assert size == 64 * 1024 and used_k == used[0] // 1024 and avail == 64 * 1024 - used_k
+        itotal, iused, ifree = subprocess.run(["df", "--output=itotal,iused,iavail", str(vf)],
+                                              capture_output=True, text=True,
+                                              check=True).stdout.splitlines()[1].split()
+        assert (int(itotal), int(iused), int(ifree)) == (100, used[1], 100 - used[1])
+        # another vfolder without quota shows the native filesystem
+        other = daemon.vfolder()
+        native = os.statvfs(native_of(daemon, other))
+        assert int(df(str(other), "-k")[0]) == native.f_blocks * native.f_frsize // 1024
+        # inside the container, through its bind mount, df and getfattr -d show the same
+        r = container.sh(vf, "df --output=size,used,avail -k . && getfattr -d -m user.vfusefs .")
+        lines = r.stdout.splitlines()
+        assert lines[1].split() == [str(64 * 1024), str(used_k), str(64 * 1024 - used_k)], r.stdout + r.stderr
+        for key in ("quota.bytes=\"67108864\"", "quota.inodes=\"100\"", f"usage.bytes=\"{used[0]}\"",
+                    "mode=\"rw\""):
+            assert f"user.vfusefs.{key}" in r.stdout, r.stdout
+        r = container.sh(vf, "setfattr -n user.vfusefs.quota.bytes -v 1T .")
+        assert "Operation not permitted" in r.stderr  # root in a container is not an admin
+    finally:
+        container.close()

@@ -23,6 +23,7 @@ import pyfuse3
 import trio
 
 from vfusefs import config as config_mod
+from vfusefs import statfs_ino
 from vfusefs.backends import load_backend
 from vfusefs.config import Config, ConfigError
 from vfusefs.control import build_app
@@ -183,6 +184,9 @@ async def run(cfg: Config) -> None:
         except RuntimeError as exc:
             raise StartupError(f"cannot mount {d.mountpoint}: {exc}") from None
         registry.mounted = True
+        if not statfs_ino.active():
+            log.warning("statfs shim not active (vfusefs/_statfs_ino*.so missing?): df will show "
+                        "host totals instead of each vfolder's quota")
         unmounted = False
 
         def unmount() -> None:

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import pyfuse3
 import trio
 
-from vfusefs import access, native
+from vfusefs import access, native, statfs_ino
 from vfusefs.access import Caller, Mode, Need
 from vfusefs.callers import CallerCache
 from vfusefs.config import DaemonConfig
@@ -789,25 +789,52 @@ class Operations(pyfuse3.Operations):
     # -- file systems and xattrs -----------------------------------------------------------------
     @handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        # pyfuse3 does not tell us which inode df asked about; report all hosts together
+        ino = statfs_ino.current()  # first, before any await (see statfs_ino.py)
+        node = self.table.get(ino) if ino is not None else None
+        if node is None or node.kind is Kind.ROOT:
+            return await self._statfs_hosts(list(self.registry.hosts.values()))
+        if node.vf is None:
+            assert node.host is not None
+            return await self._statfs_hosts([node.host])
+        self._allow(ctx, node, Need.READ)
+        vf = node.vf
+        await self.registry.reconcile(vf)
+        out = await self._statfs_hosts([vf.host])
+        vacc = self.ledger.account(vf.quota_keys[0])
+        scope = self.ledger.account(vf.quota_keys[1]) if len(vf.quota_keys) > 1 else None
+        if vacc.limit_bytes or scope is not None and scope.limit_bytes:
+            # the quota is the size, what is left (of the vfolder and its scope) is free
+            rooms = [r for r in (vacc.room_bytes(), scope.room_bytes() if scope else None) if r is not None]
+            size = vacc.limit_bytes or vacc.used_bytes + min(rooms)
+            free = min(rooms + [max(0, size - vacc.used_bytes)])
+            out.f_blocks = -(-size // out.f_frsize)
+            out.f_bfree = out.f_bavail = free // out.f_frsize
+        if vacc.limit_inodes or scope is not None and scope.limit_inodes:
+            rooms = [r for r in (vacc.room_inodes(), scope.room_inodes() if scope else None) if r is not None]
+            files = vacc.limit_inodes or vacc.used_inodes + min(rooms)
+            out.f_files = files
+            out.f_ffree = out.f_favail = min(rooms + [max(0, files - vacc.used_inodes)])
+        return out
+
+    async def _statfs_hosts(self, hosts: list[Host]) -> pyfuse3.StatvfsData:
+        """Native figures of the hosts' filesystems, summed in 4 KiB blocks."""
         out = pyfuse3.StatvfsData()
-        out.f_bsize = out.f_frsize = 4096
+        out.f_bsize = out.f_frsize = BLOCK
         out.f_namemax = 255
         blocks = bfree = bavail = files = ffree = 0
-        for host in list(self.registry.hosts.values()):
-            if host.node is None:
-                continue
+        for host in hosts:
             try:
                 sv = await host.workers.run(native.statvfs_path, host.config.path)
             except Exception:  # a host that fails or hangs is left out of the sum
                 continue
-            scale = sv.f_frsize / 4096
+            scale = sv.f_frsize / BLOCK
             blocks += int(sv.f_blocks * scale)
             bfree += int(sv.f_bfree * scale)
             bavail += int(sv.f_bavail * scale)
             files += sv.f_files
             ffree += sv.f_ffree
-            out.f_namemax = min(out.f_namemax, sv.f_namemax) if sv.f_namemax else out.f_namemax
+            if sv.f_namemax:
+                out.f_namemax = min(out.f_namemax, sv.f_namemax)
         out.f_blocks, out.f_bfree, out.f_bavail = blocks, bfree, bavail
         out.f_files, out.f_ffree, out.f_favail = files, ffree, ffree
         return out

@@ -1,0 +1,20 @@
+"""Build step for the one C piece: the statfs inode shim (see src/vfusefs/shim/statfs_ino.c).
+
+Everything else is declared in setup.cfg.
+"""
+
+import subprocess
+
+from setuptools import Extension, setup
+
+
+def fuse3_cflags() -> list[str]:
+    try:
+        return subprocess.run(["pkg-config", "--cflags", "fuse3"], capture_output=True, text=True,
+                              check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        return ["-I/usr/include/fuse3"]
+
+
+setup(ext_modules=[Extension("vfusefs._statfs_ino", ["src/vfusefs/shim/statfs_ino.c"],
+                             extra_compile_args=fuse3_cflags(), libraries=["dl", "fuse3"])])
