@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """vfusefs benchmark: the same workloads on a native directory and through the mount, one run.
 
-    sudo .venv/bin/python bench/run.py [--quick] [--compare-checks] [--repeat 3]
+    sudo .venv/bin/python bench/run.py [--quick] [--compare checks|quota] [--repeat 3]
                                        [--rss-files 100000] [--only write,untar,...]
 
 Prints the median seconds on each side and the ratio mount/native (1.0 = as fast as native).
 Workloads run as a container would: root inside a confined cgroup, through a bind mount of the
-vfolder, with several grants in place (one matching).  --compare-checks mounts a second daemon
-with access checks off and reports what the checks cost.  Targets take turns within each
+vfolder, with several grants in place (one matching).  --compare checks mounts a second daemon
+with access checks off, --compare quota one whose vfolder has no quota (the first has vfolder
+and scope limits set), and reports what the feature costs.  Targets take turns within each
 repetition, so drift on the machine hits all of them alike.  Caches are dropped before the
 "cold" rows only; every other row runs right after the previous one, as a user would see it.
 """
@@ -112,7 +113,7 @@ def make_tarball(path: Path, files: int, dirs: int = 50) -> None:
 
 
 class Daemon:
-    def __init__(self, base: Path, checks: bool) -> None:
+    def __init__(self, base: Path, checks: bool, quota: bool = False) -> None:
         self.base = base
         for sub in ("native", "state", "mnt", "bind"):
             (base / sub).mkdir(parents=True)
@@ -136,8 +137,15 @@ class Daemon:
         grants = [{"principal": "uid:4242", "mode": "ro"}, {"principal": "gid:4242", "mode": "rw"},
                   {"principal": "cgroup:/docker", "mode": "ro"},
                   {"principal": f"cgroup:{CGROUP}", "mode": "rwd"}, {"principal": "*", "mode": "ro"}]
+        body: dict = {"grants": grants}
+        if quota:  # limits that the workloads never reach, so every operation is checked
+            body.update(quota_bytes="1T", quota_inodes=100_000_000,
+                        scope="project:00000000-0000-4000-8000-00000000be9c")
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(self.sock)), base_url="http://x") as c:
-            vf = c.post("/v1/hosts/local/vfolders", json={"grants": grants}).json()
+            if quota:
+                c.put(f"/v1/scopes/{body['scope']}", json={"quota_bytes": "2T"})
+            vf = c.post("/v1/hosts/local/vfolders", json=body).json()
+        self.vfid = vf["id"]
         self.native = Path(vf["native_path"])
         # containers see a vfolder through a bind mount of /mnt/vfroot/<host>/<id>, so do we
         self.vfolder = base / "bind"
@@ -197,13 +205,16 @@ def rows(w: Workloads) -> list[tuple[str, str, Callable[[Path], object], bool]]:
     ]
 
 
-def run_suite(base: Path, w: Workloads, compare: bool, only: set[str],
+def run_suite(base: Path, w: Workloads, compare: str, only: set[str],
               repeat: int) -> dict[str, dict[str, list[float]]]:
     """Every workload on each target in turn (rotating the order), the whole sequence `repeat`
-    times; returns {workload: {target: [seconds...]}}."""
-    daemons = {"on": Daemon(base / "on", True)}
-    if compare:
+    times; returns {workload: {target: [seconds...]}}.  "on" has access checks and, with
+    --compare quota, a quota set; "off" lacks the compared feature."""
+    daemons = {"on": Daemon(base / "on", True, quota=compare == "quota")}
+    if compare == "checks":
         daemons["off"] = Daemon(base / "off", False)
+    elif compare == "quota":
+        daemons["off"] = Daemon(base / "off", True, quota=False)
     plain = base / "plain"
     plain.mkdir()
     targets = {"native": plain, **{k: d.vfolder for k, d in daemons.items()}}
@@ -227,16 +238,25 @@ def run_suite(base: Path, w: Workloads, compare: bool, only: set[str],
     return times
 
 
-def rss_check(base: Path, files: int) -> tuple[float, float]:
-    daemon = Daemon(base, True)
+def rss_check(base: Path, files: int) -> tuple[float, float, float]:
+    """RSS after ls -lR of `files` files, and the median time of getfattr of usage on them."""
+    daemon = Daemon(base, True, quota=True)
     try:
         tree = daemon.native / "rss"
         for i in range(files):
             if i % 1000 == 0:
                 (tree / f"d{i // 1000:03d}").mkdir(parents=True)
-            (tree / f"d{i // 1000:03d}" / f"f{i:06d}").touch()
+            (tree / f"d{i // 1000:03d}" / f"f{i:06d}").write_bytes(b"x")
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.sock)), base_url="http://x") as c:
+            task = c.post(f"/v1/hosts/local/vfolders/{daemon.vfid}/rescan").json()
+            while task["state"] == "running":
+                time.sleep(0.2)
+                task = c.get(f"/v1/tasks/{task['id']}").json()
         t = timed(lambda: sh("ls", "-lR", str(daemon.vfolder / "rss")))
-        return daemon.rss_mib(), t
+        reads = []
+        for _ in range(21):
+            reads.append(timed(lambda: sh("getfattr", "-n", "user.vfusefs.usage.bytes", str(daemon.vfolder))))
+        return daemon.rss_mib(), t, statistics.median(reads)
     finally:
         daemon.stop()
 
@@ -247,8 +267,9 @@ def main() -> None:
     ap.add_argument("--rss-files", type=int, default=100000, help="files for the RSS check (0: skip)")
     ap.add_argument("--only", default="", help="comma-separated workloads: write, read-cold, "
                     "read-warm, random, untar, ls, readback, rm")
-    ap.add_argument("--compare-checks", action="store_true",
-                    help="run the suite again with access checks off and compare")
+    ap.add_argument("--compare", choices=["checks", "quota"],
+                    help="mount a second daemon without access checks (or without a quota) "
+                         "and report what the feature costs")
     ap.add_argument("--repeat", type=int, default=3, help="run the whole sequence N times")
     ap.add_argument("--worker", nargs=2, metavar=("KEY", "DIR"), help=argparse.SUPPRESS)
     ap.add_argument("--size-mib", type=int, default=1024, help=argparse.SUPPRESS)
@@ -274,11 +295,12 @@ def main() -> None:
         print(f"workloads run as root in cgroup {CGROUP} (a container: not an admin) on a plain "
               f"directory and on a vfolder bind mount; ratio = vfusefs / native (medians of "
               f"{args.repeat})")
-        times = run_suite(base, w, args.compare_checks, only, args.repeat)
+        times = run_suite(base, w, args.compare or "", only, args.repeat)
         med = {k: {t: statistics.median(v) for t, v in tv.items()} for k, tv in times.items()}
         print()
         print(f"{'workload':40} {'native s':>9} {'vfusefs s':>10} {'ratio':>7}"
-              + (f" {'no-checks s':>12} {'ratio':>7} {'checks cost':>11}" if args.compare_checks else ""))
+              + (f" {'no-' + args.compare + ' s':>12} {'ratio':>7} {args.compare + ' cost':>11}"
+                 if args.compare else ""))
         for key, name, _, _ in rows(w):
             if key not in med:
                 continue
@@ -289,8 +311,10 @@ def main() -> None:
                 line += f" {v2:12.3f} {v2 / n:7.2f} {(v / v2 - 1) * 100:+10.1f}%"
             print(line)
         if args.rss_files:
-            rss, t = rss_check(base / "rss", args.rss_files)
+            rss, t, read = rss_check(base / "rss", args.rss_files)
             print(f"daemon RSS after ls -lR of {args.rss_files} files: {rss:.0f} MiB (ls took {t:.2f}s)")
+            print(f"getfattr -n user.vfusefs.usage.bytes on that vfolder: {read * 1000:.1f} ms "
+                  f"(median of 21, including starting getfattr)")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -77,3 +77,8 @@ def test_check_config_and_reference() -> None:
     out = subprocess.run([VFUSEFS, "config-doc"], capture_output=True, text=True, check=True).stdout
     for opt in config.DAEMON_OPTIONS + config.HOST_OPTIONS:
         assert f".{opt.key}`" in out
+
+
+def test_docs_config_md_is_current() -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
+    assert config.options_markdown() in doc, "docs/config.md is stale: regenerate with vfusefs config-doc"

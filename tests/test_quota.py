@@ -350,3 +350,32 @@ def test_df_and_getfattr_show_the_quota_to_admins_and_containers(daemon: Daemon)
         assert "Operation not permitted" in r.stderr  # root in a container is not an admin
     finally:
         container.close()
+
+
+def test_writeback_cache_reports_edquot_by_fsync_and_close(world_dir: Path) -> None:
+    """With the kernel write-back cache on, write() lands in the page cache; EDQUOT must come
+    back by fsync/close at the latest, and native storage stays within one write request."""
+    d = Daemon(world_dir, daemon_opts={"writeback_cache": True}).start()
+    try:
+        limit = 4 * MiB
+        vf = Path(d.create_vfolder(quota_bytes=limit, grants=[{"principal": "*", "mode": "rwd"}])["path"])
+        native = native_of(d, vf)
+        fd = os.open(vf / "wb", os.O_WRONLY | os.O_CREAT, 0o644)
+        failed_at = None
+        try:
+            for i in range(160):
+                os.write(fd, b"w" * 65536)  # 10 MiB in all
+            os.fsync(fd)
+        except OSError as exc:
+            assert exc.errno == errno.EDQUOT
+            failed_at = "write/fsync"
+        try:
+            os.close(fd)
+        except OSError as exc:
+            assert exc.errno == errno.EDQUOT
+            failed_at = failed_at or "close"
+        assert failed_at is not None, "10 MiB went into a 4 MiB quota without an error"
+        assert du(native)[0] <= limit + MiB  # at most one write request (max_write) over
+        assert usage(d, vf) == du(native)
+    finally:
+        assert d.stop() == 0

@@ -304,14 +304,18 @@ def wait_task(client: Client, task: dict, show: bool) -> dict:
 def vfolder_quota(ctx: click.Context, host: str, vfid: str, qbytes: str | None, qinodes: str | None,
                   as_json: bool) -> None:
     """Show a vfolder's limits and usage, or set them."""
-    path = f"/hosts/{quote(host, safe='')}/vfolders/{quote(vfid, safe='')}"
-    client = _client(ctx)
-    if qbytes is None and qinodes is None:
-        data = client.call("GET", path)
-    else:
-        body = {k: v for k, v in (("quota_bytes", qbytes), ("quota_inodes", qinodes)) if v is not None}
-        data = client.call("PATCH", path, body)
+    data = show_or_set_limits(_client(ctx), f"/hosts/{quote(host, safe='')}/vfolders/"
+                                            f"{quote(vfid, safe='')}", "PATCH", qbytes, qinodes)
     emit(data, as_json, QUOTA_COLUMNS)
+
+
+def show_or_set_limits(client: Client, path: str, method: str, qbytes: str | None,
+                       qinodes: str | None) -> Any:
+    """GET path, or send the limits given (the daemon parses sizes like 10G)."""
+    if qbytes is None and qinodes is None:
+        return client.call("GET", path)
+    body = {k: v for k, v in (("quota_bytes", qbytes), ("quota_inodes", qinodes)) if v is not None}
+    return client.call(method, path, body)
 
 
 @cli.command()
@@ -350,13 +354,8 @@ def revoke(ctx: click.Context, host: str, vfid: str, principal: str, as_json: bo
 def scope(ctx: click.Context, scope_id: str, qbytes: str | None, qinodes: str | None,
           as_json: bool) -> None:
     """Show a quota scope's (user:<uuid> or project:<uuid>) limits and usage, or set them."""
-    path = f"/scopes/{quote(scope_id, safe='')}"
-    client = _client(ctx)
-    if qbytes is None and qinodes is None:
-        data = client.call("GET", path)
-    else:
-        body = {k: v for k, v in (("quota_bytes", qbytes), ("quota_inodes", qinodes)) if v is not None}
-        data = client.call("PUT", path, body)
+    data = show_or_set_limits(_client(ctx), f"/scopes/{quote(scope_id, safe='')}", "PUT",
+                              qbytes, qinodes)
     emit(data, as_json, [("scope", "scope")] + QUOTA_COLUMNS[2:] + [("vfolders", "vfolders")])
 
 

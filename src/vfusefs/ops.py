@@ -628,8 +628,11 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(node, entry.st)
 
     def _file(self, fh: int) -> FileHandle:
+        return self._handle(fh, FileHandle)  # type: ignore[return-value]
+
+    def _handle(self, fh: int, kind: type) -> FileHandle | DirHandle:
         h = self.handles.get(fh)
-        if not isinstance(h, FileHandle):
+        if not isinstance(h, kind):
             raise fail(errno.EBADF)
         return h
 
@@ -687,10 +690,7 @@ class Operations(pyfuse3.Operations):
         return self._new_fh(h)
 
     def _dir(self, fh: int) -> DirHandle:
-        h = self.handles.get(fh)
-        if not isinstance(h, DirHandle):
-            raise fail(errno.EBADF)
-        return h
+        return self._handle(fh, DirHandle)  # type: ignore[return-value]
 
     @handler
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:

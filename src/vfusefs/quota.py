@@ -115,39 +115,35 @@ class QuotaLedger:
         acc.used_bytes, acc.used_inodes, acc.dirty = nbytes, inodes, True
 
 
-SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtpe]?)(i?b)?\s*$", re.IGNORECASE)
-UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
+SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtpe]?)(?:i?b)?\s*$", re.IGNORECASE)
+SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
+              "e": 1 << 60}
+COUNT_RE = re.compile(r"^\s*(\d+)\s*([km]?)\s*$", re.IGNORECASE)
+COUNT_UNITS = {"": 1, "k": 1000, "m": 1000_000}  # counts take decimal thousands
+
+
+def _parse_limit(text: str | bytes | int, pattern: re.Pattern[str], units: dict[str, int],
+                 usage: str) -> int:
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 0:
+            raise ValueError("a limit cannot be negative")
+        return text
+    if isinstance(text, bytes):
+        text = text.decode("ascii", errors="replace")
+    m = pattern.match(text) if isinstance(text, str) else None
+    if not m:
+        raise ValueError(f"bad limit {text!r}: {usage}")
+    value = int(m.group(1)) * units[m.group(2).lower()]
+    if value >= 1 << 63:
+        raise ValueError(f"limit {text!r} is too large")
+    return value
 
 
 def parse_size(text: str | bytes | int) -> int:
-    """'10G', '512M', '1.5'-free integers with binary units, '0' -> bytes; ValueError if not."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        if text < 0:
-            raise ValueError("a limit cannot be negative")
-        return text
-    if isinstance(text, bytes):
-        text = text.decode("ascii", errors="replace")
-    m = SIZE_RE.match(text) if isinstance(text, str) else None
-    if not m or (m.group(3) and not m.group(2) and m.group(3).lower() != "b"):
-        raise ValueError(f"bad size {text!r}: use a number with an optional K, M, G, T or P")
-    value = int(m.group(1)) * UNITS[m.group(2).lower()]
-    if value >= 1 << 63:
-        raise ValueError(f"size {text!r} is too large")
-    return value
+    """Byte limits: '10G', '512M', '4k', '1GiB', '0' (binary units); ValueError if not."""
+    return _parse_limit(text, SIZE_RE, SIZE_UNITS, "use a whole number with an optional K, M, G, T or P")
 
 
 def parse_count(text: str | bytes | int) -> int:
-    """Inode limits: plain integers, or with K/M (decimal thousands, as counts usually are)."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        if text < 0:
-            raise ValueError("a limit cannot be negative")
-        return text
-    if isinstance(text, bytes):
-        text = text.decode("ascii", errors="replace")
-    m = re.match(r"^\s*(\d+)\s*([km]?)\s*$", text, re.IGNORECASE) if isinstance(text, str) else None
-    if not m:
-        raise ValueError(f"bad count {text!r}: use a whole number (K and M allowed)")
-    value = int(m.group(1)) * {"": 1, "k": 1000, "m": 1000_000}[m.group(2).lower()]
-    if value >= 1 << 63:
-        raise ValueError(f"count {text!r} is too large")
-    return value
+    """Inode limits: whole numbers, with K or M for thousands and millions."""
+    return _parse_limit(text, COUNT_RE, COUNT_UNITS, "use a whole number (K and M allowed)")
