@@ -33,6 +33,7 @@ run: venv
 	exec $(VENV)/bin/vfusefs serve --config $(DEMO)/vfusefs.toml
 
 test: venv
+	$(VENV)/bin/mypy src/
 	$(VENV)/bin/python -m pytest -q tests
 
 bench: venv

@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import tomlkit
 import tomlkit.exceptions
@@ -193,7 +193,8 @@ def _read_section(path: str, section: str, table: Any, options: tuple[Option, ..
         if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
             raise ConfigError(f"{path}: {name}: must be {_type_name(kind)}, not {value!r}")
         if opt.item is not None:
-            for element in value:
+            elements = cast(list, value)  # a list: checked just above
+            for element in elements:
                 if isinstance(element, bool) or not isinstance(element, opt.item):
                     raise ConfigError(f"{path}: {name}: every element must be "
                                       f"{_type_name(opt.item)}, not {element!r}")

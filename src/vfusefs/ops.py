@@ -632,7 +632,7 @@ class Operations(pyfuse3.Operations):
 
     def _handle(self, fh: int, kind: type) -> FileHandle | DirHandle:
         h = self.handles.get(fh)
-        if not isinstance(h, kind):
+        if h is None or not isinstance(h, kind):
             raise fail(errno.EBADF)
         return h
 
@@ -701,6 +701,7 @@ class Operations(pyfuse3.Operations):
         if start_id != h.next_off:
             await self._seekdir(h, start_id)
         node = h.node
+        assert h.dot_attrs is not None  # set by opendir for every native directory
         if h.next_off == 0:
             if not pyfuse3.readdir_reply(token, b".", self._attrs(node, h.dot_attrs), 1):
                 return

@@ -4,9 +4,11 @@ It has no native quota, so vfusefs's own accounting is the only enforcement; eve
 is in the `Backend` base class.
 """
 
+from typing import ClassVar
+
 from vfusefs.backends import Backend
 
 
 class VfsBackend(Backend):
     name = "vfs"
-    known_options: dict[str, type] = {}
+    known_options: ClassVar[dict[str, type]] = {}
