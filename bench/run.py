@@ -205,8 +205,21 @@ def rows(w: Workloads) -> list[tuple[str, str, Callable[[Path], object], bool]]:
     ]
 
 
+class Bindfs:
+    """bindfs (C, libfuse) over a plain directory: the reference issue 2 asks to beat."""
+
+    def __init__(self, base: Path) -> None:
+        self.src, self.vfolder = base / "src", base / "mnt"
+        self.src.mkdir(parents=True)
+        self.vfolder.mkdir()
+        subprocess.run(["bindfs", str(self.src), str(self.vfolder)], check=True)
+
+    def stop(self) -> None:
+        subprocess.run(["fusermount3", "-u", str(self.vfolder)], check=False)
+
+
 def run_suite(base: Path, w: Workloads, compare: str, only: set[str],
-              repeat: int) -> dict[str, dict[str, list[float]]]:
+              repeat: int, bindfs: bool = False) -> dict[str, dict[str, list[float]]]:
     """Every workload on each target in turn (rotating the order), the whole sequence `repeat`
     times; returns {workload: {target: [seconds...]}}.  "on" has access checks and, with
     --compare quota, a quota set; "off" lacks the compared feature."""
@@ -215,9 +228,11 @@ def run_suite(base: Path, w: Workloads, compare: str, only: set[str],
         daemons["off"] = Daemon(base / "off", False)
     elif compare == "quota":
         daemons["off"] = Daemon(base / "off", True, quota=False)
+    refs = {"bindfs": Bindfs(base / "bindfs")} if bindfs else {}
     plain = base / "plain"
     plain.mkdir()
-    targets = {"native": plain, **{k: d.vfolder for k, d in daemons.items()}}
+    targets = {"native": plain, **{k: d.vfolder for k, d in daemons.items()},
+               **{k: r.vfolder for k, r in refs.items()}}
     times: dict[str, dict[str, list[float]]] = {}
     try:
         for rep in range(repeat):
@@ -235,6 +250,8 @@ def run_suite(base: Path, w: Workloads, compare: str, only: set[str],
     finally:
         for d in daemons.values():
             d.stop()
+        for r in refs.values():
+            r.stop()
     return times
 
 
@@ -271,6 +288,7 @@ def main() -> None:
                     help="mount a second daemon without access checks (or without a quota) "
                          "and report what the feature costs")
     ap.add_argument("--repeat", type=int, default=3, help="run the whole sequence N times")
+    ap.add_argument("--bindfs", action="store_true", help="also run every workload on bindfs")
     ap.add_argument("--worker", nargs=2, metavar=("KEY", "DIR"), help=argparse.SUPPRESS)
     ap.add_argument("--size-mib", type=int, default=1024, help=argparse.SUPPRESS)
     ap.add_argument("--tarball", default="", help=argparse.SUPPRESS)
@@ -295,12 +313,15 @@ def main() -> None:
         print(f"workloads run as root in cgroup {CGROUP} (a container: not an admin) on a plain "
               f"directory and on a vfolder bind mount; ratio = vfusefs / native (medians of "
               f"{args.repeat})")
-        times = run_suite(base, w, args.compare or "", only, args.repeat)
+        if args.bindfs and shutil.which("bindfs") is None:
+            raise SystemExit("bench: --bindfs needs bindfs (apt-get install bindfs)")
+        times = run_suite(base, w, args.compare or "", only, args.repeat, args.bindfs)
         med = {k: {t: statistics.median(v) for t, v in tv.items()} for k, tv in times.items()}
         print()
         print(f"{'workload':40} {'native s':>9} {'vfusefs s':>10} {'ratio':>7}"
               + (f" {'no-' + args.compare + ' s':>12} {'ratio':>7} {args.compare + ' cost':>11}"
-                 if args.compare else ""))
+                 if args.compare else "")
+              + (f" {'bindfs s':>9} {'ratio':>7} {'vs bindfs':>9}" if args.bindfs else ""))
         for key, name, _, _ in rows(w):
             if key not in med:
                 continue
@@ -309,6 +330,9 @@ def main() -> None:
             if "off" in med[key]:
                 v2 = med[key]["off"]
                 line += f" {v2:12.3f} {v2 / n:7.2f} {(v / v2 - 1) * 100:+10.1f}%"
+            if "bindfs" in med[key]:
+                b = med[key]["bindfs"]
+                line += f" {b:9.3f} {b / n:7.2f} {v / b:8.2f}x"
             print(line)
         if args.rss_files:
             rss, t, read = rss_check(base / "rss", args.rss_files)
