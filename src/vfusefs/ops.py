@@ -517,15 +517,22 @@ class Operations(pyfuse3.Operations):
                                    _counted(native.symlink), parent.fd, name, target, ctx.uid, ctx.gid)
         return await self._made(parent, name, made)
 
+    @staticmethod
+    def _same_vfolder(a: Node, b: Node) -> Vfolder:
+        """Links and renames stay inside one vfolder: EXDEV across vfolders and hosts, EPERM
+        for the read-only root and host levels."""
+        if a.vf is None or b.vf is None:
+            raise fail(errno.EPERM)
+        if a.vf is not b.vf:
+            raise fail(errno.EXDEV)
+        return a.vf
+
     @handler
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
         parent = self._node(new_parent_inode)
-        if parent.vf is None or node.vf is None:
-            raise fail(errno.EPERM)
-        if parent.vf is not node.vf:
-            raise fail(errno.EXDEV)
+        self._same_vfolder(node, parent)
         self._allow(ctx, parent, Need.WRITE)
         st, parent_st, _, _ = await self._charged(parent, BLOCK, 0, _counted(native.link, 0),
                                                   node.fd, parent.fd, new_name)
@@ -556,12 +563,9 @@ class Operations(pyfuse3.Operations):
                      name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
         old = self._node(parent_inode_old)
         new = self._node(parent_inode_new)
-        if old.vf is None or new.vf is None:
-            raise fail(errno.EPERM)
-        if old.vf is not new.vf:
-            raise fail(errno.EXDEV)
+        vf = self._same_vfolder(old, new)
         caller, admin = self._caller(ctx)
-        mode = self._mode(caller, admin, old.vf)
+        mode = self._mode(caller, admin, vf)
         exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
         code = access.check(mode, Need.DELETE if exchange else Need.WRITE)
         if code:
@@ -584,7 +588,7 @@ class Operations(pyfuse3.Operations):
                           and victim.st_nlink == 1 else 0, 0)
         self._stale(moved, new.vf)  # its ctime changed
         if moved is not None and stat_mod.S_ISDIR(moved.st_mode):
-            node = self.table.find(new.vf, moved)
+            node = self.table.find(vf, moved)
             if node is not None:
                 node.parent = new.ino
 
