@@ -66,6 +66,21 @@ def test_parse_size_rejects(text: str) -> None:
         parse_count(text)
 
 
+def test_scan_of_a_wide_tree_needs_one_fd_per_level(tmp_path: Path) -> None:
+    """300 subdirectories side by side, counted under a 64-fd limit, equal du."""
+    for i in range(300):
+        (tmp_path / f"d{i}" / "sub").mkdir(parents=True)
+        (tmp_path / f"d{i}" / "sub" / "f").write_bytes(b"s" * (i * 100))
+    os.link(tmp_path / "d1" / "sub" / "f", tmp_path / "hard")
+    script = ("import os, resource, sys\n"
+              "from vfusefs import native\n"
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+              "print(*native.scan(os.open(sys.argv[1], os.O_PATH)))\n")
+    out = subprocess.run([os.sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert (int(out[0]), int(out[1])) == du(tmp_path)
+
+
 # -- on a real mount ----------------------------------------------------------------------------
 def native_of(d: Daemon, vf: Path) -> Path:
     return Path(d.api("GET", f"/v1/hosts/local/vfolders/{vf.name}").json()["native_path"])

@@ -366,37 +366,55 @@ def scan(root_fd: int, progress: Any = None) -> tuple[int, int]:
     """Walk a vfolder's native tree: allocated bytes (du -s) and inodes below the root.
 
     Hard links count once, as du counts them.  Never follows symlinks and never leaves the
-    tree: every directory is opened relative to its parent with O_NOFOLLOW.
+    tree: every directory is opened relative to its parent with O_NOFOLLOW.  Depth first, with
+    one fd per level (never one per sibling), so a wide tree cannot run out of fds; a directory
+    that cannot be opened fails the scan rather than being left out of the count.
     """
     seen: set[tuple[int, int]] = set()
-    root = os.fstat(root_fd)
-    total, inodes = _alloc(root), 0
-    stack = [os.open(proc(root_fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
-    while stack:
-        dfd = stack.pop()
-        try:
-            with os.scandir(dfd) as it:
-                for dent in it:
-                    try:
-                        st = dent.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    key = (st.st_dev, st.st_ino)
-                    if key in seen:
-                        continue
-                    if st.st_nlink > 1 and not stat_mod.S_ISDIR(st.st_mode):
-                        seen.add(key)
-                    total += _alloc(st)
-                    inodes += 1
-                    if progress is not None:
-                        progress(inodes, total)
-                    if stat_mod.S_ISDIR(st.st_mode):
-                        try:
-                            stack.append(os.open(dent.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-                                                 | os.O_CLOEXEC, dir_fd=dfd))
-                        except OSError:
-                            pass
-        finally:
+    total, inodes = _alloc(os.fstat(root_fd)), 0
+
+    def entries(dfd: int) -> list[str]:
+        """Count one directory's entries; return its subdirectories' names."""
+        nonlocal total, inodes
+        subdirs = []
+        with os.scandir(dfd) as it:
+            for dent in it:
+                try:
+                    st = dent.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                key = (st.st_dev, st.st_ino)
+                if key in seen:
+                    continue
+                if st.st_nlink > 1 and not stat_mod.S_ISDIR(st.st_mode):
+                    seen.add(key)
+                total += _alloc(st)
+                inodes += 1
+                if progress is not None:
+                    progress(inodes, total)
+                if stat_mod.S_ISDIR(st.st_mode):
+                    subdirs.append(dent.name)
+        return subdirs
+
+    root = os.open(proc(root_fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    stack = [(root, iter(entries(root)))]
+    try:
+        while stack:
+            dfd, pending = stack[-1]
+            name = next(pending, None)
+            if name is None:
+                os.close(dfd)
+                stack.pop()
+                continue
+            try:
+                child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                dir_fd=dfd)
+            except FileNotFoundError:
+                continue  # removed since we listed it
+            stack.append((child, iter(())))  # held first, so `finally` closes it if listing fails
+            stack[-1] = (child, iter(entries(child)))
+    finally:
+        for dfd, _ in stack:
             os.close(dfd)
     return total, inodes
 
