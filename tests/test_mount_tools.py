@@ -243,3 +243,16 @@ def test_fd_budget_is_kept_by_asking_the_kernel_to_forget(world_dir: Path) -> No
         assert "asking the kernel to forget" in d.log()
     finally:
         assert d.stop() == 0
+
+
+def test_native_changes_to_a_vfolder_root_show_under_constant_use(daemon: Daemon) -> None:
+    """The host-dir lookup answers from a remembered stat; using it must not keep it fresh."""
+    vf = daemon.vfolder()
+    native = Path(daemon.api("GET", f"/v1/hosts/local/vfolders/{vf.name}").json()["native_path"])
+    os.stat(vf)
+    os.chmod(native, 0o700)  # behind vfusefs
+    deadline = time.monotonic() + 5
+    while stat.S_IMODE(os.stat(vf).st_mode) != 0o700 and time.monotonic() < deadline:
+        time.sleep(0.2)  # a path walk through the host dir every 0.2 s
+    assert stat.S_IMODE(os.stat(vf).st_mode) == 0o700
+    assert time.monotonic() < deadline - 2  # seen within about the attribute timeout

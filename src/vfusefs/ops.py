@@ -193,6 +193,15 @@ class Operations(pyfuse3.Operations):
         node.st = st
         node.st_until = time.monotonic() + self.timeout
 
+    async def _stat(self, node: Node) -> os.stat_result:
+        """node's stat: the remembered one while fresh (its expiry is not pushed back by being
+        used), else one from native storage, remembered."""
+        if node.st is not None and time.monotonic() < node.st_until:
+            return node.st  # type: ignore[no-any-return]
+        st = await self._run(node, native.fstat, node.fd)
+        self._fresh(node, st)
+        return st  # type: ignore[no-any-return]
+
     def _stale(self, st: os.stat_result | None, vf: Vfolder | None) -> None:
         """An inode changed in a way we have no new stat for (a link of it went away)."""
         if st is not None and vf is not None:
@@ -401,10 +410,9 @@ class Operations(pyfuse3.Operations):
                 raise fail(errno.ENOENT)
             # entry_timeout 0 makes every path walk look the vfolder up again (visibility is
             # per caller); its attributes may be as old as any cached attribute, so no hop here
-            root = vf.root
-            st = root.st if root.st is not None and time.monotonic() < root.st_until else \
-                await self._run(root, native.fstat, root.fd)
-            return self._entry(root, st)
+            st = await self._stat(vf.root)
+            vf.root.nlookup += 1
+            return self._attrs(vf.root, st)
         self._allow(ctx, parent, Need.READ)
         entry = await self._run(parent, native.lookup, parent.fd, name, self.table.by_key,
                                 parent.vf.id)  # type: ignore[union-attr]
@@ -431,11 +439,7 @@ class Operations(pyfuse3.Operations):
         if node.vf is None:
             return self._virtual_attrs(node)
         self._allow(ctx, node, Need.READ)
-        if node.st is not None and time.monotonic() < node.st_until:
-            return self._attrs(node, node.st)
-        st = await self._run(node, native.fstat, node.fd)
-        self._fresh(node, st)
-        return self._attrs(node, st)
+        return self._attrs(node, await self._stat(node))
 
     @handler
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
@@ -574,7 +578,7 @@ class Operations(pyfuse3.Operations):
         forbid_replace = mode == Mode.RW and not flags & pyfuse3.RENAME_NOREPLACE
         try:
             # the target directory may grow by a block; a replaced last link frees its bytes
-            victim, old_st, new_st, moved, _, _ = await self._charged(
+            victim, old_st, new_st, moved, _, freed_inodes = await self._charged(
                 old, BLOCK, 0, native.rename, old.fd, name_old, new.fd, name_new,
                 flags | (native.RENAME_NOREPLACE if forbid_replace else 0), lock=(old, new))
         except FileExistsError:
@@ -582,10 +586,8 @@ class Operations(pyfuse3.Operations):
         self._fresh(old, old_st)
         self._fresh(new, new_st)
         self._stale(victim, new.vf)
-        if victim is not None and not flags & pyfuse3.RENAME_EXCHANGE:
-            # rename charged what the victim's stat said; the ledger may hold other for it
-            self._release(new, self._refund(new, victim, 0, -1) if stat_mod.S_ISREG(victim.st_mode)
-                          and victim.st_nlink == 1 else 0, 0)
+        # rename charged what a replaced last link's stat said; the ledger may hold other for it
+        self._release(new, self._refund(new, victim, 0, freed_inodes), 0)
         self._stale(moved, new.vf)  # its ctime changed
         if moved is not None and stat_mod.S_ISDIR(moved.st_mode):
             node = self.table.find(vf, moved)

@@ -293,10 +293,10 @@ class Registry:
         for task in self.tasks.values():
             if task.vfolder == vf.id and task.state == "running":
                 return task
-        task = Task(id=str(uuid.uuid4()), kind="rescan", host=vf.host.name, vfolder=vf.id)
-        self.tasks[task.id] = task
         if self.nursery is None:
             raise RegistryError(409, "not_ready", "the daemon is not ready for background tasks")
+        task = Task(id=str(uuid.uuid4()), kind="rescan", host=vf.host.name, vfolder=vf.id)
+        self.tasks[task.id] = task
         self.nursery.start_soon(self._rescan, vf, task)
         return task
 
