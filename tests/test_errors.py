@@ -29,7 +29,11 @@ class Fake:
     def __init__(self) -> None:
         self.seen: list[tuple[str, int]] = []
 
-    def observe(self, op: str, code: int, seconds: float) -> None:
+    def host_label(self, op: str, args: tuple) -> str:
+        return "h1"
+
+    def observe(self, host: str, op: str, code: int, seconds: float) -> None:
+        assert host == "h1"
         self.seen.append((op, code))
 
     @errors.handler

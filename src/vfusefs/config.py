@@ -80,6 +80,9 @@ DAEMON_OPTIONS: tuple[Option, ...] = (
            _absolute_or_empty),
     Option("metrics_listen", str, "127.0.0.1:9321", False, "Prometheus HOST:PORT; empty disables",
            _listen_address),
+    Option("metrics_vfolders", bool, True, True,
+           "export per-vfolder usage and quota gauges (one series each: switch off for very "
+           "large installations)"),
     Option("admin_uids", list, [0], True, "uids that are admins when not in a confined cgroup", item=int),
     Option("confined_cgroups", list, ["/docker", "/system.slice/docker-", "/kubepods", "/machine.slice"],
            True, "cgroup-v2 path prefixes of containers: callers there are never admins", item=str),
@@ -127,6 +130,7 @@ class DaemonConfig:
     control_listen: str
     control_token_file: str
     metrics_listen: str
+    metrics_vfolders: bool
     admin_uids: tuple[int, ...]
     confined_cgroups: tuple[str, ...]
     log_format: str

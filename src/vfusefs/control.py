@@ -10,6 +10,8 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
+import time
 from typing import Any, Awaitable, Callable
 
 from starlette.applications import Starlette
@@ -155,6 +157,16 @@ def build_app(registry: Registry, token: str | None = None) -> Starlette:
         vf = await registry.set_grant(p["host"], p["id"], p["principal"], body["mode"])
         return JSONResponse(vf_json(vf))
 
+    @endpoint
+    async def stall(request: Request) -> Response:
+        """Test hook (VFUSEFS_TEST_HOOKS=1 only): block the event loop, as a wedged daemon would,
+        so tests can watch the systemd watchdog pings stop."""
+        body = await json_body(request, {"seconds"})
+        seconds = float(body.get("seconds", 1.0))
+        log.warning("test hook: blocking the event loop for %.1f s", seconds)
+        time.sleep(seconds)
+        return JSONResponse({"stalled": seconds})
+
     async def not_found(request: Request, exc: Exception) -> Response:
         return error(404, "not_found", f"no such endpoint: {request.method} {request.url.path}")
 
@@ -173,6 +185,8 @@ def build_app(registry: Registry, token: str | None = None) -> Starlette:
         Route("/v1/tasks/{task}", task),
         Route("/v1/scopes/{scope}", scope, methods=["GET", "PUT"]),
     ]
+    if os.environ.get("VFUSEFS_TEST_HOOKS") == "1":
+        routes.append(Route("/v1/debug/stall", stall, methods=["POST"]))
     app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_allowed})
     if token is None:
         return app

@@ -1,15 +1,20 @@
 """`vfusefs serve`: start-up, the services around the mount, and shutdown.
 
-Start-up order matters: config, store, registry (native dirs opened), control socket, then the
-mount; shutdown runs the same cleanups in reverse from one AsyncExitStack, each registered right
-after its resource exists.  SIGINT/SIGTERM end the FUSE loop and unmount cleanly; the process then
-exits 0.  The daemon never forks itself away: systemd (or the terminal) supervises it.
+Start-up order matters: config, store, registry (native dirs opened), a stale mount cleared,
+control socket, metrics, then the mount; READY=1 goes to systemd once the mount answers a request.
+Shutdown runs the same cleanups in reverse from one AsyncExitStack, each registered right after
+its resource exists.  SIGINT/SIGTERM: STOPPING=1, no new requests, usage flushed, unmount (lazily
+if busy, logged), exit 0.  SIGHUP reloads the config file without unmounting (`Service.reload`).
+The daemon never forks itself away: systemd (or the terminal) supervises it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import dataclasses
 import errno
+import functools
 import logging
 import os
 import resource
@@ -23,12 +28,14 @@ import pyfuse3
 import trio
 
 from vfusefs import config as config_mod
-from vfusefs import statfs_ino
+from vfusefs import metrics, statfs_ino
 from vfusefs.backends import load_backend
-from vfusefs.config import Config, ConfigError
+from vfusefs.callers import CallerCache
+from vfusefs.config import Config, ConfigError, DaemonConfig
 from vfusefs.control import build_app
 from vfusefs.inodes import InodeTable
 from vfusefs.logs import setup_logging
+from vfusefs.notify import Notifier
 from vfusefs.ops import Operations
 from vfusefs.registry import Registry
 from vfusefs.store import StoreError, open_store
@@ -59,8 +66,12 @@ def raise_fd_limit() -> int:
     return soft
 
 
-def clear_stale_mount(mountpoint: str) -> None:
-    """A daemon that crashed leaves a dead FUSE mount (ENOTCONN): detach it and go on."""
+async def clear_stale_mount(mountpoint: str) -> None:
+    """A daemon that crashed leaves a dead FUSE mount (ENOTCONN): detach it and go on.
+
+    The kernel still answers stat() of a dead mount's root from its attribute cache, so a
+    vfusefs mount found in /proc/self/mounts is probed with statvfs(), which always reaches the
+    daemon behind it: ENOTCONN means nobody is, an answer means another daemon is serving."""
     try:
         os.stat(mountpoint)
     except FileNotFoundError:
@@ -69,16 +80,29 @@ def clear_stale_mount(mountpoint: str) -> None:
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
             raise StartupError(f"mountpoint {mountpoint}: {exc.strerror}") from None
-        log.warning("mountpoint %s has a stale mount (transport endpoint not connected): "
-                    "unmounting it lazily", mountpoint)
-        subprocess.run(["umount", "-l", mountpoint], check=False, capture_output=True)
+    if not _is_fuse_vfusefs(mountpoint):
+        if not os.path.isdir(mountpoint):
+            raise StartupError(f"mountpoint {mountpoint}: not a directory")
+        return
+    with trio.move_on_after(10) as scope:
         try:
-            os.stat(mountpoint)
-        except OSError as exc2:
-            raise StartupError(f"mountpoint {mountpoint}: stale mount could not be cleared: "
-                               f"{exc2.strerror}") from None
-    if os.path.ismount(mountpoint) and _is_fuse_vfusefs(mountpoint):
-        raise StartupError(f"mountpoint {mountpoint}: a vfusefs daemon is already mounted there")
+            await trio.to_thread.run_sync(os.statvfs, mountpoint, abandon_on_cancel=True)
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise StartupError(f"mountpoint {mountpoint}: {exc.strerror}") from None
+        else:
+            raise StartupError(f"mountpoint {mountpoint}: a vfusefs daemon is already serving there")
+    if scope.cancelled_caught:
+        raise StartupError(f"mountpoint {mountpoint}: the vfusefs mount there does not answer "
+                           f"(a hung daemon?): stop it, or run umount -l {mountpoint}")
+    log.warning("mountpoint %s has a stale mount (transport endpoint not connected): "
+                "unmounting it lazily", mountpoint)
+    try:
+        umount(mountpoint, lazy=True)
+        os.stat(mountpoint)
+    except OSError as exc:
+        raise StartupError(f"mountpoint {mountpoint}: stale mount could not be cleared: "
+                           f"{exc.strerror}") from None
 
 
 def _is_fuse_vfusefs(mountpoint: str) -> bool:
@@ -103,29 +127,23 @@ def check_socket_free(path: str) -> None:
     raise StartupError(f"control socket {path}: another vfusefs daemon is answering there")
 
 
-async def serve_control(registry: Registry, cfg: Config, *,
-                        task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_asgi(app: Any, bind: str, what: str, *, unix_umask: int | None = None,
+                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve an ASGI app with hypercorn on the event loop; a bind failure is a StartupError."""
     from hypercorn.config import Config as HyperConfig
     from hypercorn.trio import serve
 
-    d = cfg.daemon
-    async with trio.open_nursery() as nursery:
-        hc = HyperConfig()
-        hc.bind = [f"unix:{d.control_socket}"]
-        hc.umask = 0o177  # the socket file is created 0600: root only
-        hc.accesslog = None
-        hc.errorlog = logging.getLogger("vfusefs.control.http")
-        hc.graceful_timeout = 1.0
-        await nursery.start(serve, build_app(registry), hc)
-        if d.control_listen:
-            token = read_token(d.control_token_file)
-            tc = HyperConfig()
-            tc.bind = [d.control_listen]
-            tc.accesslog = None
-            tc.errorlog = hc.errorlog
-            tc.graceful_timeout = 1.0
-            await nursery.start(serve, build_app(registry, token), tc)
-        task_status.started()
+    hc = HyperConfig()
+    hc.bind = [bind]
+    if unix_umask is not None:
+        hc.umask = unix_umask
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("vfusefs.control.http")
+    hc.graceful_timeout = 1.0
+    try:
+        await serve(app, hc, task_status=task_status)
+    except OSError as exc:
+        raise StartupError(f"{what} {bind}: {exc.strerror or exc}") from None
 
 
 def read_token(path: str) -> str:
@@ -153,94 +171,272 @@ async def purge_trash_periodically(registry: Registry) -> None:
         registry.trash_waiting = trio.Event()
 
 
-async def run(cfg: Config) -> None:
-    d = cfg.daemon
-    token = trio.lowlevel.current_trio_token()
-    try:
-        store = open_store(cfg.store_url)
-    except StoreError as exc:
-        raise StartupError(str(exc)) from None
-    async with contextlib.AsyncExitStack() as stack:
-        stack.callback(store.close)
-        table = InodeTable()
-        registry = Registry(cfg, store, table, token)
-        stack.callback(registry.close)
-        await registry.load()
-        clear_stale_mount(d.mountpoint)
-        check_socket_free(d.control_socket)
-        nursery = await stack.enter_async_context(trio.open_nursery())
-        stack.callback(nursery.cancel_scope.cancel)
-        await nursery.start(serve_control, registry, cfg)
-        registry.nursery = nursery
-        for vf in registry.needs_scan:  # usage not trusted after an unclean stop
-            registry.start_rescan(vf)
-
-        ops = Operations(registry, d)
-        options = set(pyfuse3.default_options)  # default_permissions: the kernel checks mode bits
-        options |= {"fsname=vfusefs", "subtype=vfusefs", "allow_other"}
-        os.umask(0)  # native nodes get exactly the mode the caller asked for (already masked)
-        try:
-            pyfuse3.init(ops, d.mountpoint, options)
-        except RuntimeError as exc:
-            raise StartupError(f"cannot mount {d.mountpoint}: {exc}") from None
-        registry.mounted = True
-        if not statfs_ino.active():
-            log.warning("statfs shim not active (vfusefs/_statfs_ino*.so missing?): df will show "
-                        "host totals instead of each vfolder's quota")
-        unmounted = False
-
-        def unmount() -> None:
-            if not unmounted:
-                registry.mounted = False
-                pyfuse3.close(unmount=True)
-
-        stack.callback(unmount)
-        log.info("serving %d host(s), %d vfolder(s) at %s", len(registry.hosts),
-                 len(registry.vfolders), d.mountpoint)
-        nursery.start_soon(watch_signals)
-        nursery.start_soon(purge_trash_periodically, registry)
-        nursery.start_soon(ops.keep_fd_budget)
-        nursery.start_soon(flush_usage_periodically, registry)
-        nursery.start_soon(rescan_periodically, registry, d.scan_interval)
-        await pyfuse3.main(min_tasks=1, max_tasks=d.max_tasks)
-        log.info("FUSE loop ended; unmounting %s", d.mountpoint)
-        await registry.mark_clean()  # usage persisted: the next start may trust it
-        for (op, code), (count, seconds) in sorted(ops.stats.items()):
-            log.debug("served %-12s errno %-3d x%-8d %8.1f us each", op, code, count,
-                      seconds / count * 1e6)
-        unmount()
-        unmounted = True
+_libc = ctypes.CDLL(None, use_errno=True)
+MNT_DETACH = 2
 
 
-async def flush_usage_periodically(registry: Registry) -> None:
-    """Usage is persisted every few seconds; after a crash a rescan recounts it anyway."""
-    while True:
-        await trio.sleep(USAGE_FLUSH_INTERVAL)
-        try:
-            for vf in list(registry.vfolders.values()):
-                await registry.reconcile(vf)
-            await registry.flush_usage()
-        except Exception:
-            log.exception("persisting usage failed")
+def umount(mountpoint: str, lazy: bool) -> None:
+    if _libc.umount2(os.fsencode(mountpoint), MNT_DETACH if lazy else 0) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), mountpoint)
 
 
-async def rescan_periodically(registry: Registry, interval: float) -> None:
-    if not interval:
-        return
-    while True:
-        await trio.sleep(interval)
-        for vf in list(registry.vfolders.values()):
-            task = registry.start_rescan(vf)
-            while task.state == "running":  # one vfolder at a time
-                await trio.sleep(1)
+class Service:
+    """One running daemon: the mount, the servers around it, signals, reload and systemd."""
 
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.notifier = Notifier()
+        self.registry: Registry | None = None
+        self.ops: Operations | None = None
+        self.tcp_app: Any = None  # BearerAuth around the TCP control API, for token reloads
+        self.stopping = False
+        self.last_status = ""
 
-async def watch_signals() -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("%s received: unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
+    # -- systemd --------------------------------------------------------------------------------
+    def status_line(self) -> str:
+        r = self.registry
+        if r is None:
+            return "starting"
+        health = ", ".join(f"{name} {h.health}" for name, h in r.hosts.items()) or "none"
+        handles = len(self.ops.handles) if self.ops is not None else 0
+        return (f"serving {len(r.vfolders)} vfolder(s) of {len(r.hosts)} host(s) at "
+                f"{self.cfg.daemon.mountpoint}; hosts: {health}; {handles} open handle(s)")
+
+    def update_status(self) -> None:
+        line = self.status_line()
+        if line != self.last_status and not self.stopping:
+            self.last_status = line
+            self.notifier.status(line)
+
+    async def watchdog(self) -> None:
+        """Ping systemd from the event loop itself: if the loop wedges, the pings stop."""
+        interval = self.notifier.watchdog_seconds / 3
+        if not interval:
             return
+        log.debug("pinging the systemd watchdog every %.1f s", interval)
+        while True:
+            self.notifier.watchdog()
+            await trio.sleep(interval)
+
+    async def announce_ready(self) -> None:
+        """READY=1 only once the mount answers: a round trip through our own FUSE loop."""
+        mp = self.cfg.daemon.mountpoint
+        with trio.move_on_after(60) as scope:
+            await trio.to_thread.run_sync(os.listdir, mp, abandon_on_cancel=True)
+        if scope.cancelled_caught:
+            raise StartupError(f"mountpoint {mp}: the new mount does not answer")
+        self.last_status = self.status_line()
+        self.notifier.ready(self.last_status)
+        log.info("ready: %s", self.last_status)
+
+    # -- signals and reload ---------------------------------------------------------------------
+    async def watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await self.reload()
+                    continue
+                log.info("%s received: stopping (no new requests, usage flushed, then unmount)",
+                         signal.Signals(signum).name)
+                self.stopping = True
+                self.notifier.stopping(f"stopping: unmounting {self.cfg.daemon.mountpoint}")
+                pyfuse3.terminate()
+                return
+
+    async def reload(self) -> None:
+        """SIGHUP: read the config file again and apply it without unmounting; a bad file is
+        refused with a logged reason and the running configuration stays."""
+        assert self.registry is not None and self.ops is not None
+        self.notifier.reloading()
+        path = self.cfg.path
+        log.info("SIGHUP received: reloading %s", path)
+        try:
+            new = config_mod.load(path)
+            for hc in new.hosts.values():
+                load_backend(hc)
+        except ConfigError as exc:
+            text = str(exc)
+            log.error("reload refused, the previous configuration stays in force: %s",
+                      text if text.startswith(path) else f"{path}: {text}")
+            self.notifier.ready(self.status_line())
+            return
+        changes = self._apply_daemon(new.daemon)
+        try:
+            changes += await self.registry.reload_hosts(new.hosts)
+        except Exception as exc:  # a host's backend failing to start: the others stay applied
+            log.exception("reload partly applied: %s", exc)
+        d = self.cfg.daemon
+        self.cfg = self.registry.config = dataclasses.replace(
+            new, daemon=d, store_url=self.cfg.store_url,
+            hosts={name: h.config for name, h in self.registry.hosts.items()})
+        log.info("configuration reloaded: %s", "; ".join(changes) if changes else "nothing changed")
+        self.last_status = self.status_line()
+        self.notifier.ready(self.last_status)
+
+    def _apply_daemon(self, new: DaemonConfig) -> list[str]:
+        """Apply what may change live ([daemon] options declared reloadable); keep the rest,
+        saying it needs a restart."""
+        assert self.registry is not None and self.ops is not None
+        old = self.cfg.daemon
+        changed = {o.key: o for o in config_mod.DAEMON_OPTIONS
+                   if getattr(old, o.key) != getattr(new, o.key)}
+        applied: dict[str, Any] = {}
+        for key, opt in changed.items():
+            if opt.reloadable:
+                applied[key] = getattr(new, key)
+            else:
+                log.warning("daemon.%s changed to %r: takes effect at the next restart "
+                            "(still %r)", key, getattr(new, key), getattr(old, key))
+        if "control_token_file" in applied and self.tcp_app is not None:
+            try:
+                self.tcp_app.token = read_token(applied["control_token_file"]).encode()
+            except StartupError as exc:
+                log.error("reload: %s; the old token stays valid", exc)
+                del applied["control_token_file"]
+        merged = dataclasses.replace(old, **applied)
+        if {"admin_uids", "confined_cgroups"} & set(applied):
+            self.ops.callers = CallerCache(merged.admin_uids, merged.confined_cgroups)
+            for vf in self.registry.vfolders.values():
+                vf.modes = {}
+        if {"log_format", "log_level"} & set(applied):
+            setup_logging(merged.log_format, merged.log_level)
+        self.cfg = dataclasses.replace(self.cfg, daemon=merged)
+        self.registry.config = self.cfg
+        return [f"daemon.{key} = {value!r}" for key, value in applied.items()]
+
+    # -- the run --------------------------------------------------------------------------------
+    async def run(self) -> None:
+        d = self.cfg.daemon
+        token = trio.lowlevel.current_trio_token()
+        try:
+            store = open_store(self.cfg.store_url)
+        except StoreError as exc:
+            raise StartupError(str(exc)) from None
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(self.notifier.close)
+            stack.callback(store.close)
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            stack.callback(nursery.cancel_scope.cancel)
+            nursery.start_soon(self.watchdog)
+            self.notifier.status("loading vfolders")
+            table = InodeTable()
+            registry = self.registry = Registry(self.cfg, store, table, token)
+            stack.callback(registry.close)
+            await registry.load()
+            await clear_stale_mount(d.mountpoint)
+            check_socket_free(d.control_socket)
+            await nursery.start(functools.partial(serve_asgi, build_app(registry),
+                                                  f"unix:{d.control_socket}", "control_socket",
+                                                  unix_umask=0o177))  # socket file 0600
+            if d.control_listen:
+                self.tcp_app = build_app(registry, read_token(d.control_token_file))
+                await nursery.start(serve_asgi, self.tcp_app, d.control_listen, "control_listen")
+            registry.nursery = nursery
+            for vf in registry.needs_scan:  # usage not trusted after an unclean stop
+                registry.start_rescan(vf)
+
+            ops = self.ops = Operations(registry, d)
+            if d.metrics_listen:
+                await nursery.start(serve_asgi, metrics.build_app(ops, registry),
+                                    d.metrics_listen, "metrics_listen")
+            options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
+            options |= {"fsname=vfusefs", "subtype=vfusefs", "allow_other"}
+            os.umask(0)  # native nodes get exactly the mode the caller asked for (already masked)
+            try:
+                pyfuse3.init(ops, d.mountpoint, options)
+            except RuntimeError as exc:
+                raise StartupError(f"cannot mount {d.mountpoint}: {exc}") from None
+            registry.mounted = True
+            if not statfs_ino.active():
+                log.warning("statfs shim not active (vfusefs/_statfs_ino*.so missing?): df will "
+                            "show host totals instead of each vfolder's quota")
+            session_open = True
+
+            def close_session() -> None:  # on errors: libfuse unmounts (lazily) and closes
+                if session_open:
+                    registry.mounted = False
+                    pyfuse3.close(unmount=True)
+
+            stack.callback(close_session)
+            nursery.start_soon(self.watch_signals)
+            nursery.start_soon(self.announce_ready)
+            nursery.start_soon(purge_trash_periodically, registry)
+            nursery.start_soon(ops.keep_fd_budget)
+            nursery.start_soon(self.flush_usage_periodically)
+            nursery.start_soon(self.rescan_periodically)
+            await pyfuse3.main(min_tasks=1, max_tasks=d.max_tasks)
+            log.info("FUSE loop ended: no more requests are served")
+            await registry.mark_clean()  # usage persisted: the next start may trust it
+            for (host, op, code), st in sorted(ops.stats.items()):
+                log.debug("served %-8s %-12s errno %-3d x%-8d %8.1f us each", host, op, code,
+                          st.count, st.seconds / st.count * 1e6)
+            registry.mounted = False
+            await self.unmount()
+            pyfuse3.close(unmount=False)
+            session_open = False
+
+    async def unmount(self) -> None:
+        """Unmount; if something still uses the mount (open files, a cwd inside), detach it
+        lazily and say so: it then goes away when its last user leaves."""
+        mp = self.cfg.daemon.mountpoint
+
+        def attempt() -> str:
+            try:
+                umount(mp, lazy=False)
+                return "unmounted"
+            except OSError as exc:
+                if exc.errno != errno.EBUSY:
+                    raise
+            umount(mp, lazy=True)
+            return "busy"
+
+        with trio.move_on_after(10) as scope:
+            try:
+                result = await trio.to_thread.run_sync(attempt, abandon_on_cancel=True)
+            except OSError as exc:
+                log.warning("unmounting %s: %s; closing the FUSE session anyway", mp, exc.strerror)
+                return
+        if scope.cancelled_caught:
+            log.warning("unmounting %s did not finish in 10 s: closing the FUSE session", mp)
+        elif result == "busy":
+            log.warning("%s is busy (open files or a working directory inside): detached it "
+                        "lazily; processes still using it get ENOTCONN from now on", mp)
+        else:
+            log.info("unmounted %s", mp)
+
+    async def flush_usage_periodically(self) -> None:
+        """Usage is persisted every few seconds; after a crash a rescan recounts it anyway."""
+        registry = self.registry
+        assert registry is not None
+        while True:
+            await trio.sleep(USAGE_FLUSH_INTERVAL)
+            try:
+                for vf in list(registry.vfolders.values()):
+                    await registry.reconcile(vf)
+                await registry.flush_usage()
+            except Exception:
+                log.exception("persisting usage failed")
+            self.update_status()
+
+    async def rescan_periodically(self) -> None:
+        """Recount every vfolder every scan_interval seconds (read live: SIGHUP may change it)."""
+        registry = self.registry
+        assert registry is not None
+        waited = 0.0
+        while True:
+            await trio.sleep(1)
+            waited += 1
+            interval = self.cfg.daemon.scan_interval
+            if not interval or waited < interval:
+                continue
+            waited = 0.0
+            for vf in list(registry.vfolders.values()):
+                if vf.deleted:
+                    continue
+                task = registry.start_rescan(vf)
+                while task.state == "running":  # one vfolder at a time
+                    await trio.sleep(1)
 
 
 def first_of(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
@@ -276,7 +472,7 @@ def serve(config_path: str | None) -> int:
         log.warning("only %d file descriptors allowed (RLIMIT_NOFILE): the kernel will be asked "
                     "to forget cached entries often; raise it (systemd: LimitNOFILE=1048576)", fds)
     try:
-        trio.run(run, cfg)
+        trio.run(Service(cfg).run)
     except BaseException as exc:  # trio wraps errors raised inside nurseries in groups
         found = first_of(exc, (StartupError, ConfigError, KeyboardInterrupt))
         if isinstance(found, KeyboardInterrupt):

@@ -24,6 +24,7 @@ import trio
 from vfusefs.backends import BackendError
 from vfusefs.quota import QuotaExceeded
 from vfusefs.store import StoreError
+from vfusefs.workers import StoppedError
 
 log = logging.getLogger("vfusefs.ops")
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -34,28 +35,33 @@ MAPPED: tuple[tuple[type[BaseException], int], ...] = (
     (trio.TooSlowError, errno.EIO),
     (StoreError, errno.EIO),
     (BackendError, errno.EIO),
+    (StoppedError, errno.EIO),
     (UnicodeError, errno.EINVAL),
     (OverflowError, errno.EINVAL),
 )
 
 
-def to_errno(exc: BaseException) -> int:
+def to_errno(exc: BaseException, op: str = "", host: str = "-") -> int:
     """The errno to answer with for exc (logs a traceback for unexpected ones)."""
     if isinstance(exc, pyfuse3.FUSEError):
         return exc.errno
     if isinstance(exc, OSError):
         return exc.errno or errno.EIO
+    fields = {"op": op, "host": host, "errno": errno.EIO}
     for kind, code in MAPPED:
         if isinstance(exc, kind):
             if code == errno.EIO:
-                log.warning("%s: %s", type(exc).__name__, exc)
+                log.warning("%s on host %s: %s: %s", op, host, type(exc).__name__, exc,
+                            extra=fields)
             return code
-    log.error("unexpected error in a FUSE handler, answering EIO", exc_info=exc)
+    log.error("unexpected error in FUSE handler %s (host %s), answering EIO", op, host,
+              exc_info=exc, extra=fields)
     return errno.EIO
 
 
 def handler(fn: F) -> F:
-    """Decorate an Operations method: map every exception, count and time the operation."""
+    """Decorate an Operations method: map every exception, count and time the operation per
+    host (`self.host_label(op, args)` names it, `self.observe(...)` records it)."""
     name = fn.__name__
 
     @functools.wraps(fn)
@@ -63,11 +69,12 @@ def handler(fn: F) -> F:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s%r", name, tuple(a for a in args if not isinstance(a, (bytes, bytearray))
                                           or len(a) < 64), extra={"op": name})
+        host = self.host_label(name, args)  # before fn: release drops the handle it names
         start = time.perf_counter()
         try:
             result = await fn(self, *args)
         except pyfuse3.FUSEError as exc:
-            self.observe(name, exc.errno, time.perf_counter() - start)
+            self.observe(host, name, exc.errno, time.perf_counter() - start)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("%s -> errno %d", name, exc.errno, extra={"op": name, "errno": exc.errno})
             raise
@@ -76,10 +83,10 @@ def handler(fn: F) -> F:
         except BaseException as exc:
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
-            code = to_errno(exc)
-            self.observe(name, code, time.perf_counter() - start)
+            code = to_errno(exc, name, host)
+            self.observe(host, name, code, time.perf_counter() - start)
             raise pyfuse3.FUSEError(code) from None
-        self.observe(name, 0, time.perf_counter() - start)
+        self.observe(host, name, 0, time.perf_counter() - start)
         return result
 
     return wrapper  # type: ignore[return-value]

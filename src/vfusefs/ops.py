@@ -33,12 +33,16 @@ from vfusefs.access import Caller, Mode, Need
 from vfusefs.callers import CallerCache
 from vfusefs.config import DaemonConfig
 from vfusefs.errors import handler
+from vfusefs.metrics import DENIAL_REASONS, READ_ONLY_TREE, OpStat
 from vfusefs.inodes import ROOT_INODE, InodeTable, Kind, Node
 from vfusefs.quota import QuotaExceeded, parse_count, parse_size
 from vfusefs.registry import Host, Registry, Vfolder
 
 log = logging.getLogger(__name__)
 
+# operations whose first argument is a file handle, not an inode (for the host label)
+FH_OPS = frozenset({"read", "write", "flush", "fsync", "release", "readdir", "releasedir",
+                    "fsyncdir"})
 READDIR_CHUNK = 256  # native entries read (and stat'ed) per worker hop
 BLOCK = 4096  # allocation unit assumed for quota reservations (commits use real st_blocks)
 RECONCILE_WINDOW = 60.0  # seconds a changed file is watched (> the kernel's 30 s writeback)
@@ -99,7 +103,8 @@ class Operations(pyfuse3.Operations):
         self.checks = os.environ.get("VFUSEFS_BENCH_NO_ACCESS_CHECKS") != "1"
         if not self.checks:
             log.warning("ACCESS CHECKS ARE OFF (VFUSEFS_BENCH_NO_ACCESS_CHECKS=1): benchmark only")
-        self.stats: dict[tuple[str, int], list[float]] = {}  # (op, errno) -> [count, seconds]
+        self.stats: dict[tuple[str, str, int], OpStat] = {}  # (host, op, errno) -> stats
+        self.denied: dict[tuple[str, str], int] = {}  # (host, reason) -> refused requests
         # fd budget: start pruning kernel entries above fd_high, down to fd_low
         self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         # keep room for data fds of open files, sockets and the store
@@ -110,13 +115,31 @@ class Operations(pyfuse3.Operations):
         self._prune_after = 0.0
 
     # -- bookkeeping ----------------------------------------------------------------------------
-    def observe(self, op: str, code: int, seconds: float) -> None:
-        entry = self.stats.get((op, code))
-        if entry is None:
-            self.stats[(op, code)] = [1, seconds]
+    def host_label(self, op: str, args: tuple[Any, ...]) -> str:
+        """The host a request is about, for metrics: "-" for the root and host-less requests."""
+        key = args[0] if args else None
+        if type(key) is not int:
+            return "-"
+        if op in FH_OPS:
+            h = self.handles.get(key)
+            node = h.node if h is not None else None
         else:
-            entry[0] += 1
-            entry[1] += seconds
+            node = self.table.get(key)
+        host = node.host if node is not None else None
+        return host.name if host is not None else "-"
+
+    def observe(self, host: str, op: str, code: int, seconds: float) -> None:
+        entry = self.stats.get((host, op, code))
+        if entry is None:
+            entry = self.stats[(host, op, code)] = OpStat()
+        entry.add(seconds)
+
+    def _deny(self, node: Node, code: int, reason: str | None = None) -> pyfuse3.FUSEError:
+        """Count a refusal by access mode or quota (vfusefs_denied_total) and return its error."""
+        key = (node.host.name if node.host is not None else "-",
+               reason or DENIAL_REASONS.get(code, "other"))
+        self.denied[key] = self.denied.get(key, 0) + 1
+        return fail(code)
 
     def _new_fh(self, h: FileHandle | DirHandle) -> int:
         fh = self._next_fh
@@ -166,11 +189,11 @@ class Operations(pyfuse3.Operations):
         caller, admin = self._caller(ctx)
         if node.vf is None:  # root and host directories
             if need is not Need.READ:
-                raise fail(errno.EPERM)
+                raise self._deny(node, errno.EPERM, READ_ONLY_TREE)
             return caller, admin
         code = access.check(self._mode(caller, admin, node.vf), need)
         if code:
-            raise fail(code)
+            raise self._deny(node, code)
         return caller, admin
 
     def _recheck(self, h: FileHandle | DirHandle, need: Need) -> None:
@@ -182,7 +205,7 @@ class Operations(pyfuse3.Operations):
             raise fail(errno.ENOENT)
         code = access.check(self._mode(h.caller, h.admin, vf), need)
         if code:
-            raise fail(code)
+            raise self._deny(h.node, code)
 
     def _visible(self, caller: Caller, admin: bool, vf: Vfolder) -> bool:
         return self._mode(caller, admin, vf) is not Mode.NONE
@@ -265,7 +288,7 @@ class Operations(pyfuse3.Operations):
         try:
             res = self.ledger.reserve(vf.quota_keys, nbytes, inodes)
         except QuotaExceeded:
-            raise fail(errno.EDQUOT) from None
+            raise self._deny(node, errno.EDQUOT) from None
         try:
             result = await self._run(node, _locked, self._locks(lock or (node,)), fn, *args)
         except BaseException:
@@ -646,7 +669,9 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._file(fh)
         self._recheck(h, Need.READ)
-        return await self._run(h.node, native.read, h.fd, size, off)  # type: ignore[no-any-return]
+        data: bytes = await self._run(h.node, native.read, h.fd, size, off)
+        h.node.host.bytes_read += len(data)  # type: ignore[union-attr]
+        return data
 
     @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -658,6 +683,7 @@ class Operations(pyfuse3.Operations):
         written, st, _, _ = await self._charged(h.node, bound, 0, _tracked(h.node, native.write),
                                                 h.fd, buf, off)
         self._fresh(h.node, st)
+        h.node.host.bytes_written += written  # type: ignore[union-attr]
         return written  # type: ignore[no-any-return]
 
     @handler

@@ -77,6 +77,8 @@ class Host:
     node: Node | None = None
     vfolders: dict[str, Vfolder] = field(default_factory=dict)
     health: str = "ok"
+    bytes_read: int = 0  # through the mount, since start (metrics)
+    bytes_written: int = 0
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "backend": self.config.backend, "path": self.config.path,
@@ -131,24 +133,32 @@ class Registry:
             acc.limit_bytes, acc.limit_inodes = qb, qi
         clean = await self.store_workers.run(self.store.get_meta, "clean") == "1"
         await self.store_workers.run(self.store.set_meta, "clean", "0")
-        if not clean and usage:
+        records = await self.store_workers.run(self.store.vfolders)
+        if not clean and records:
             log.warning("the last stop was not clean: usage will be recounted by a rescan")
-        for rec in await self.store_workers.run(self.store.vfolders):
+        for rec in records:
             host = self.hosts.get(rec.host)
             if host is None:
                 log.warning("vfolder %s belongs to host %r, which is not configured: not served",
-                            rec.id, rec.host)
+                            rec.id, rec.host, extra={"host": rec.host, "vfolder": rec.id})
                 continue
-            try:
-                vf = await self._attach(host, rec)
-            except OSError as exc:
-                log.error("vfolder %s: native directory %s cannot be opened (%s): not served",
-                          rec.id, rec.native_path, exc.strerror)
-                continue
-            if rec.id in usage:
-                self.set_usage(vf, *usage[rec.id])
-            if not clean or rec.id not in usage:
+            vf = await self._attach_stored(host, rec, usage)
+            if vf is not None and (not clean or rec.id not in usage):
                 self.needs_scan.append(vf)
+
+    async def _attach_stored(self, host: Host, rec: VfolderRecord,
+                             usage: dict[str, tuple[int, int]]) -> Vfolder | None:
+        """Serve a vfolder from the store on host; None (logged) if its directory is missing."""
+        try:
+            vf = await self._attach(host, rec)
+        except OSError as exc:
+            log.error("vfolder %s: native directory %s cannot be opened (%s): not served",
+                      rec.id, rec.native_path, exc.strerror,
+                      extra={"host": host.name, "vfolder": rec.id})
+            return None
+        if rec.id in usage:
+            self.set_usage(vf, *usage[rec.id])
+        return vf
 
     def _add_host(self, hc: HostConfig) -> Host:
         backend = load_backend(hc)
@@ -173,6 +183,75 @@ class Registry:
         for host in self.hosts.values():
             host.workers.stop()
         self.store_workers.stop()
+
+    # -- reload (SIGHUP) ------------------------------------------------------------------------
+    async def reload_hosts(self, new: dict[str, HostConfig]) -> list[str]:
+        """Serve exactly the hosts in `new` without unmounting; returns one line per change.
+
+        A removed host disappears from the root (its open files answer ENOENT from then on, as
+        if deleted); an added one appears with its vfolders from the store, recounted by a
+        rescan.  A changed path, backend, layout or options re-attaches the host (its vfolders
+        move to where the new settings put them); a changed op_timeout or servers list is
+        applied in place.
+        """
+        changes = []
+        for name in [n for n in self.hosts if n not in new]:
+            await self._remove_host(name)
+            changes.append(f"host {name} removed")
+        for name, hc in new.items():
+            old = self.hosts.get(name)
+            if old is None:
+                await self._add_host_live(hc)
+                changes.append(f"host {name} added ({len(self.hosts[name].vfolders)} vfolders)")
+            elif old.config == hc:
+                continue
+            elif _attach_fields(old.config) == _attach_fields(hc):
+                old.config = hc
+                old.workers.op_timeout = hc.op_timeout
+                changes.append(f"host {name}: op_timeout {hc.op_timeout}s, servers "
+                               f"{list(hc.servers)}")
+            else:
+                await self._remove_host(name)
+                await self._add_host_live(hc)
+                changes.append(f"host {name} re-attached ({hc.backend} at {hc.path}, layout "
+                               f"{hc.layout})")
+        if changes and self.mounted:
+            pyfuse3.invalidate_inode(pyfuse3.ROOT_INODE, attr_only=True)  # its link count
+        return changes
+
+    async def _remove_host(self, name: str) -> None:
+        await self.flush_usage()  # its vfolders' usage stays in the store for a later re-add
+        host = self.hosts.pop(name)
+        for vf in list(host.vfolders.values()):
+            self.set_usage(vf, 0, 0)  # its scope no longer carries it here
+            self.ledger.accounts.pop(vf.quota_keys[0], None)
+            vf.deleted = True
+            self.vfolders.pop(vf.id, None)
+            if vf.root is not None:
+                vf.root.kind = Kind.NATIVE  # dropped once the kernel forgets it
+                self.table.native_fds += 1
+        host.vfolders.clear()
+        host.workers.stop()  # queued calls finish; later ones fail, closes run inline
+        if self.mounted:
+            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name.encode(), ignore_enoent=True)
+
+    async def _add_host_live(self, hc: HostConfig) -> None:
+        host = self._add_host(hc)
+        usage = await self.store_workers.run(self.store.usage)
+        for rec in await self.store_workers.run(self.store.vfolders):
+            if rec.host != hc.name:
+                continue
+            path = host.backend.native_path(uuid.UUID(rec.id), rec.scope)
+            if path != rec.native_path:  # the host's path or layout changed
+                log.info("vfolder %s now at %s (was %s)", rec.id, path, rec.native_path,
+                         extra={"host": hc.name, "vfolder": rec.id})
+                rec = VfolderRecord(**{**rec.__dict__, "native_path": path})
+                await self.store_workers.run(self.store.put_vfolder, rec)
+            vf = await self._attach_stored(host, rec, usage)
+            if vf is not None and self.nursery is not None:
+                self.start_rescan(vf)  # it may have changed while not served here
+        if self.mounted:
+            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, hc.name.encode(), ignore_enoent=True)
 
     # -- lookups --------------------------------------------------------------------------------
     def host(self, name: str) -> Host:
@@ -213,7 +292,8 @@ class Registry:
             self.start_rescan(vf)
         else:
             self.set_usage(vf, *await host.workers.run(native.scan, vf.root.fd))  # type: ignore[union-attr]
-        log.info("vfolder %s created on host %s at %s", vfid, host.name, path)
+        log.info("vfolder %s created on host %s at %s", vfid, host.name, path,
+                 extra={"host": host.name, "vfolder": vfid})
         return vf
 
     # -- quota ----------------------------------------------------------------------------------
@@ -251,7 +331,7 @@ class Registry:
         acc = self.ledger.account(vf.quota_keys[0])
         acc.limit_bytes, acc.limit_inodes = rec.quota_bytes, rec.quota_inodes
         log.info("vfolder %s limits: %d bytes, %d inodes (0: unlimited)", vf.id, rec.quota_bytes,
-                 rec.quota_inodes)
+                 rec.quota_inodes, extra={"host": vf.host.name, "vfolder": vf.id})
         return vf
 
     def scope_info(self, scope: str) -> dict[str, Any]:
@@ -310,7 +390,8 @@ class Registry:
                                                            abandon_on_cancel=True)
         except Exception as exc:
             task.state, task.error = "failed", str(exc)
-            log.warning("rescan of vfolder %s failed: %s", vf.id, exc)
+            log.warning("rescan of vfolder %s failed: %s", vf.id, exc,
+                        extra={"host": vf.host.name, "vfolder": vf.id})
         else:
             if not vf.deleted:
                 for node, _ in vf.recent.values():  # the scan saw their current allocation
@@ -319,7 +400,8 @@ class Registry:
                 old = self.ledger.account(vf.quota_keys[0])
                 if (old.used_bytes, old.used_inodes) != (nbytes, inodes):
                     log.info("rescan of vfolder %s: usage %d -> %d bytes, %d -> %d inodes", vf.id,
-                             old.used_bytes, nbytes, old.used_inodes, inodes)
+                             old.used_bytes, nbytes, old.used_inodes, inodes,
+                             extra={"host": vf.host.name, "vfolder": vf.id})
                 self.set_usage(vf, nbytes, inodes)
             task.entries, task.bytes, task.state = inodes, nbytes, "done"
         task.finished = time.time()
@@ -352,7 +434,8 @@ class Registry:
         trash = TrashRecord(moved, host.name, vf.id, time.time()) if moved else None
         await self.store_workers.run(self.store.delete_vfolder, vf.id, trash)
         self.trash_waiting.set()
-        log.info("vfolder %s deleted from host %s (data moved to %s)", vf.id, host.name, moved or "-")
+        log.info("vfolder %s deleted from host %s (data moved to %s)", vf.id, host.name,
+                 moved or "-", extra={"host": host.name, "vfolder": vf.id})
         return moved
 
     async def set_grant(self, host_name: str, vfid: str, principal: str, mode: str | None) -> Vfolder:
@@ -467,6 +550,11 @@ def _reconcile(nodes: list[Node]) -> tuple[int, list[Node]]:
             drift += got[0] - node.alloc
             node.alloc = got[0]
     return drift, gone
+
+
+def _attach_fields(hc: HostConfig) -> tuple[Any, ...]:
+    """What decides where a host's vfolders live: changing any of it re-attaches the host."""
+    return hc.backend, hc.path, hc.layout, hc.options
 
 
 def _open_dir(path: str) -> tuple[int, os.stat_result]:

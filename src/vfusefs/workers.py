@@ -35,6 +35,10 @@ _PARKED = 1
 _WAITING = 0
 
 
+class StoppedError(Exception):
+    """The host's pool was stopped (the host is no longer served): answered with EIO."""
+
+
 class _Job:
     __slots__ = ("fn", "args", "task", "ok", "value", "state", "mutex", "done", "abandoned")
 
@@ -67,6 +71,7 @@ class HostWorkers:
         self._finished = itertools.count()  # next() is atomic: safe from every worker
         self._finished_n = 0
         self.slow_ewma = 0.0  # recent native call latency, seconds
+        self.stopped = False
         for t in self._threads:
             t.start()
 
@@ -108,6 +113,8 @@ class HostWorkers:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(*args) on one of this host's threads; TooSlowError after op_timeout."""
+        if self.stopped:
+            raise StoppedError(f"host {self.name} is no longer served")
         job = _Job(fn, args, trio.lowlevel.current_task())
         self._submitted += 1
         self._queue.put(job)
@@ -136,7 +143,16 @@ class HostWorkers:
         raise job.value
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run fn(*args) in the background, nobody waiting (closing fds after a reply)."""
+        """Run fn(*args) in the background, nobody waiting (closing fds after a reply).
+
+        Once the pool is stopped (its host removed by a reload), fn runs right here: what is
+        submitted is closing fds, which must not leak, and close(2) of our fds does not block."""
+        if self.stopped:
+            try:
+                fn(*args)
+            except OSError as exc:
+                log.warning("host %s: %s failed: %s", self.name, getattr(fn, "__name__", fn), exc)
+            return
         job = _Job(fn, args, None)
         job.state = _PARKED
         job.abandoned = True
@@ -144,5 +160,6 @@ class HostWorkers:
         self._queue.put(job)
 
     def stop(self) -> None:
+        self.stopped = True
         for _ in self._threads:
             self._queue.put(None)

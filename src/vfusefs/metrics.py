@@ -1,0 +1,127 @@
+"""Prometheus metrics (SPEC §7), gathered at scrape time from counters the daemon keeps anyway.
+
+The request path only bumps plain dicts and ints on the event loop (`OpStats`, `Host.bytes_*`,
+`Operations.denied`); nothing here runs per request.  A scrape walks those under the same trio
+thread, so it needs no locks.  Label sets are bounded: hosts come from the config, ops from the
+FUSE operation names, results from errno names, denial reasons from `DENIAL_REASONS`; the
+per-vfolder gauges (one series per vfolder) can be switched off with `daemon.metrics_vfolders`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+from typing import TYPE_CHECKING, Any, Iterator
+
+from prometheus_client import CollectorRegistry, ProcessCollector, make_asgi_app
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from vfusefs.ops import Operations
+    from vfusefs.registry import Registry
+
+# upper bounds of the op latency buckets, seconds (a FUSE round trip is ~65 us here)
+BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+           1.0, 2.5, 5.0, 10.0, 30.0)
+# errno -> reason label of vfusefs_denied_total
+DENIAL_REASONS = {errno.EACCES: "no_access", errno.EROFS: "read_only", errno.EPERM: "no_delete",
+                  errno.EDQUOT: "quota"}
+READ_ONLY_TREE = "read_only_tree"  # writes to the virtual root and host directories
+
+
+class OpStat:
+    """Count, total seconds and latency histogram of one (host, op, errno)."""
+
+    __slots__ = ("count", "seconds", "buckets")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.seconds = 0.0
+        self.buckets = [0] * (len(BUCKETS) + 1)  # not cumulative; the last is +Inf
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.seconds += seconds
+        self.buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
+
+
+def result_label(code: int) -> str:
+    return "ok" if code == 0 else errno.errorcode.get(code, str(code))
+
+
+class VfusefsCollector(Collector):
+    def __init__(self, ops: "Operations", registry: "Registry") -> None:
+        self.ops = ops
+        self.registry = registry
+
+    def collect(self) -> Iterator[Any]:
+        ops_total = CounterMetricFamily("vfusefs_ops", "FUSE operations served",
+                                        labels=["host", "op", "result"])
+        seconds = HistogramMetricFamily("vfusefs_op_seconds", "time to serve a FUSE operation",
+                                        labels=["host", "op"])
+        merged: dict[tuple[str, str], OpStat] = {}
+        for (host_name, op, code), st in sorted(self.ops.stats.items()):
+            ops_total.add_metric([host_name, op, result_label(code)], st.count)
+            m = merged.setdefault((host_name, op), OpStat())
+            m.count += st.count
+            m.seconds += st.seconds
+            m.buckets = [a + b for a, b in zip(m.buckets, st.buckets)]
+        for (host_name, op), m in merged.items():
+            cumulative, running = [], 0
+            for bound, n in zip((*map(str, BUCKETS), "+Inf"), m.buckets):
+                running += n
+                cumulative.append((bound, running))
+            seconds.add_metric([host_name, op], cumulative, m.seconds)
+        yield ops_total
+        yield seconds
+
+        read = CounterMetricFamily("vfusefs_bytes_read", "bytes read through the mount",
+                                   labels=["host"])
+        written = CounterMetricFamily("vfusefs_bytes_written", "bytes written through the mount",
+                                      labels=["host"])
+        up = GaugeMetricFamily("vfusefs_host_up", "1 while the host's storage answers",
+                               labels=["host"])
+        vfolders = GaugeMetricFamily("vfusefs_host_vfolders", "vfolders served per host",
+                                     labels=["host"])
+        for name, host in sorted(self.registry.hosts.items()):
+            read.add_metric([name], host.bytes_read)
+            written.add_metric([name], host.bytes_written)
+            up.add_metric([name], 0 if host.health == "down" else 1)
+            vfolders.add_metric([name], len(host.vfolders))
+        yield from (read, written, up, vfolders)
+
+        denied = CounterMetricFamily("vfusefs_denied", "requests refused by access mode or quota",
+                                     labels=["host", "reason"])
+        for (host_name, reason), n in sorted(self.ops.denied.items()):
+            denied.add_metric([host_name, reason], n)
+        yield denied
+
+        handles = GaugeMetricFamily("vfusefs_open_handles", "open file and directory handles")
+        handles.add_metric([], len(self.ops.handles))
+        yield handles
+        inodes = GaugeMetricFamily("vfusefs_inodes_cached", "inodes the kernel holds references to")
+        inodes.add_metric([], len(self.registry.table))
+        yield inodes
+
+        if not self.registry.config.daemon.metrics_vfolders:  # read live: SIGHUP may change it
+            return
+        usage = GaugeMetricFamily("vfusefs_vfolder_usage_bytes", "bytes a vfolder uses",
+                                  labels=["host", "vfolder"])
+        quota = GaugeMetricFamily("vfusefs_vfolder_quota_bytes", "a vfolder's byte limit (0: none)",
+                                  labels=["host", "vfolder"])
+        for vf in self.registry.vfolders.values():
+            acc = self.registry.ledger.account(vf.quota_keys[0])
+            usage.add_metric([vf.host.name, vf.id], acc.used_bytes)
+            quota.add_metric([vf.host.name, vf.id], acc.limit_bytes)
+        yield usage
+        yield quota
+
+
+def build_app(ops: "Operations", registry: "Registry") -> Any:
+    """The ASGI app serving /metrics (hypercorn runs it on the event loop, like the control API)."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(VfusefsCollector(ops, registry))
+    ProcessCollector(registry=reg)  # RSS, open fds, CPU of the daemon
+    return make_asgi_app(registry=reg)
