@@ -303,3 +303,140 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     problems = [line for line in (r.stdout + r.stderr).splitlines()
                 if "vfusefs.service" in line]
     assert r.returncode == 0 and not problems, r.stdout + r.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_metrics_count_what_was_done(world_dir: Path) -> None:
+    port = _free_port()
+    d = Daemon(world_dir, daemon_opts={"metrics_listen": f"127.0.0.1:{port}"}).start()
+    vf = d.vfolder(grants=[{"principal": "*", "mode": "rwd"}, {"principal": "uid:1000", "mode": "ro"}])
+    os.chmod(vf, 0o777)  # mode bits let uid 1000 try: the ro grant is what refuses it
+    for i in range(7):
+        os.mkdir(vf / f"d{i}")
+    for i in range(3):
+        os.rmdir(vf / f"d{i}")
+    run("dd", "if=/dev/urandom", f"of={vf}/big", "bs=1M", "count=3", "conv=fsync")
+    assert len((vf / "big").read_bytes()) == 3 << 20
+    as_1000 = ["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups"]
+    for i in range(5):
+        r = run(*as_1000, "touch", f"{vf}/no{i}", check=False)
+        assert r.returncode == 1 and "Read-only file system" in r.stderr
+    info = d.api("PATCH", f"/v1/hosts/local/vfolders/{vf.name}", {"quota_bytes": "5M"}).json()
+    r = run("dd", "if=/dev/zero", f"of={vf}/over", "bs=1M", "count=4", check=False)
+    assert r.returncode == 1 and "Disk quota exceeded" in r.stderr
+
+    m = scrape(port)
+
+    def get(name: str, **labels: str) -> float:
+        return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    assert get("vfusefs_ops_total", host="local", op="mkdir", result="ok") == 7
+    assert get("vfusefs_ops_total", host="local", op="rmdir", result="ok") == 3
+    assert get("vfusefs_ops_total", host="local", op="create", result="EROFS") == 5
+    assert get("vfusefs_op_seconds_count", host="local", op="mkdir") == 7
+    assert get("vfusefs_op_seconds_bucket", host="local", op="mkdir", le="+Inf") == 7
+    assert get("vfusefs_denied_total", host="local", reason="read_only") == 5
+    edquot = sum(v for (name, labels), v in m.items() if name == "vfusefs_ops_total"
+                 and ("result", "EDQUOT") in labels)
+    assert edquot >= 1 and get("vfusefs_denied_total", host="local", reason="quota") == edquot
+    assert get("vfusefs_bytes_read_total", host="local") == 3 << 20
+    written = get("vfusefs_bytes_written_total", host="local")
+    over = (vf / "over").stat().st_size
+    assert written == (3 << 20) + over
+    info = d.api("GET", f"/v1/hosts/local/vfolders/{vf.name}").json()
+    assert get("vfusefs_vfolder_usage_bytes", host="local", vfolder=vf.name) == info["usage_bytes"]
+    assert get("vfusefs_vfolder_quota_bytes", host="local", vfolder=vf.name) == 5 << 20
+    assert get("vfusefs_host_up", host="local") == 1
+    assert get("process_resident_memory_bytes") > 0
+
+    # per-vfolder series can be switched off live for very large installations
+    d.daemon_opts["metrics_vfolders"] = False
+    d.write_config()
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while any(name == "vfusefs_vfolder_usage_bytes" for name, _ in scrape(port)):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert d.stop() == 0
+
+
+def test_doctor_says_what_to_fix(world_dir: Path) -> None:
+    d = Daemon(world_dir)
+    r = d.cli("doctor", check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "[ok  ] /dev/fuse" in r.stdout and "[ok  ] mountpoint" in r.stdout
+    assert "[ok  ] host local (vfs" in r.stdout and "daemon: not running" in r.stdout
+    d.start()
+    d.vfolder()
+    r = d.cli("doctor", "--json", check=False)
+    checks = {c["name"]: c for c in json.loads(r.stdout)}
+    assert r.returncode == 0 and checks["daemon"]["detail"].startswith("running")
+    assert checks[f"mountpoint {d.mnt}"]["detail"] == "served by a running vfusefs daemon"
+    assert "1 vfolder(s)" in checks[f"store {d.state}/state.db"]["detail"]
+    # a crashed daemon and a host whose storage is gone
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait()
+    d.hosts["gone"] = {"path": str(world_dir / "gone")}
+    d.write_config()
+    r = d.cli("doctor", check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert f"[FAIL] mountpoint {d.mnt}: stale vfusefs mount" in r.stdout
+    assert f"fix: umount -l {d.mnt}" in r.stdout
+    assert "[FAIL] host gone (vfs" in r.stdout and "No such file or directory" in r.stdout
+    d.proc = None
+    d.logf.close()
+    # a broken file: one failing line naming the key
+    d.config.write_text("[daemon]\nmountpoint = 3\n")
+    r = d.cli("doctor", check=False)
+    assert r.returncode == 1 and "[FAIL] config:" in r.stdout and "daemon.mountpoint" in r.stdout
+    subprocess.run(["umount", "-l", str(d.mnt)], check=False)
+
+
+def test_examples_run_as_written(world_dir: Path) -> None:
+    from vfusefs import config
+
+    repo = Path(__file__).parent.parent
+    cfg = config.parse((repo / "examples" / "vfs.toml").read_text(), "vfs.toml", check_paths=False)
+    assert set(cfg.hosts) == {"local", "nfs1"} and cfg.hosts["nfs1"].layout == "backendai"
+
+    cgroot = Path("/sys/fs/cgroup/unified")
+    if not (cgroot / "cgroup.procs").exists() and not Path("/sys/fs/cgroup/cgroup.procs").exists():
+        pytest.skip("no cgroup v2 hierarchy")
+    d = Daemon(world_dir).start()
+    vf = d.vfolder(grants=[])  # nobody but admins
+    (vf / "data").write_text("shared\n")
+    script = str(repo / "examples" / "agent-bind-mount.sh")
+    env = {**os.environ, "VFUSEFS_CONFIG": str(d.config),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+    def agent(mode: str, cmd: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([script, "local", vf.name, mode, "sh", "-c", cmd], env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    r = agent("ro", "pwd; cat data; cat /proc/self/cgroup; touch new")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert r.stdout.splitlines()[:2] == [f"/home/work/{vf.name}", "shared"]
+    assert "0::/docker/agent-demo-" in r.stdout and "Read-only file system" in r.stderr
+    r = agent("rw", "echo hi > new && cat new && rm new")
+    assert r.returncode == 1 and "hi" in r.stdout and "Operation not permitted" in r.stderr
+    r = agent("rwd", "rm new && echo gone")
+    assert r.returncode == 0 and r.stdout == "gone\n", r.stderr
+    # the script revokes its grant when the container ends
+    assert d.api("GET", f"/v1/hosts/local/vfolders/{vf.name}").json()["grants"] == []
+    assert d.stop() == 0

@@ -359,6 +359,29 @@ def scope(ctx: click.Context, scope_id: str, qbytes: str | None, qinodes: str | 
     emit(data, as_json, [("scope", "scope")] + QUOTA_COLUMNS[2:] + [("vfolders", "vfolders")])
 
 
+@cli.command()
+@click.option("--config", "config_path", metavar="PATH", help="config file")
+@json_option
+@click.pass_context
+def doctor(ctx: click.Context, config_path: str | None, as_json: bool) -> None:
+    """Check this node for what the daemon needs and print what to fix (exit 1 if anything fails)."""
+    from vfusefs.doctor import run_checks
+
+    checks = run_checks(config_path or ctx.find_root().obj.get("config"))
+    if as_json:
+        click.echo(json.dumps([c.describe() for c in checks], indent=2))
+    else:
+        marks = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
+        for c in checks:
+            click.echo(f"[{marks[c.level]}] {c.name}: {c.detail}")
+            if c.fix:
+                click.echo(f"       fix: {c.fix}")
+        failed = sum(c.level == "fail" for c in checks)
+        warned = sum(c.level == "warn" for c in checks)
+        click.echo(f"{len(checks)} checks: {failed} failed, {warned} warning(s)")
+    sys.exit(1 if any(c.level == "fail" for c in checks) else 0)
+
+
 @cli.command("config-doc")
 def config_doc() -> None:
     """Print the configuration reference (every option, its default and meaning)."""
