@@ -8,7 +8,12 @@ APT_PACKAGES = fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv redis-
                btrfs-progs xfsprogs attr bindfs psmisc util-linux iproute2 procps
 DEMO_ID = 6f1c2a3e-0000-4000-8000-00000000d3e0
 
-.PHONY: run test deps venv bench clean
+PREFIX ?= /opt/vfusefs
+BINDIR ?= /usr/local/bin
+ETCDIR ?= /etc/vfusefs
+UNITDIR ?= /etc/systemd/system
+
+.PHONY: run test deps venv bench clean install
 
 deps:
 	@if command -v apt-get >/dev/null && ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
@@ -38,6 +43,19 @@ test: venv
 
 bench: venv
 	$(VENV)/bin/python bench/run.py
+
+# a node install: the daemon in its own venv, the unit, and an example config if none exists
+install: deps
+	$(PYTHON) -m venv $(PREFIX)
+	$(PREFIX)/bin/pip install -q --upgrade pip
+	$(PREFIX)/bin/pip install -q .
+	install -d $(BINDIR) $(UNITDIR) $(ETCDIR)
+	ln -sf $(PREFIX)/bin/vfusefs $(BINDIR)/vfusefs
+	test -f $(ETCDIR)/vfusefs.toml || install -m 0644 examples/vfs.toml $(ETCDIR)/vfusefs.toml
+	sed -e 's|/usr/local/bin/vfusefs|$(BINDIR)/vfusefs|; s|/etc/vfusefs/vfusefs.toml|$(ETCDIR)/vfusefs.toml|' \
+		systemd/vfusefs.service > $(UNITDIR)/vfusefs.service
+	@systemctl daemon-reload 2>/dev/null || echo "(systemd is not running here: no daemon-reload)"
+	@echo "next: edit $(ETCDIR)/vfusefs.toml, run 'vfusefs doctor', then 'systemctl enable --now vfusefs'"
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

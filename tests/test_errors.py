@@ -61,3 +61,13 @@ async def test_handler_turns_bugs_into_eio(caplog: pytest.LogCaptureFixture) -> 
     assert exc.value.errno == errno.EACCES
     assert await f.fine() == 7
     assert f.seen == [("boom", errno.EIO), ("native", errno.EACCES), ("fine", 0)]
+
+
+def test_request_failures_are_logged_at_most_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        for _ in range(100):
+            assert errors.to_errno(trio.TooSlowError("host h1 hangs"), "read", "h1") == errno.EIO
+        assert errors.to_errno(trio.TooSlowError("host h2 hangs"), "read", "h2") == errno.EIO
+    lines = [r for r in caplog.records if "hangs" in r.getMessage()]
+    assert len(lines) == 2  # one for h1 (99 suppressed), one for h2
+    assert getattr(lines[0], "host") == "h1" and getattr(lines[0], "op") == "read"

@@ -192,6 +192,7 @@ class Service:
         self.tcp_app: Any = None  # BearerAuth around the TCP control API, for token reloads
         self.stopping = False
         self.last_status = ""
+        self.nursery: trio.Nursery | None = None
 
     # -- systemd --------------------------------------------------------------------------------
     def status_line(self) -> str:
@@ -235,8 +236,17 @@ class Service:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async for signum in signals:
                 if signum == signal.SIGHUP:
-                    await self.reload()
+                    if self.registry is None or self.ops is None or not self.registry.mounted:
+                        log.warning("SIGHUP ignored: still starting (send it again once ready)")
+                    else:
+                        await self.reload()
                     continue
+                if self.registry is None or not self.registry.mounted:
+                    log.info("%s received while starting: giving up", signal.Signals(signum).name)
+                    self.notifier.stopping("stopping before the mount was up")
+                    assert self.nursery is not None
+                    self.nursery.cancel_scope.cancel()
+                    return
                 log.info("%s received: stopping (no new requests, usage flushed, then unmount)",
                          signal.Signals(signum).name)
                 self.stopping = True
@@ -319,6 +329,8 @@ class Service:
             nursery = await stack.enter_async_context(trio.open_nursery())
             stack.callback(nursery.cancel_scope.cancel)
             nursery.start_soon(self.watchdog)
+            self.nursery = nursery
+            nursery.start_soon(self.watch_signals)  # early: SIGHUP must never kill a starting daemon
             self.notifier.status("loading vfolders")
             table = InodeTable()
             registry = self.registry = Registry(self.cfg, store, table, token)
@@ -359,7 +371,6 @@ class Service:
                     pyfuse3.close(unmount=True)
 
             stack.callback(close_session)
-            nursery.start_soon(self.watch_signals)
             nursery.start_soon(self.announce_ready)
             nursery.start_soon(purge_trash_periodically, registry)
             nursery.start_soon(ops.keep_fd_budget)
@@ -471,17 +482,20 @@ def serve(config_path: str | None) -> int:
     if fds < 65536:
         log.warning("only %d file descriptors allowed (RLIMIT_NOFILE): the kernel will be asked "
                     "to forget cached entries often; raise it (systemd: LimitNOFILE=1048576)", fds)
+    service = Service(cfg)
     try:
-        trio.run(Service(cfg).run)
+        trio.run(service.run)
     except BaseException as exc:  # trio wraps errors raised inside nurseries in groups
         found = first_of(exc, (StartupError, ConfigError, KeyboardInterrupt))
         if isinstance(found, KeyboardInterrupt):
             return 0
         if isinstance(found, StartupError):
             log.error("%s", found)
+            service.notifier.status(f"failed: {found}")  # what `systemctl status` shows
             return 1
         if isinstance(found, ConfigError):
             log.error("%s: %s", cfg.path, found)
+            service.notifier.status(f"failed: {found}")
             return 2
         raise
     log.info("clean exit")

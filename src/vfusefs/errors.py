@@ -41,8 +41,29 @@ MAPPED: tuple[tuple[type[BaseException], int], ...] = (
 )
 
 
+LOG_EVERY = 10.0  # seconds: at most one line per (host, op, kind of failure) in that time
+_last_logged: dict[tuple[str, str, type], tuple[float, int]] = {}
+
+
+def _should_log(host: str, op: str, kind: type) -> int | None:
+    """None to stay quiet; else how many like it were suppressed since the last line.
+
+    A hung host fails every request with EIO: one line per request would flood the journal, so
+    request failures are logged at most once per LOG_EVERY seconds per host, op and kind."""
+    now = time.monotonic()
+    key = (host, op, kind)
+    last = _last_logged.get(key)
+    if last is not None and now - last[0] < LOG_EVERY:
+        _last_logged[key] = (last[0], last[1] + 1)
+        return None
+    if len(_last_logged) > 10000:
+        _last_logged.clear()
+    _last_logged[key] = (now, 0)
+    return last[1] if last is not None else 0
+
+
 def to_errno(exc: BaseException, op: str = "", host: str = "-") -> int:
-    """The errno to answer with for exc (logs a traceback for unexpected ones)."""
+    """The errno to answer with for exc (logs a traceback for unexpected ones, rate-limited)."""
     if isinstance(exc, pyfuse3.FUSEError):
         return exc.errno
     if isinstance(exc, OSError):
@@ -50,12 +71,14 @@ def to_errno(exc: BaseException, op: str = "", host: str = "-") -> int:
     fields = {"op": op, "host": host, "errno": errno.EIO}
     for kind, code in MAPPED:
         if isinstance(exc, kind):
-            if code == errno.EIO:
-                log.warning("%s on host %s: %s: %s", op, host, type(exc).__name__, exc,
-                            extra=fields)
+            if code == errno.EIO and (quiet := _should_log(host, op, kind)) is not None:
+                log.warning("%s on host %s: %s: %s%s", op, host, type(exc).__name__, exc,
+                            f" ({quiet} more like it not logged)" if quiet else "", extra=fields)
             return code
-    log.error("unexpected error in FUSE handler %s (host %s), answering EIO", op, host,
-              exc_info=exc, extra=fields)
+    if (quiet := _should_log(host, op, type(exc))) is not None:
+        log.error("unexpected error in FUSE handler %s (host %s), answering EIO%s", op, host,
+                  f" ({quiet} more like it not logged)" if quiet else "", exc_info=exc,
+                  extra=fields)
     return errno.EIO
 
 
