@@ -95,6 +95,9 @@ DAEMON_OPTIONS: tuple[Option, ...] = (
            "grant or EDQUOT then surfaces at fsync/close instead of at write()"),
     Option("entry_timeout", (int, float), 1.0, False,
            "seconds the kernel may cache names and attributes inside vfolders", _non_negative),
+    Option("read_ahead_kb", int, 1024, False,
+           "kernel read-ahead for the mount, KiB (sequential reads reach the daemon in requests "
+           "this large, up to 1024; 0 keeps the kernel's default of 128)", _non_negative),
     Option("io_threads", int, 16, False, "worker threads per host for native syscalls", _positive),
     Option("inode_fds", int, 0, False,
            "O_PATH fds kept for inodes the kernel caches (0: from RLIMIT_NOFILE); above it the "
@@ -137,6 +140,7 @@ class DaemonConfig:
     log_level: str
     writeback_cache: bool
     entry_timeout: float
+    read_ahead_kb: int
     io_threads: int
     inode_fds: int
     max_tasks: int
