@@ -440,3 +440,32 @@ def test_examples_run_as_written(world_dir: Path) -> None:
     # the script revokes its grant when the container ends
     assert d.api("GET", f"/v1/hosts/local/vfolders/{vf.name}").json()["grants"] == []
     assert d.stop() == 0
+
+
+def test_fewer_requests_large_reads_and_no_flush_on_read_only_close(world_dir: Path) -> None:
+    port = _free_port()
+    d = Daemon(world_dir, daemon_opts={"metrics_listen": f"127.0.0.1:{port}"}).start()
+    vf = d.vfolder()
+    data = os.urandom(16 << 20)
+    (vf / "f").write_bytes(data)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    before = scrape(port).get(("vfusefs_ops_total", (("host", "local"), ("op", "read"),
+                                                     ("result", "ok"))), 0.0)
+    assert hashlib.sha256((vf / "f").read_bytes()).digest() == hashlib.sha256(data).digest()
+    reads = scrape(port)[("vfusefs_ops_total", (("host", "local"), ("op", "read"),
+                                                 ("result", "ok")))] - before
+    assert reads <= 16 + 4, reads  # 1 MiB each (128 KiB, 128 requests, without read_ahead_kb)
+
+    # closing a file opened read-only sends no FLUSH (FOPEN_NOFLUSH); one written to does
+    def flushes() -> float:
+        return scrape(port).get(("vfusefs_ops_total", (("host", "local"), ("op", "flush"),
+                                                        ("result", "ok"))), 0.0)
+
+    before = flushes()
+    for _ in range(5):
+        (vf / "f").read_bytes()
+    assert flushes() == before
+    (vf / "g").write_bytes(b"x")
+    assert flushes() == before + 1
+    assert d.api("GET", "/v1/hosts/local").json()["fs_type"] != "?"
+    assert d.stop() == 0

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from vfusefs import config as config_mod
+from vfusefs import native
 from vfusefs.backends import BackendError, load_backend
 from vfusefs.config import Config, ConfigError
 
@@ -161,32 +162,11 @@ def _mount_fstype(path: str) -> str:
             for line in f:
                 fields = line.split()
                 sep = fields.index("-")
-                if _unescape(fields[4]) == real:
+                if native.unescape_mount(fields[4]) == real:
                     return fields[sep + 1]
     except (OSError, ValueError):
         pass
     return ""
-
-
-def _unescape(field: str) -> str:
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n") \
-        .replace("\\134", "\\")
-
-
-def _fs_of(path: str) -> str:
-    """Filesystem type holding path: the longest mount point that is a prefix of it."""
-    real = os.path.realpath(path)
-    best, kind = "", "?"
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                mp = _unescape(fields[4])
-                if (real == mp or real.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
-                    best, kind = mp, fields[fields.index("-") + 1]
-    except (OSError, ValueError):
-        pass
-    return kind
 
 
 def check_state(cfg: Config) -> list[Check]:
@@ -255,7 +235,7 @@ def check_hosts(cfg: Config) -> list[Check]:
             continue
         free = st.f_bavail * st.f_frsize
         level = "ok" if health == "ok" else "fail"
-        out.append(Check(label, level, f"{_fs_of(hc.path)}, {free / 2**30:.1f} GiB free, "
+        out.append(Check(label, level, f"{native.fs_type(hc.path)}, {free / 2**30:.1f} GiB free, "
                                        f"backend says {health}",
                          "" if level == "ok" else "see the backend's docs"))
     if not cfg.hosts:

@@ -691,7 +691,8 @@ class Operations(pyfuse3.Operations):
         h = self._file(fh)
         if h.dirty:  # nothing of ours to push to native storage otherwise
             h.dirty = False
-            await self._run(h.node, native.flush, h.fd)
+            if h.node.host.flush_needed:  # type: ignore[union-attr]
+                await self._run(h.node, native.flush, h.fd)
 
     @handler
     async def fsync(self, fh: int, datasync: bool) -> None:

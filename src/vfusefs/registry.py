@@ -77,12 +77,16 @@ class Host:
     node: Node | None = None
     vfolders: dict[str, Vfolder] = field(default_factory=dict)
     health: str = "ok"
+    fs_type: str = "?"  # of the native path, from mountinfo
+    # close() of a written file is passed on (close-to-open: NFS writes back and reports errors
+    # then); on a local filesystem it has nothing to do, so flush needs no worker hop there
+    flush_needed: bool = True
     bytes_read: int = 0  # through the mount, since start (metrics)
     bytes_written: int = 0
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "backend": self.config.backend, "path": self.config.path,
-                "layout": self.config.layout, "health": self.health,
+                "layout": self.config.layout, "health": self.health, "fs_type": self.fs_type,
                 "vfolders": len(self.vfolders)}
 
 
@@ -126,7 +130,7 @@ class Registry:
     # -- start-up -------------------------------------------------------------------------------
     async def load(self) -> None:
         for hc in self.config.hosts.values():
-            self._add_host(hc)
+            await self._probe_fs(self._add_host(hc))
         usage = await self.store_workers.run(self.store.usage)
         for scope, (qb, qi) in (await self.store_workers.run(self.store.scopes)).items():
             acc = self.ledger.account(f"scope:{scope}")
@@ -167,6 +171,14 @@ class Registry:
         host.node = self.table.new_virtual(Kind.HOST, host)
         self.hosts[hc.name] = host
         return host
+
+    async def _probe_fs(self, host: Host) -> None:
+        try:
+            host.fs_type = await host.workers.run(native.fs_type, host.config.path)
+        except (OSError, trio.TooSlowError) as exc:
+            log.warning("host %s: cannot tell the filesystem type of %s: %s", host.name,
+                        host.config.path, exc, extra={"host": host.name})
+        host.flush_needed = host.fs_type not in native.LOCAL_FS_TYPES
 
     async def _attach(self, host: Host, rec: VfolderRecord) -> Vfolder:
         vf = Vfolder(rec.id, host, rec)
@@ -237,6 +249,7 @@ class Registry:
 
     async def _add_host_live(self, hc: HostConfig) -> None:
         host = self._add_host(hc)
+        await self._probe_fs(host)
         usage = await self.store_workers.run(self.store.usage)
         for rec in await self.store_workers.run(self.store.vfolders):
             if rec.host != hc.name:
