@@ -255,24 +255,27 @@ class Service:
     async def watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async for signum in signals:
-                if signum == signal.SIGHUP:
+                if signum == signal.SIGHUP and not self.stopping:
                     if self.registry is None or self.ops is None or not self.registry.mounted:
                         log.warning("SIGHUP ignored: still starting (send it again once ready)")
                     else:
                         await self.reload()
                     continue
+                if self.stopping:
+                    log.info("%s received: already stopping", signal.Signals(signum).name)
+                    continue
                 if self.registry is None or not self.registry.mounted:
                     log.info("%s received while starting: giving up", signal.Signals(signum).name)
                     self.notifier.stopping("stopping before the mount was up")
                     assert self.nursery is not None
+                    self.stopping = True
                     self.nursery.cancel_scope.cancel()
-                    return
+                    continue
                 log.info("%s received: stopping (no new requests, usage flushed, then unmount)",
                          signal.Signals(signum).name)
                 self.stopping = True
                 self.notifier.stopping(f"stopping: unmounting {self.cfg.daemon.mountpoint}")
-                pyfuse3.terminate()
-                return
+                pyfuse3.terminate()  # further signals are absorbed above until we are gone
 
     async def reload(self) -> None:
         """SIGHUP: read the config file again and apply it without unmounting; a bad file is
@@ -344,7 +347,6 @@ class Service:
         except StoreError as exc:
             raise StartupError(str(exc)) from None
         async with contextlib.AsyncExitStack() as stack:
-            stack.callback(self.notifier.close)
             stack.callback(store.close)
             nursery = await stack.enter_async_context(trio.open_nursery())
             stack.callback(nursery.cancel_scope.cancel)

@@ -127,6 +127,9 @@ class Registry:
         self.tasks: dict[str, Task] = {}
         self.nursery: trio.Nursery | None = None  # for background tasks, set by the daemon
         self.needs_scan: list[Vfolder] = []  # usage not trusted after an unclean stop
+        # vfolders whose usage stays untrusted until a rescan finishes: while any is left, a
+        # stop is not "clean" and the next start recounts
+        self.untrusted: set[str] = set()
     # -- start-up -------------------------------------------------------------------------------
     async def load(self) -> None:
         for hc in self.config.hosts.values():
@@ -149,6 +152,7 @@ class Registry:
             vf = await self._attach_stored(host, rec, usage)
             if vf is not None and (not clean or rec.id not in usage):
                 self.needs_scan.append(vf)
+                self.untrusted.add(vf.id)
 
     async def _attach_stored(self, host: Host, rec: VfolderRecord,
                              usage: dict[str, tuple[int, int]]) -> Vfolder | None:
@@ -262,6 +266,7 @@ class Registry:
                 await self.store_workers.run(self.store.put_vfolder, rec)
             vf = await self._attach_stored(host, rec, usage)
             if vf is not None and self.nursery is not None:
+                self.untrusted.add(vf.id)
                 self.start_rescan(vf)  # it may have changed while not served here
         if self.mounted:
             pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, hc.name.encode(), ignore_enoent=True)
@@ -378,7 +383,12 @@ class Registry:
             await self.store_workers.run(self.store.put_usage, rows)
 
     async def mark_clean(self) -> None:
+        """Persist usage and, if every vfolder's usage is trusted, say the next start may use it."""
         await self.flush_usage()
+        if self.untrusted & set(self.vfolders):
+            log.warning("stopping before the recount of %d vfolder(s) finished: the next start "
+                        "recounts again", len(self.untrusted & set(self.vfolders)))
+            return
         await self.store_workers.run(self.store.set_meta, "clean", "1")
 
     def start_rescan(self, vf: Vfolder) -> "Task":
@@ -416,6 +426,7 @@ class Registry:
                              old.used_bytes, nbytes, old.used_inodes, inodes,
                              extra={"host": vf.host.name, "vfolder": vf.id})
                 self.set_usage(vf, nbytes, inodes)
+                self.untrusted.discard(vf.id)
             task.entries, task.bytes, task.state = inodes, nbytes, "done"
         task.finished = time.time()
         if len(self.tasks) > 1000:  # keep the most recent ones
