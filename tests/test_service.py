@@ -198,8 +198,11 @@ def test_sighup_adds_removes_and_refuses_broken_config(world_dir: Path) -> None:
     vf_local = d.vfolder()
     vf_b = d.vfolder("b")
     (vf_b / "keep").write_bytes(b"k" * 50000)
-    b_usage = d.api("GET", f"/v1/hosts/b/vfolders/{vf_b.name}").json()["usage_bytes"]
+    assert d.api("GET", f"/v1/hosts/b/vfolders/{vf_b.name}").json()["usage_bytes"] == \
+        du(world_dir / "n-b" / vf_b.name)[0]
     holder = subprocess.Popen(["sleep", "60"], cwd=vf_local)  # the mount stays in use throughout
+    # and a process keeps b's file open while b is removed and added back
+    holder_b = subprocess.Popen(["sleep", "60"], cwd=vf_b, stdin=open(vf_b / "keep", "rb"))
     mount_id = _mount_id(d.mnt)
 
     def reload(expect: str) -> None:
@@ -249,9 +252,13 @@ def test_sighup_adds_removes_and_refuses_broken_config(world_dir: Path) -> None:
         d.write_config()
         reload("host b added")
         assert sorted(os.listdir(d.mnt)) == ["b", "c", "local"]
-        assert (vf_b / "keep").read_bytes() == b"k" * 50000
+        assert (vf_b / "keep").read_bytes() == b"k" * 50000  # not the removed host's stale node
+        (vf_b / "keep2").write_bytes(b"2")
+        assert (world_dir / "n-b" / vf_b.name / "keep2").read_bytes() == b"2"
         deadline = time.monotonic() + 15
-        while d.api("GET", f"/v1/hosts/b/vfolders/{vf_b.name}").json()["usage_bytes"] != b_usage:
+        native_b = world_dir / "n-b" / vf_b.name
+        while d.api("GET", f"/v1/hosts/b/vfolders/{vf_b.name}").json()["usage_bytes"] != \
+                du(native_b)[0]:
             assert time.monotonic() < deadline
             time.sleep(0.1)
 
@@ -265,8 +272,9 @@ def test_sighup_adds_removes_and_refuses_broken_config(world_dir: Path) -> None:
         assert info["native_path"] == str(world_dir / "n-b2" / vf_b.name)
         assert _mount_id(d.mnt) == mount_id
     finally:
-        holder.kill()
-        holder.wait()
+        for p in (holder, holder_b):
+            p.kill()
+            p.wait()
     assert d.stop() == 0
 
 

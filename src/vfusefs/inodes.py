@@ -131,5 +131,14 @@ class InodeTable:
             return self.remove(node)
         return -1
 
+    def detach(self, vf: "Vfolder") -> None:
+        """A vfolder stops being served (deleted, or its host removed by a reload): its nodes stay
+        until the kernel forgets them, but lookups must never find them again.  Keys hold the
+        vfolder id, so a vfolder served again under the same id (its host added back) would
+        otherwise get the old, dead nodes for its inodes."""
+        for node in self.of_vfolder(vf):
+            if node.key is not None and self.by_key.get(node.key) is node:
+                del self.by_key[node.key]
+
     def of_vfolder(self, vf: "Vfolder") -> Iterator[Node]:
         return (n for n in list(self.by_ino.values()) if n.vf is vf)

@@ -246,6 +246,7 @@ class Registry:
             if vf.root is not None:
                 vf.root.kind = Kind.NATIVE  # dropped once the kernel forgets it
                 self.table.native_fds += 1
+            self.table.detach(vf)
         host.vfolders.clear()
         host.workers.stop()  # queued calls finish; later ones fail, closes run inline
         if self.mounted:
@@ -449,6 +450,7 @@ class Registry:
         if vf.root is not None:
             vf.root.kind = Kind.NATIVE  # no longer pinned: dropped once the kernel forgets it
             self.table.native_fds += 1
+        self.table.detach(vf)
         self._invalidate_entry(host, vf.id)
         try:
             moved = await host.workers.run(host.backend.delete_vfolder, vf.record.native_path, vf.id)
