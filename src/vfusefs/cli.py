@@ -162,7 +162,7 @@ def hosts(ctx: click.Context, as_json: bool) -> None:
     """List the configured storage hosts."""
     emit(_client(ctx).call("GET", "/hosts"), as_json,
          [("name", "host"), ("backend", "backend"), ("layout", "layout"), ("health", "health"),
-          ("vfolders", "vfolders"), ("path", "native path")])
+          ("vfolders", "vfolders"), ("fs_type", "fs"), ("path", "native path")])
 
 
 @cli.group()
