@@ -480,3 +480,23 @@ def test_fewer_requests_large_reads_and_no_flush_on_read_only_close(world_dir: P
     assert flushes() == before + 1
     assert d.api("GET", "/v1/hosts/local").json()["fs_type"] != "?"
     assert d.stop() == 0
+
+
+def test_busy_metrics_port_is_one_line_and_nothing_mounted(world_dir: Path) -> None:
+    from conftest import VFUSEFS
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        d = Daemon(world_dir, daemon_opts={"metrics_listen": f"127.0.0.1:{port}"})
+        r = subprocess.run([VFUSEFS, "serve", "--config", str(d.config)], capture_output=True,
+                           text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and f"metrics_listen 127.0.0.1:{port}: Address already in use" in errors[0]
+    assert not os.path.ismount(d.mnt)
+    # and when it is free, hypercorn has nothing to complain about (ASGI lifespan answered)
+    d.start()
+    assert d.stop() == 0
+    assert "Lifespan" not in d.log()

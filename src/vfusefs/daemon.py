@@ -142,8 +142,11 @@ async def serve_asgi(app: Any, bind: str, what: str, *, unix_umask: int | None =
     hc.graceful_timeout = 1.0
     try:
         await serve(app, hc, task_status=task_status)
-    except OSError as exc:
-        raise StartupError(f"{what} {bind}: {exc.strerror or exc}") from None
+    except (OSError, BaseExceptionGroup) as exc:  # hypercorn's nurseries wrap a bind error
+        found = first_of(exc, (OSError,))
+        if found is None:
+            raise
+        raise StartupError(f"{what} {bind}: {getattr(found, 'strerror', None) or found}") from None
 
 
 def read_token(path: str) -> str:

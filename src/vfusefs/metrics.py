@@ -124,4 +124,23 @@ def build_app(ops: "Operations", registry: "Registry") -> Any:
     reg = CollectorRegistry(auto_describe=False)
     reg.register(VfusefsCollector(ops, registry))
     ProcessCollector(registry=reg)  # RSS, open fds, CPU of the daemon
-    return make_asgi_app(registry=reg)
+    return WithLifespan(make_asgi_app(registry=reg))
+
+
+class WithLifespan:
+    """prometheus-client's app does not answer ASGI lifespan events; hypercorn then logs a
+    warning at every start.  Answer them here."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)  # type: ignore[no-any-return]
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
