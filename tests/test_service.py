@@ -500,3 +500,19 @@ def test_busy_metrics_port_is_one_line_and_nothing_mounted(world_dir: Path) -> N
     d.start()
     assert d.stop() == 0
     assert "Lifespan" not in d.log()
+
+
+@pytest.mark.parametrize("opts,expect", [
+    ({"control_socket": "/proc/nope/control.sock"}, "control socket /proc/nope/control.sock: cannot"),
+    ({"mountpoint": "/proc/nope/mnt"}, "mountpoint /proc/nope/mnt: cannot create it"),
+    ({"mountpoint": "/etc/hostname"}, "mountpoint /etc/hostname: not a directory"),
+])
+def test_unusable_places_fail_start_in_one_line(world_dir: Path, opts: dict, expect: str) -> None:
+    from conftest import VFUSEFS
+
+    d = Daemon(world_dir, daemon_opts=opts)
+    r = subprocess.run([VFUSEFS, "serve", "--config", str(d.config)], capture_output=True,
+                       text=True, timeout=60)
+    errors = [line for line in r.stderr.splitlines() if " ERROR " in line]
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert len(errors) == 1 and expect in errors[0], r.stderr

@@ -75,7 +75,10 @@ async def clear_stale_mount(mountpoint: str) -> None:
     try:
         os.stat(mountpoint)
     except FileNotFoundError:
-        os.makedirs(mountpoint, mode=0o755, exist_ok=True)
+        try:
+            os.makedirs(mountpoint, mode=0o755, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"mountpoint {mountpoint}: cannot create it: {exc.strerror}") from None
         return
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
@@ -117,7 +120,11 @@ def _is_fuse_vfusefs(mountpoint: str) -> bool:
 def check_socket_free(path: str) -> None:
     """Refuse to start if another daemon answers on our control socket."""
     if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"control socket {path}: cannot create its directory: "
+                               f"{exc.strerror}") from None
         return
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         try:
@@ -512,6 +519,11 @@ def serve(config_path: str | None) -> int:
         trio.run(service.run)
     except BaseException as exc:  # trio wraps errors raised inside nurseries in groups
         found = first_of(exc, (StartupError, ConfigError, KeyboardInterrupt))
+        if found is None and isinstance(first_of(exc, (OSError,)), OSError):
+            # a system call failed where start-up did not expect it: one line, not a traceback
+            oserr = first_of(exc, (OSError,))
+            found = StartupError(f"cannot start: {oserr}")
+            log.debug("start-up failure", exc_info=exc)
         if isinstance(found, KeyboardInterrupt):
             return 0
         if isinstance(found, StartupError):
