@@ -11,7 +11,6 @@ The daemon never forks itself away: systemd (or the terminal) supervises it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import errno
 import functools
@@ -20,7 +19,6 @@ import os
 import resource
 import signal
 import socket
-import subprocess
 import sys
 from typing import Any
 
@@ -28,7 +26,7 @@ import pyfuse3
 import trio
 
 from vfusefs import config as config_mod
-from vfusefs import metrics, statfs_ino
+from vfusefs import metrics, mounts, statfs_ino
 from vfusefs.backends import load_backend
 from vfusefs.callers import CallerCache
 from vfusefs.config import Config, ConfigError, DaemonConfig
@@ -70,7 +68,7 @@ async def clear_stale_mount(mountpoint: str) -> None:
     """A daemon that crashed leaves a dead FUSE mount (ENOTCONN): detach it and go on.
 
     The kernel still answers stat() of a dead mount's root from its attribute cache, so a
-    vfusefs mount found in /proc/self/mounts is probed with statvfs(), which always reaches the
+    vfusefs mount found in the mount table is probed with statvfs(), which always reaches the
     daemon behind it: ENOTCONN means nobody is, an answer means another daemon is serving."""
     try:
         os.stat(mountpoint)
@@ -83,7 +81,8 @@ async def clear_stale_mount(mountpoint: str) -> None:
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
             raise StartupError(f"mountpoint {mountpoint}: {exc.strerror}") from None
-    if not _is_fuse_vfusefs(mountpoint):
+    top = mounts.mount_at(mountpoint)
+    if top is None or top.fstype != mounts.VFUSEFS_TYPE:
         if not os.path.isdir(mountpoint):
             raise StartupError(f"mountpoint {mountpoint}: not a directory")
         return
@@ -101,20 +100,11 @@ async def clear_stale_mount(mountpoint: str) -> None:
     log.warning("mountpoint %s has a stale mount (transport endpoint not connected): "
                 "unmounting it lazily", mountpoint)
     try:
-        umount(mountpoint, lazy=True)
+        mounts.umount(mountpoint, lazy=True)
         os.stat(mountpoint)
     except OSError as exc:
         raise StartupError(f"mountpoint {mountpoint}: stale mount could not be cleared: "
                            f"{exc.strerror}") from None
-
-
-def _is_fuse_vfusefs(mountpoint: str) -> bool:
-    real = os.path.realpath(mountpoint)
-    try:
-        with open("/proc/self/mounts") as f:
-            return any(line.split()[1] == real and line.split()[0] == "vfusefs" for line in f)
-    except OSError:
-        return False
 
 
 def check_socket_free(path: str) -> None:
@@ -184,29 +174,17 @@ async def purge_trash_periodically(registry: Registry) -> None:
 def set_read_ahead(mountpoint: str, kb: int) -> None:
     """Let sequential reads reach us in large requests: the kernel caps a FUSE mount's read-ahead
     at 128 KiB, so a 1 GiB read is 8192 requests; at 1024 KiB it is 1024 (libfuse already allows
-    1 MiB writes).  Set once the mount has answered: the kernel sets it when FUSE_INIT is
-    answered.  The device number comes from mountinfo (the last mount at that path is ours)."""
-    real = os.path.join(os.path.realpath(os.path.dirname(mountpoint)), os.path.basename(mountpoint))
+    1 MiB writes).  Call it once the mount has answered: the kernel sets it when FUSE_INIT is
+    answered, and finding our device resolves the mountpoint (a request to the mount)."""
     try:
-        with open("/proc/self/mountinfo") as f:
-            devs = [line.split()[2] for line in f if line.split()[4] == real]
-        if not devs:
+        top = mounts.mount_at(mountpoint)
+        if top is None:
             raise OSError(errno.ENOENT, "not in /proc/self/mountinfo")
-        with open(f"/sys/class/bdi/{devs[-1]}/read_ahead_kb", "w") as f:
+        with open(f"/sys/class/bdi/{top.dev}/read_ahead_kb", "w") as f:
             f.write(str(kb))
     except OSError as exc:
         log.warning("cannot set read-ahead of %s to %d KiB (%s): sequential reads stay at "
                     "128 KiB per request", mountpoint, kb, exc.strerror or exc)
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-MNT_DETACH = 2
-
-
-def umount(mountpoint: str, lazy: bool) -> None:
-    if _libc.umount2(os.fsencode(mountpoint), MNT_DETACH if lazy else 0) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, os.strerror(code), mountpoint)
 
 
 class Service:
@@ -426,12 +404,12 @@ class Service:
 
         def attempt() -> str:
             try:
-                umount(mp, lazy=False)
+                mounts.umount(mp, lazy=False)
                 return "unmounted"
             except OSError as exc:
                 if exc.errno != errno.EBUSY:
                     raise
-            umount(mp, lazy=True)
+            mounts.umount(mp, lazy=True)
             return "busy"
 
         with trio.move_on_after(10) as scope:

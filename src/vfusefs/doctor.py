@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from vfusefs import config as config_mod
-from vfusefs import native
+from vfusefs import mounts
 from vfusefs.backends import BackendError, load_backend
 from vfusefs.config import Config, ConfigError
 
@@ -131,8 +131,9 @@ def check_mountpoint(mp: str) -> Check:
     name = f"mountpoint {mp}"
     if not os.path.lexists(mp):
         return Check(name, "ok", "does not exist yet: created at start")
-    mounted = _mount_fstype(mp)
-    if mounted == "fuse.vfusefs":
+    top = mounts.mount_at(mp)
+    mounted = top.fstype if top is not None else ""
+    if mounted == mounts.VFUSEFS_TYPE:
         try:
             bounded(os.statvfs, mp)
         except OSError as exc:
@@ -153,20 +154,6 @@ def check_mountpoint(mp: str) -> Check:
         return Check(name, "warn", "directory is not empty: its files are hidden while mounted",
                      "use an empty directory")
     return Check(name, "ok", "empty directory")
-
-
-def _mount_fstype(path: str) -> str:
-    real = os.path.realpath(path)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                sep = fields.index("-")
-                if native.unescape_mount(fields[4]) == real:
-                    return fields[sep + 1]
-    except (OSError, ValueError):
-        pass
-    return ""
 
 
 def check_state(cfg: Config) -> list[Check]:
@@ -235,7 +222,7 @@ def check_hosts(cfg: Config) -> list[Check]:
             continue
         free = st.f_bavail * st.f_frsize
         level = "ok" if health == "ok" else "fail"
-        out.append(Check(label, level, f"{native.fs_type(hc.path)}, {free / 2**30:.1f} GiB free, "
+        out.append(Check(label, level, f"{mounts.fs_type(hc.path)}, {free / 2**30:.1f} GiB free, "
                                        f"backend says {health}",
                          "" if level == "ok" else "see the backend's docs"))
     if not cfg.hosts:

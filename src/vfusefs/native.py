@@ -300,27 +300,6 @@ def fallocate(datafd: int, mode: int, off: int, length: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
-def unescape_mount(field: str) -> str:
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n") \
-        .replace("\\134", "\\")
-
-
-def fs_type(path: str) -> str:
-    """Filesystem type holding path: the longest mount point that is a prefix of it."""
-    real = os.path.realpath(path)
-    best, kind = "", "?"
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                mp = unescape_mount(fields[4])
-                if (real == mp or real.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
-                    best, kind = mp, fields[fields.index("-") + 1]
-    except (OSError, ValueError):
-        pass
-    return kind
-
-
 # filesystems on local block devices (or memory): close() has nothing to report or push there
 LOCAL_FS_TYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "zfs", "f2fs",
                             "bcachefs", "jfs", "reiserfs"})
