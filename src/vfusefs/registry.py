@@ -18,7 +18,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from vfusefs import access, native
+from vfusefs import access, mounts, native
 from vfusefs.quota import QuotaLedger, parse_count, parse_size
 from vfusefs.backends import Backend, BackendError, load_backend
 from vfusefs.config import Config, HostConfig
@@ -178,7 +178,7 @@ class Registry:
 
     async def _probe_fs(self, host: Host) -> None:
         try:
-            host.fs_type = await host.workers.run(native.fs_type, host.config.path)
+            host.fs_type = await host.workers.run(mounts.fs_type, host.config.path)
         except (OSError, trio.TooSlowError) as exc:
             log.warning("host %s: cannot tell the filesystem type of %s: %s", host.name,
                         host.config.path, exc, extra={"host": host.name})
@@ -239,18 +239,24 @@ class Registry:
         await self.flush_usage()  # its vfolders' usage stays in the store for a later re-add
         host = self.hosts.pop(name)
         for vf in list(host.vfolders.values()):
-            self.set_usage(vf, 0, 0)  # its scope no longer carries it here
-            self.ledger.accounts.pop(vf.quota_keys[0], None)
-            vf.deleted = True
-            self.vfolders.pop(vf.id, None)
-            if vf.root is not None:
-                vf.root.kind = Kind.NATIVE  # dropped once the kernel forgets it
-                self.table.native_fds += 1
-            self.table.detach(vf)
-        host.vfolders.clear()
+            self._stop_serving(vf)
         host.workers.stop()  # queued calls finish; later ones fail, closes run inline
         if self.mounted:
             pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name.encode(), ignore_enoent=True)
+
+    def _stop_serving(self, vf: Vfolder) -> None:
+        """Take a vfolder out of service (deleted, or its host removed): requests on its nodes
+        answer ENOENT from now on, its usage leaves its scope, and its nodes go away as the
+        kernel forgets them."""
+        self.set_usage(vf, 0, 0)  # its scope no longer carries it
+        self.ledger.accounts.pop(vf.quota_keys[0], None)
+        vf.deleted = True
+        vf.host.vfolders.pop(vf.id, None)
+        self.vfolders.pop(vf.id, None)
+        if vf.root is not None:
+            vf.root.kind = Kind.NATIVE  # no longer pinned: dropped once the kernel forgets it
+            self.table.native_fds += 1
+        self.table.detach(vf)
 
     async def _add_host_live(self, hc: HostConfig) -> None:
         host = self._add_host(hc)
@@ -442,15 +448,7 @@ class Registry:
                                                f"handles); add force=1 to delete anyway")
         host = vf.host
         # hide it first so no new request reaches it, then move the data aside
-        self.set_usage(vf, 0, 0)  # its scope no longer carries it
-        self.ledger.accounts.pop(vf.quota_keys[0], None)
-        vf.deleted = True
-        host.vfolders.pop(vf.id, None)
-        self.vfolders.pop(vf.id, None)
-        if vf.root is not None:
-            vf.root.kind = Kind.NATIVE  # no longer pinned: dropped once the kernel forgets it
-            self.table.native_fds += 1
-        self.table.detach(vf)
+        self._stop_serving(vf)
         self._invalidate_entry(host, vf.id)
         try:
             moved = await host.workers.run(host.backend.delete_vfolder, vf.record.native_path, vf.id)
