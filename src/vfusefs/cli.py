@@ -74,6 +74,12 @@ def _client(ctx: click.Context) -> Client:
         return Client("/run/vfusefs/control.sock")
 
 
+def vf_path(host: str, vfid: str, *rest: str) -> str:
+    """The control API path of a vfolder (and of something under it), each part URL-quoted."""
+    return "/".join(["/hosts", quote(host, safe=""), "vfolders", quote(vfid, safe=""),
+                     *(quote(p, safe="") for p in rest)])
+
+
 def emit(data: Any, as_json: bool, columns: list[tuple[str, str]] | None = None) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2, sort_keys=True))
@@ -222,7 +228,7 @@ def vfolder_ls(ctx: click.Context, host: str | None, as_json: bool) -> None:
 @click.pass_context
 def vfolder_info(ctx: click.Context, host: str, vfid: str, as_json: bool) -> None:
     """Show one vfolder."""
-    data = _client(ctx).call("GET", f"/hosts/{quote(host, safe='')}/vfolders/{quote(vfid, safe='')}")
+    data = _client(ctx).call("GET", vf_path(host, vfid))
     if as_json:
         return emit(data, True)
     for key in ("id", "host", "path", "native_path", "scope", "quota_bytes", "quota_inodes",
@@ -238,25 +244,24 @@ def vfolder_info(ctx: click.Context, host: str, vfid: str, as_json: bool) -> Non
 @click.pass_context
 def vfolder_rm(ctx: click.Context, host: str, vfid: str, force: bool, as_json: bool) -> None:
     """Delete a vfolder: its data goes to the host's trash and is purged in the background."""
-    data = _client(ctx).call("DELETE", f"/hosts/{quote(host, safe='')}/vfolders/{quote(vfid, safe='')}",
+    data = _client(ctx).call("DELETE", vf_path(host, vfid),
                              params={"force": "1"} if force else None)
     if as_json:
         return emit(data, True)
     click.echo(f"deleted {data['deleted']}")
 
 
-def _not_yet(path_suffix: str, method: str = "POST") -> Any:
+def _not_yet(what: str, method: str = "POST") -> Any:
     @click.argument("host")
     @click.argument("vfid")
     @click.pass_context
     def command(ctx: click.Context, host: str, vfid: str) -> None:
-        _client(ctx).call(method, f"/hosts/{quote(host, safe='')}/vfolders/{quote(vfid, safe='')}"
-                                  f"{path_suffix}", {})
+        _client(ctx).call(method, vf_path(host, vfid, what), {})
 
     return command
 
 
-vfolder.command("clone", help="Clone a vfolder (not implemented yet).")(_not_yet("/clone"))
+vfolder.command("clone", help="Clone a vfolder (not implemented yet).")(_not_yet("clone"))
 
 
 @vfolder.command("rescan")
@@ -268,7 +273,7 @@ vfolder.command("clone", help="Clone a vfolder (not implemented yet).")(_not_yet
 def vfolder_rescan(ctx: click.Context, host: str, vfid: str, no_wait: bool, as_json: bool) -> None:
     """Recount a vfolder's usage from its native tree (corrects changes made behind vfusefs)."""
     client = _client(ctx)
-    task = client.call("POST", f"/hosts/{quote(host, safe='')}/vfolders/{quote(vfid, safe='')}/rescan", {})
+    task = client.call("POST", vf_path(host, vfid, "rescan"), {})
     if not no_wait:
         task = wait_task(client, task, show=not as_json)
     if as_json:
@@ -304,8 +309,7 @@ def wait_task(client: Client, task: dict, show: bool) -> dict:
 def vfolder_quota(ctx: click.Context, host: str, vfid: str, qbytes: str | None, qinodes: str | None,
                   as_json: bool) -> None:
     """Show a vfolder's limits and usage, or set them."""
-    data = show_or_set_limits(_client(ctx), f"/hosts/{quote(host, safe='')}/vfolders/"
-                                            f"{quote(vfid, safe='')}", "PATCH", qbytes, qinodes)
+    data = show_or_set_limits(_client(ctx), vf_path(host, vfid), "PATCH", qbytes, qinodes)
     emit(data, as_json, QUOTA_COLUMNS)
 
 
@@ -327,8 +331,7 @@ def show_or_set_limits(client: Client, path: str, method: str, qbytes: str | Non
 @click.pass_context
 def grant(ctx: click.Context, host: str, vfid: str, principal: str, mode: str, as_json: bool) -> None:
     """Grant PRINCIPAL (cgroup:/path, uid:N, gid:N or '*') MODE (ro, rw, rwd) on a vfolder."""
-    data = _client(ctx).call("PUT", f"/hosts/{quote(host, safe='')}/vfolders/{quote(vfid, safe='')}"
-                                    f"/grants/{quote(principal, safe='')}", {"mode": mode})
+    data = _client(ctx).call("PUT", vf_path(host, vfid, "grants", principal), {"mode": mode})
     emit(data, as_json, VFOLDER_COLUMNS)
 
 
@@ -340,8 +343,7 @@ def grant(ctx: click.Context, host: str, vfid: str, principal: str, mode: str, a
 @click.pass_context
 def revoke(ctx: click.Context, host: str, vfid: str, principal: str, as_json: bool) -> None:
     """Remove PRINCIPAL's grant on a vfolder."""
-    data = _client(ctx).call("DELETE", f"/hosts/{quote(host, safe='')}/vfolders/{quote(vfid, safe='')}"
-                                       f"/grants/{quote(principal, safe='')}")
+    data = _client(ctx).call("DELETE", vf_path(host, vfid, "grants", principal))
     emit(data, as_json, VFOLDER_COLUMNS)
 
 
