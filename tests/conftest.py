@@ -110,6 +110,14 @@ class Daemon:
             self.check_log()
         return code
 
+    def crash(self) -> None:
+        """kill -9, as a crash: the dead mount stays for the next start (or doctor) to find."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.proc = None
+        self.logf.close()
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

@@ -142,16 +142,12 @@ def test_kill9_during_writes_then_restart_recovers(world_dir: Path) -> None:
         done.append(line.split())
         if len(done) == 150:
             break
-    assert d.proc is not None
-    d.proc.send_signal(signal.SIGKILL)  # mid-workload
-    d.proc.wait()
+    d.crash()  # mid-workload
     done += [line.split() for line in writer.stdout]
     assert writer.wait(30) == 0
     with pytest.raises(OSError) as exc:
         os.listdir(d.mnt)
     assert exc.value.errno == 107  # ENOTCONN: the dead mount is still there
-    d.proc = None
-    d.logf.close()
 
     d.start()  # same config: clears the stale mount and mounts again
     log = d.log()
@@ -400,9 +396,7 @@ def test_doctor_says_what_to_fix(world_dir: Path) -> None:
     assert checks[f"mountpoint {d.mnt}"]["detail"] == "served by a running vfusefs daemon"
     assert "1 vfolder(s)" in checks[f"store {d.state}/state.db"]["detail"]
     # a crashed daemon and a host whose storage is gone
-    assert d.proc is not None
-    d.proc.send_signal(signal.SIGKILL)
-    d.proc.wait()
+    d.crash()
     d.hosts["gone"] = {"path": str(world_dir / "gone")}
     d.write_config()
     r = d.cli("doctor", check=False)
@@ -410,8 +404,6 @@ def test_doctor_says_what_to_fix(world_dir: Path) -> None:
     assert f"[FAIL] mountpoint {d.mnt}: stale vfusefs mount" in r.stdout
     assert f"fix: umount -l {d.mnt}" in r.stdout
     assert "[FAIL] host gone (vfs" in r.stdout and "No such file or directory" in r.stdout
-    d.proc = None
-    d.logf.close()
     # a broken file: one failing line naming the key
     d.config.write_text("[daemon]\nmountpoint = 3\n")
     r = d.cli("doctor", check=False)
