@@ -1,4 +1,5 @@
-"""Build step for the one C piece: the statfs inode shim (see src/vfusefs/shim/statfs_ino.c).
+"""Build step for the two C pieces: the libfuse shim (src/vfusefs/shim/statfs_ino.c) and the
+trio-to-worker hand-off (src/vfusefs/shim/hop.c).
 
 Everything else is declared in setup.cfg.
 """
@@ -17,4 +18,5 @@ def fuse3_cflags() -> list[str]:
 
 
 setup(ext_modules=[Extension("vfusefs._statfs_ino", ["src/vfusefs/shim/statfs_ino.c"],
-                             extra_compile_args=fuse3_cflags(), libraries=["dl", "fuse3"])])
+                             extra_compile_args=fuse3_cflags(), libraries=["dl", "fuse3"]),
+                   Extension("vfusefs._hop", ["src/vfusefs/shim/hop.c"], extra_compile_args=["-O2"])])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import stat
 import subprocess
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Daemon, run
+from conftest import Daemon, have, run
 
 pytestmark = pytest.mark.mount
 
@@ -256,3 +257,47 @@ def test_native_changes_to_a_vfolder_root_show_under_constant_use(daemon: Daemon
         time.sleep(0.2)  # a path walk through the host dir every 0.2 s
     assert stat.S_IMODE(os.stat(vf).st_mode) == 0o700
     assert time.monotonic() < deadline - 2  # seen within about the attribute timeout
+
+
+@pytest.mark.skipif(not have("bindfs"), reason="bindfs not installed")
+def test_a_hung_host_fails_with_eio_and_stalls_nothing_else(world_dir: Path) -> None:
+    """A host whose storage stops answering (a hung NFS server, here: a bindfs mount whose
+    process is SIGSTOPped) fails its requests with EIO after op_timeout, also once all its
+    threads are stuck, while another host's vfolder keeps working meanwhile; once the storage
+    answers again, so does the host."""
+    src, slow = world_dir / "nas-src", world_dir / "nas"
+    src.mkdir()
+    slow.mkdir()
+    run("bindfs", str(src), str(slow))
+    bindfs = int(run("pgrep", "-f", f"bindfs {src} {slow}").stdout.split()[0])
+    d = Daemon(world_dir, hosts={"local": {"path": str(world_dir / "native")},
+                                 "nas": {"path": str(slow), "op_timeout": 2.0}},
+               daemon_opts={"io_threads": 2})
+    d.allowed_errors = ["took longer than 2.0s"]
+    try:
+        d.start()
+        local, nas = d.vfolder("local", grants=[{"principal": "*", "mode": "rwd"}]), \
+            d.vfolder("nas", grants=[{"principal": "*", "mode": "rwd"}])
+        (nas / "before").write_text("x")
+        os.kill(bindfs, signal.SIGSTOP)
+        # three creates on the hung host: two take its two threads, the third waits for one
+        hung = [subprocess.Popen(["touch", str(nas / f"new{i}")], stderr=subprocess.PIPE, text=True)
+                for i in range(3)]
+        for i in range(200):  # meanwhile the other host answers as usual
+            (local / f"f{i}").write_text(str(i))
+        assert sorted(os.listdir(local)) == sorted(f"f{i}" for i in range(200))
+        assert all(p.poll() is None for p in hung)  # ... before the hung host gave up
+        for p in hung:
+            assert p.wait(timeout=10) == 1
+            assert "Input/output error" in p.stderr.read()  # type: ignore[union-attr]
+        os.kill(bindfs, signal.SIGCONT)
+        for _ in range(50):  # the stuck threads come back once bindfs answers
+            if run("touch", str(nas / "after"), check=False).returncode == 0:
+                break
+            time.sleep(0.1)
+        assert (nas / "after").exists() and (nas / "before").read_text() == "x"
+    finally:
+        os.kill(bindfs, signal.SIGCONT)
+        if d.proc is not None:
+            d.stop()
+        run("fusermount3", "-u", str(slow), check=False)

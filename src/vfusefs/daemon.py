@@ -37,6 +37,7 @@ from vfusefs.notify import Notifier
 from vfusefs.ops import Operations
 from vfusefs.registry import Registry
 from vfusefs.store import StoreError, open_store
+from vfusefs.workers import StoppedError
 
 log = logging.getLogger(__name__)
 TRASH_PURGE_INTERVAL = 60.0
@@ -432,9 +433,17 @@ class Service:
         assert registry is not None
         while True:
             await trio.sleep(USAGE_FLUSH_INTERVAL)
-            try:
-                for vf in list(registry.vfolders.values()):
+            stuck: set[str] = set()  # hosts that did not answer this round: skip the rest
+            for vf in list(registry.vfolders.values()):
+                if vf.host.name in stuck:
+                    continue
+                try:
                     await registry.reconcile(vf)
+                except (trio.TooSlowError, StoppedError) as exc:  # a hung or removed host
+                    stuck.add(vf.host.name)
+                    log.warning("host %s: usage of recently written files not reconciled this "
+                                "round: %s", vf.host.name, exc)
+            try:
                 await registry.flush_usage()
             except Exception:
                 log.exception("persisting usage failed")

@@ -4,35 +4,39 @@ pyfuse3 runs every handler on one trio thread, so a syscall on a hung NFS server
 every host and the daemon itself.  Each host gets its own `HostWorkers` pool; a handler awaits
 `workers.run(fn, *args)`, which hands `fn` to one of the host's threads.
 
-The hand-off is the hot path of the whole daemon (a FUSE request is usually exactly one hop), and
-on a small VM every cross-thread wake-up costs tens of microseconds.  Parking the trio task and
-being woken through trio's wake-up socket costs about 215 us per hop inside the daemon, while a
-local fstat takes 2 us.  So `run` first waits for the worker on a plain lock, with the GIL
-released, for at most `FAST_WAIT` seconds; a fast native call completes inside that window and
-costs one wake-up each way.  Only a slower call parks the task in trio, so the loop then serves
-other requests.  The loop is thus held for at most FAST_WAIT per request, and not at all for a
-host whose recent calls were slow (`slow_ewma` above FAST_WAIT) or whose threads are all busy:
-a hung host costs the loop nothing, and its requests fail with EIO after `op_timeout`.
+The hand-off is the hot path of the whole daemon (a FUSE request is usually exactly one hop).
+With Python's queues and locks a hop costs two futex wake-ups, 50 to 70 us on a small VM where a
+local fstat takes 2 us.  So each thread has a `Lane` (C, `shim/hop.c`): a one-job mailbox on
+which both sides spin for a bounded time, with the GIL released, before they sleep.  `run`
+posts the job to a free lane and spins up to `FAST_WAIT` for it: a fast native call comes back
+in a few microseconds, without the loop ever sleeping.  A worker that finished a job spins up
+to `WORKER_SPIN` for the next one (requests from one process come tens of microseconds apart),
+then sleeps on a futex.  Spinning yields the CPU to anything else runnable, so it only uses
+idle time.
+
+Only a slower call parks the task in trio, so the loop then serves other requests.  The loop is
+thus held for at most FAST_WAIT per request, and not at all for a host whose recent calls were
+slow (`slow_ewma` above FAST_WAIT) or whose threads are all busy: a hung host costs the loop
+nothing, and its requests fail with EIO after `op_timeout`.
 """
 
 from __future__ import annotations
 
-import itertools
+import collections
 import logging
-import queue
 import threading
 import time
 from typing import Any, Callable, TypeVar
 
 import trio
 
+from vfusefs._hop import PARKED, Lane
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-FAST_WAIT = 0.0003  # seconds the loop may wait for a fast native call before parking the task
-_DONE = 2
-_PARKED = 1
-_WAITING = 0
+FAST_WAIT = 0.0003  # seconds the loop may spin for a fast native call before parking the task
+WORKER_SPIN = 0.0002  # seconds a worker spins for its next job before it sleeps
 
 
 class StoppedError(Exception):
@@ -40,19 +44,15 @@ class StoppedError(Exception):
 
 
 class _Job:
-    __slots__ = ("fn", "args", "task", "ok", "value", "state", "mutex", "done", "abandoned")
+    __slots__ = ("fn", "args", "task", "ok", "value", "abandoned")
 
     def __init__(self, fn: Callable[..., Any], args: tuple, task: Any) -> None:
         self.fn = fn
         self.args = args
-        self.task = task
+        self.task = task  # None: nobody waits (a background call)
         self.ok = False
         self.value: Any = None
-        self.state = _WAITING
-        self.mutex = threading.Lock()
-        self.done = threading.Lock()
-        self.done.acquire()
-        self.abandoned = False
+        self.abandoned = task is None
 
 
 class HostWorkers:
@@ -63,77 +63,95 @@ class HostWorkers:
         self.name = name
         self.op_timeout = op_timeout
         self._token = token
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._size = threads
-        self._threads = [threading.Thread(target=self._loop, name=f"vfusefs-{name}-{i}", daemon=True)
-                         for i in range(threads)]
-        self._submitted = 0  # written by the trio thread only
-        self._finished = itertools.count()  # next() is atomic: safe from every worker
-        self._finished_n = 0
+        self._lanes = [Lane() for _ in range(threads)]
+        # free lanes, the trio thread's alone; the last freed (still spinning) is used first
+        self._free = list(self._lanes)
+        self._lane_free = trio.lowlevel.ParkingLot()  # tasks waiting for a free lane
+        self._backlog: collections.deque[_Job] = collections.deque()  # background calls
         self.slow_ewma = 0.0  # recent native call latency, seconds
         self.stopped = False
+        self._threads = [threading.Thread(target=self._loop, args=(lane,), daemon=True,
+                                          name=f"vfusefs-{name}-{i}")
+                         for i, lane in enumerate(self._lanes)]
         for t in self._threads:
             t.start()
 
-    def _loop(self) -> None:
-        get = self._queue.get
-        while (job := get()) is not None:
+    def _loop(self, lane: Lane) -> None:
+        job = lane.take(WORKER_SPIN)
+        while job is not None:
             start = time.perf_counter()
             try:
                 job.value = job.fn(*job.args)
                 job.ok = True
             except BaseException as exc:  # handed back to the awaiting task, raised there
                 job.value = exc
-            elapsed = time.perf_counter() - start
-            self.slow_ewma = self.slow_ewma * 0.9 + elapsed * 0.1
-            self._finished_n = next(self._finished) + 1
-            with job.mutex:
-                parked = job.state == _PARKED
-                job.state = _DONE
-            if parked:
+            self.slow_ewma = self.slow_ewma * 0.9 + (time.perf_counter() - start) * 0.1
+            nxt = lane.finish_and_take(WORKER_SPIN)
+            if nxt is PARKED:  # nobody spins for this one: wake its task through trio
                 try:
-                    self._token.run_sync_soon(self._wake, job)
+                    self._token.run_sync_soon(self._wake, lane, job)
                 except trio.RunFinishedError:
                     return
-            else:
-                job.done.release()
+                nxt = lane.take(WORKER_SPIN)
+            job = nxt
 
-    @property
-    def busy(self) -> int:
-        """Jobs handed out and not finished (all threads busy for long: the host may hang)."""
-        return self._submitted - self._finished_n
-
-    def _wake(self, job: _Job) -> None:
+    def _wake(self, lane: Lane, job: _Job) -> None:
+        self._release(lane)
         if job.abandoned:
-            if not job.ok:
-                log.warning("host %s: background call %s failed: %s", self.name,
-                            getattr(job.fn, "__name__", job.fn), job.value)
+            name = getattr(job.fn, "__name__", job.fn)
+            if job.task is not None:  # its request already failed with EIO after op_timeout
+                log.info("host %s: %s ended %s after its request gave up", self.name, name,
+                         "well" if job.ok else f"with {job.value!r}")
+            elif not job.ok:
+                log.warning("host %s: background call %s failed: %s", self.name, name, job.value)
             return
         trio.lowlevel.reschedule(job.task)
+
+    def _release(self, lane: Lane) -> None:
+        """A lane's job is over: give it the next background call, or to a waiting task."""
+        if self._backlog and not self.stopped:
+            lane.post_parked(self._backlog.popleft())
+            return
+        self._free.append(lane)
+        self._lane_free.unpark()
+
+    async def _lane(self) -> Lane:
+        while not self._free:
+            if self.stopped:
+                raise StoppedError(f"host {self.name} is no longer served")
+            await self._lane_free.park()
+        return self._free.pop()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(*args) on one of this host's threads; TooSlowError after op_timeout."""
         if self.stopped:
             raise StoppedError(f"host {self.name} is no longer served")
         job = _Job(fn, args, trio.lowlevel.current_task())
-        self._submitted += 1
-        self._queue.put(job)
-        if self.busy <= self._size and self.slow_ewma < FAST_WAIT and job.done.acquire(timeout=FAST_WAIT):
-            return self._result(job)
-        with job.mutex:
-            if job.state == _DONE:
-                return self._result(job)
-            job.state = _PARKED
+        deadline = trio.current_time() + self.op_timeout
+        if self._free:
+            lane = self._free.pop()
+            if lane.post_and_wait(job, FAST_WAIT if self.slow_ewma < FAST_WAIT else 0.0):
+                self._release(lane)
+                return self._result(job)  # the fast path: no await, no cancel scope
+            with trio.move_on_at(deadline):
+                return await self._parked(job)
+        else:  # every thread busy (a slow or hung host): wait for one, never hold the loop
+            with trio.move_on_at(deadline):
+                lane = await self._lane()
+                if lane.post_and_wait(job, 0.0):
+                    self._release(lane)
+                    return self._result(job)
+                return await self._parked(job)
+        raise trio.TooSlowError(f"host {self.name}: native call {getattr(fn, '__name__', fn)} "
+                                f"took longer than {self.op_timeout}s")
 
+    async def _parked(self, job: _Job) -> Any:
+        """Wait in trio for a job the worker will report through _wake."""
         def abort(_: Any) -> trio.lowlevel.Abort:
-            job.abandoned = True
+            job.abandoned = True  # the lane comes back when the call ends (_wake)
             return trio.lowlevel.Abort.SUCCEEDED
 
-        with trio.move_on_after(self.op_timeout) as scope:
-            await trio.lowlevel.wait_task_rescheduled(abort)
-        if scope.cancelled_caught and job.abandoned:
-            raise trio.TooSlowError(f"host {self.name}: native call {getattr(fn, '__name__', fn)} "
-                                    f"took longer than {self.op_timeout}s")
+        await trio.lowlevel.wait_task_rescheduled(abort)
         return self._result(job)
 
     @staticmethod
@@ -154,12 +172,17 @@ class HostWorkers:
                 log.warning("host %s: %s failed: %s", self.name, getattr(fn, "__name__", fn), exc)
             return
         job = _Job(fn, args, None)
-        job.state = _PARKED
-        job.abandoned = True
-        self._submitted += 1
-        self._queue.put(job)
+        if self._free:
+            self._free.pop().post_parked(job)
+        else:
+            self._backlog.append(job)
 
     def stop(self) -> None:
+        """Calls in progress finish; the threads then end, and later calls fail."""
         self.stopped = True
-        for _ in self._threads:
-            self._queue.put(None)
+        while self._backlog:  # closes waiting for a thread: see submit
+            job = self._backlog.popleft()
+            self.submit(job.fn, *job.args)
+        for lane in self._lanes:
+            lane.stop()
+        self._lane_free.unpark_all()

@@ -1,0 +1,288 @@
+/*
+ * hop: hand one native call from the trio thread to a worker thread and back, cheaply.
+ *
+ * Every FUSE request that touches native storage makes one such hop (workers.py explains why
+ * the calls cannot run on the trio thread).  With Python's own primitives a hop costs two
+ * futex wake-ups, and on a small VM each wake-up of a sleeping CPU costs 15-35 us: more than
+ * most native calls.  A Lane is a one-job mailbox between the trio thread and one worker thread
+ * in which both sides first spin (GIL released, a bounded time, yielding the CPU to anything
+ * else runnable) before they sleep:
+ *
+ *   trio thread                         worker thread
+ *   post_and_wait(job, spin)  ------>   take(spin) / finish_and_take(spin) returns job
+ *     spins until DONE                    runs job in Python
+ *   <------------------------------     finish_and_take: GIL released first, then DONE
+ *
+ * The GIL is always released *before* the other side is told to go on, so the side that wakes
+ * finds it free and never sleeps on it.  If the poster stops spinning before the job is done,
+ * it marks the lane PARKED (a compare-and-swap, so exactly one of "poster parks" and "worker
+ * finishes" wins); the worker then gets the PARKED marker back and wakes the poster through
+ * trio.  A sleeping worker is woken with a futex; a spinning one sees the job within
+ * nanoseconds.
+ *
+ * States of a lane (the futex word):  IDLE -> POSTED -> DONE -> IDLE   (fast path)
+ *                                     IDLE -> POSTED -> PARKED -> IDLE (poster parked)
+ *                                     IDLE -> PARKED -> IDLE           (nobody waits)
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <linux/futex.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+enum { IDLE = 0, POSTED = 1, DONE = 2, PARKED = 3 };
+
+typedef struct {
+    PyObject_HEAD
+    _Atomic int state;
+    _Atomic int sleeping;  /* the worker waits on the futex */
+    _Atomic int stopping;
+    PyObject *job;         /* owned; set by the poster before POSTED/PARKED */
+} Lane;
+
+static PyObject *parked_marker;  /* finish_and_take's answer when the poster parked */
+
+static inline uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static void futex_wait(_Atomic int *word, int expected)
+{
+    syscall(SYS_futex, (int *)word, FUTEX_WAIT_PRIVATE, expected, NULL, NULL, 0);
+}
+
+static void futex_wake(_Atomic int *word)
+{
+    syscall(SYS_futex, (int *)word, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+}
+
+/* Spin until *word != value or spin_ns passed; every 64 rounds check the clock and give the
+   CPU to anything else runnable on it.  Returns the last value seen. */
+static int spin_while(_Atomic int *word, int value, uint64_t spin_ns)
+{
+    int s = atomic_load_explicit(word, memory_order_acquire);
+    if (s != value || spin_ns == 0)
+        return s;
+    uint64_t deadline = now_ns() + spin_ns;
+    for (unsigned i = 1;; i++) {
+        cpu_relax();
+        s = atomic_load_explicit(word, memory_order_acquire);
+        if (s != value)
+            return s;
+        if ((i & 63) == 0) {
+            if (now_ns() >= deadline)
+                return s;
+            sched_yield();
+        }
+    }
+}
+
+static void lane_wake_worker(Lane *self)
+{
+    if (atomic_load(&self->sleeping))
+        futex_wake(&self->state);
+}
+
+static inline int has_job(int s)
+{
+    return s == POSTED || s == PARKED;
+}
+
+/* Worker side, GIL released: wait until a job is posted (POSTED or PARKED) or the lane stops:
+   spin up to spin_ns, then sleep on the futex.  Returns 1 for a job, 0 for stop. */
+static int wait_for_job(Lane *self, uint64_t spin_ns)
+{
+    uint64_t deadline = spin_ns ? now_ns() + spin_ns : 0;
+    for (unsigned i = 1;; i++) {
+        int s = atomic_load_explicit(&self->state, memory_order_acquire);
+        if (has_job(s))
+            return 1;
+        if (atomic_load(&self->stopping))
+            return 0;
+        if (deadline && ((i & 63) || now_ns() < deadline)) {
+            cpu_relax();
+            if ((i & 63) == 0)
+                sched_yield();
+            continue;
+        }
+        atomic_store(&self->sleeping, 1);
+        s = atomic_load(&self->state);
+        if (!has_job(s) && !atomic_load(&self->stopping))
+            futex_wait(&self->state, s);
+        atomic_store(&self->sleeping, 0);
+    }
+}
+
+/* With the GIL held again after wait_for_job: the posted job, or None once stopped. */
+static PyObject *taken(Lane *self, int got)
+{
+    if (!got || self->job == NULL)
+        Py_RETURN_NONE;
+    PyObject *job = self->job;
+    self->job = NULL;
+    return job;  /* the lane's reference passes to the caller */
+}
+
+static uint64_t seconds_to_ns(double s)
+{
+    return s <= 0 ? 0 : (uint64_t)(s * 1e9);
+}
+
+static PyObject *lane_take(Lane *self, PyObject *arg)
+{
+    double spin = PyFloat_AsDouble(arg);
+    if (spin == -1.0 && PyErr_Occurred())
+        return NULL;
+    uint64_t spin_ns = seconds_to_ns(spin);
+    int got;
+    Py_BEGIN_ALLOW_THREADS
+    got = wait_for_job(self, spin_ns);
+    Py_END_ALLOW_THREADS
+    return taken(self, got);
+}
+
+static PyObject *lane_finish_and_take(Lane *self, PyObject *arg)
+{
+    double spin = PyFloat_AsDouble(arg);
+    if (spin == -1.0 && PyErr_Occurred())
+        return NULL;
+    uint64_t spin_ns = seconds_to_ns(spin);
+    int expected = POSTED;
+    int published, got = 0;
+    /* one GIL-released stretch: the poster, told DONE, must find the GIL free */
+    Py_BEGIN_ALLOW_THREADS
+    published = atomic_compare_exchange_strong(&self->state, &expected, DONE);
+    if (published)
+        got = wait_for_job(self, spin_ns);
+    Py_END_ALLOW_THREADS
+    if (!published) {  /* PARKED: the poster waits in trio; the caller wakes it there */
+        atomic_store(&self->state, IDLE);
+        Py_INCREF(parked_marker);
+        return parked_marker;
+    }
+    return taken(self, got);
+}
+
+static int set_job(Lane *self, PyObject *job)
+{
+    if (atomic_load(&self->state) != IDLE || self->job != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "hop: lane is busy");
+        return -1;
+    }
+    Py_INCREF(job);
+    self->job = job;
+    return 0;
+}
+
+/* post_and_wait(job, spin) -> True if the job is done, False if the caller must park (the
+   worker will answer finish_and_take with PARKED). */
+static PyObject *lane_post_and_wait(Lane *self, PyObject *args)
+{
+    PyObject *job;
+    double spin;
+    if (!PyArg_ParseTuple(args, "Od", &job, &spin) || set_job(self, job) < 0)
+        return NULL;
+    uint64_t spin_ns = seconds_to_ns(spin);
+    int done;
+    Py_BEGIN_ALLOW_THREADS
+    atomic_store_explicit(&self->state, POSTED, memory_order_release);
+    lane_wake_worker(self);
+    int s = spin_while(&self->state, POSTED, spin_ns);
+    if (s == DONE) {
+        done = 1;
+    } else {
+        int expected = POSTED;
+        done = !atomic_compare_exchange_strong(&self->state, &expected, PARKED);
+    }
+    if (done)
+        atomic_store(&self->state, IDLE);
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(done);
+}
+
+/* post_parked(job): hand over a job nobody spins for (the worker answers PARKED). */
+static PyObject *lane_post_parked(Lane *self, PyObject *job)
+{
+    if (set_job(self, job) < 0)
+        return NULL;
+    atomic_store_explicit(&self->state, PARKED, memory_order_release);
+    lane_wake_worker(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *lane_stop(Lane *self, PyObject *Py_UNUSED(ignored))
+{
+    atomic_store(&self->stopping, 1);
+    futex_wake(&self->state);
+    Py_RETURN_NONE;
+}
+
+static void lane_dealloc(Lane *self)
+{
+    Py_CLEAR(self->job);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef lane_methods[] = {
+    {"post_and_wait", (PyCFunction)lane_post_and_wait, METH_VARARGS,
+     "post_and_wait(job, spin) -> bool: hand job to the worker, spin up to spin seconds for it; "
+     "False: not done, the worker will report PARKED"},
+    {"post_parked", (PyCFunction)lane_post_parked, METH_O,
+     "post_parked(job): hand job to the worker with nobody spinning for it"},
+    {"take", (PyCFunction)lane_take, METH_O,
+     "take(spin) -> job or None (stopped): the worker's wait for its first job"},
+    {"finish_and_take", (PyCFunction)lane_finish_and_take, METH_O,
+     "finish_and_take(spin) -> next job, None (stopped) or PARKED (wake the poster, then take)"},
+    {"stop", (PyCFunction)lane_stop, METH_NOARGS, "stop(): the worker returns None once idle"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject LaneType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "vfusefs._hop.Lane",
+    .tp_basicsize = sizeof(Lane),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)lane_dealloc,
+    .tp_methods = lane_methods,
+    .tp_doc = "A one-job mailbox between the trio thread and one worker thread.",
+};
+
+static struct PyModuleDef hop_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "vfusefs._hop",
+    .m_doc = "Cheap hand-offs between the trio thread and workers.",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC PyInit__hop(void)
+{
+    if (PyType_Ready(&LaneType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&hop_module);
+    if (m == NULL)
+        return NULL;
+    parked_marker = PyUnicode_InternFromString("PARKED");
+    if (parked_marker == NULL || PyModule_AddObjectRef(m, "PARKED", parked_marker) < 0 ||
+        PyModule_AddObjectRef(m, "Lane", (PyObject *)&LaneType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

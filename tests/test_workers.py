@@ -1,0 +1,160 @@
+"""The worker pool (workers.py, shim/hop.c): results, errors, slow and hung calls, stop.
+
+These drive HostWorkers with real threads and real blocking calls; the mount-level behaviour of
+a hung host (EIO after op_timeout, other hosts unaffected) is in test_mount_tools.py.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import trio
+
+from vfusefs._hop import Lane
+from vfusefs.workers import FAST_WAIT, HostWorkers, StoppedError
+
+
+def pool(threads: int = 2, op_timeout: float = 5.0) -> HostWorkers:
+    return HostWorkers("t", threads, op_timeout, trio.lowlevel.current_trio_token())
+
+
+async def test_results_and_errors_come_back() -> None:
+    w = pool()
+    try:
+        fd = os.open("/", os.O_PATH)
+        try:
+            for _ in range(2000):  # fast calls, back to back: the spinning path
+                assert (await w.run(os.fstat, fd)).st_ino == os.stat("/").st_ino
+        finally:
+            os.close(fd)
+        with pytest.raises(FileNotFoundError):
+            await w.run(os.stat, "/nonexistent/x")
+        with pytest.raises(ZeroDivisionError):
+            await w.run(lambda: 1 / 0)
+        assert await w.run(lambda a, b: a + b, 2, 3) == 5
+    finally:
+        w.stop()
+
+
+async def test_calls_run_on_worker_threads() -> None:
+    w = pool()
+    try:
+        names = {await w.run(lambda: threading.current_thread().name) for _ in range(50)}
+        assert names and all(n.startswith("vfusefs-t-") for n in names)
+    finally:
+        w.stop()
+
+
+async def test_a_slow_call_parks_and_the_loop_keeps_serving() -> None:
+    w = pool()
+    try:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await trio.sleep(0.01)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(ticker)
+            t = time.monotonic()
+            assert await w.run(lambda: time.sleep(0.5) or "slept") == "slept"
+            assert time.monotonic() - t >= 0.5
+            n.cancel_scope.cancel()
+        assert ticks >= 20  # the loop ran other tasks while the call slept (held < FAST_WAIT)
+    finally:
+        w.stop()
+
+
+async def test_a_hung_call_fails_after_op_timeout_and_frees_its_thread_later() -> None:
+    w = pool(threads=1, op_timeout=0.3)
+    release = threading.Event()
+    try:
+        t = time.monotonic()
+        with pytest.raises(trio.TooSlowError, match="took longer than 0.3s"):
+            await w.run(release.wait)
+        assert 0.3 <= time.monotonic() - t < 1.0
+        # the only thread is still stuck: the next call waits for it, and times out too
+        with pytest.raises(trio.TooSlowError):
+            await w.run(os.getpid)
+        release.set()  # the host answers again: the thread comes back
+        with trio.fail_after(2):
+            while True:
+                try:
+                    assert await w.run(os.getpid) == os.getpid()
+                    break
+                except trio.TooSlowError:
+                    pass
+    finally:
+        release.set()
+        w.stop()
+
+
+async def test_all_threads_busy_then_calls_queue_and_all_complete() -> None:
+    w = pool(threads=2)
+    try:
+        results: list[int] = []
+
+        async def call(i: int) -> None:
+            results.append(await w.run(lambda: time.sleep(0.05) or i))
+
+        async with trio.open_nursery() as n:
+            for i in range(10):
+                n.start_soon(call, i)
+        assert sorted(results) == list(range(10))
+    finally:
+        w.stop()
+
+
+async def test_background_calls_run_even_when_every_thread_is_busy() -> None:
+    w = pool(threads=1)
+    done: list[int] = []
+    try:
+        async with trio.open_nursery() as n:
+            n.start_soon(w.run, time.sleep, 0.2)
+            await trio.sleep(0.05)  # the only thread is busy
+            for i in range(5):
+                w.submit(done.append, i)
+        with trio.fail_after(2):
+            while len(done) < 5:
+                await trio.sleep(0.01)
+        assert done == [0, 1, 2, 3, 4]
+    finally:
+        w.stop()
+
+
+async def test_stop_fails_later_calls_and_runs_submits_inline() -> None:
+    w = pool()
+    assert await w.run(os.getpid) == os.getpid()
+    w.stop()
+    with pytest.raises(StoppedError):
+        await w.run(os.getpid)
+    ran: list[int] = []
+    w.submit(ran.append, 1)
+    assert ran == [1]  # closes must not leak: they run right away once stopped
+
+
+async def test_stop_lets_a_call_in_progress_finish() -> None:
+    w = pool()
+    async with trio.open_nursery() as n:
+        out: list[str] = []
+
+        async def slow() -> None:
+            out.append(await w.run(lambda: time.sleep(0.2) or "done"))
+
+        n.start_soon(slow)
+        await trio.sleep(0.05)
+        w.stop()
+    assert out == ["done"]
+
+
+def test_lane_refuses_a_second_job_while_busy() -> None:
+    lane = Lane()
+    lane.post_parked(object())  # no worker takes it
+    with pytest.raises(RuntimeError, match="busy"):
+        lane.post_and_wait(object(), FAST_WAIT)
+    lane.stop()
