@@ -508,3 +508,26 @@ def test_unusable_places_fail_start_in_one_line(world_dir: Path, opts: dict, exp
     errors = [line for line in r.stderr.splitlines() if " ERROR " in line]
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert len(errors) == 1 and expect in errors[0], r.stderr
+
+
+def test_spinning_stops_when_requests_stop(world_dir: Path) -> None:
+    """Workers spin for their next call and the loop polls /dev/fuse while requests flow
+    (README, Benchmark): once they stop, the daemon must go back to sleeping, using no CPU."""
+    d = Daemon(world_dir, daemon_opts={"busy_poll_us": 1000}).start()
+    try:
+        vf = d.vfolder(grants=[{"principal": "*", "mode": "rwd"}])
+        for i in range(300):  # requests back to back: the spinning paths are taken
+            (vf / f"f{i}").write_text("x")
+            os.stat(vf / f"f{i}")
+        time.sleep(0.5)
+        assert d.proc is not None
+
+        def cpu_seconds() -> float:
+            fields = Path(f"/proc/{d.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        before = cpu_seconds()
+        time.sleep(3)
+        assert cpu_seconds() - before < 0.15  # 5% of one CPU (the periodic tasks use some)
+    finally:
+        d.stop()

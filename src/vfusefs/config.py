@@ -99,6 +99,10 @@ DAEMON_OPTIONS: tuple[Option, ...] = (
            "kernel read-ahead for the mount, KiB (sequential reads reach the daemon in requests "
            "this large, up to 1024; 0 keeps the kernel's default of 128)", _non_negative),
     Option("io_threads", int, 16, False, "worker threads per host for native syscalls", _positive),
+    Option("busy_poll_us", int, 100, True,
+           "while requests are flowing, microseconds the daemon polls for the next one before "
+           "its event loop sleeps (waking a sleeping CPU costs more than most requests; 0: off)",
+           _non_negative),
     Option("inode_fds", int, 0, False,
            "O_PATH fds kept for inodes the kernel caches (0: from RLIMIT_NOFILE); above it the "
            "kernel is asked to forget its oldest entries", _non_negative),
@@ -142,6 +146,7 @@ class DaemonConfig:
     entry_timeout: float
     read_ahead_kb: int
     io_threads: int
+    busy_poll_us: int
     inode_fds: int
     max_tasks: int
     scan_interval: float

@@ -39,6 +39,11 @@ FAST_WAIT = 0.0003  # seconds the loop may spin for a fast native call before pa
 WORKER_SPIN = 0.0002  # seconds a worker spins for its next job before it sleeps
 
 
+# when a worker last finished a call the loop spun for (it spins WORKER_SPIN for the next one):
+# BusyPoll leaves the CPU to the client meanwhile (with two CPUs, three spinners is one too many)
+last_handoff = 0.0
+
+
 class StoppedError(Exception):
     """The host's pool was stopped (the host is no longer served): answered with EIO."""
 
@@ -131,6 +136,8 @@ class HostWorkers:
         if self._free:
             lane = self._free.pop()
             if lane.post_and_wait(job, FAST_WAIT if self.slow_ewma < FAST_WAIT else 0.0):
+                global last_handoff
+                last_handoff = time.perf_counter()
                 self._release(lane)
                 return self._result(job)  # the fast path: no await, no cancel scope
             with trio.move_on_at(deadline):

@@ -27,6 +27,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <linux/futex.h>
+#include <poll.h>
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -239,6 +240,42 @@ static void lane_dealloc(Lane *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* poll_fd(fd, spin) -> bool: poll fd for input for up to spin seconds, GIL released, yielding
+   the CPU to anything else runnable; True once readable.  The event loop calls it before it
+   would sleep: a request that comes within that time finds the loop awake (waking a sleeping
+   CPU costs more than most requests). */
+static PyObject *hop_poll_fd(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    int fd;
+    double spin;
+    if (!PyArg_ParseTuple(args, "id", &fd, &spin))
+        return NULL;
+    uint64_t spin_ns = seconds_to_ns(spin);
+    int ready = 0;
+    Py_BEGIN_ALLOW_THREADS
+    struct pollfd p = {.fd = fd, .events = POLLIN};
+    uint64_t deadline = now_ns() + spin_ns;
+    for (unsigned i = 1;; i++) {
+        if (poll(&p, 1, 0) > 0) {
+            ready = 1;
+            break;
+        }
+        if (now_ns() >= deadline)
+            break;
+        if ((i & 15) == 0)
+            sched_yield();
+        cpu_relax();
+    }
+    Py_END_ALLOW_THREADS
+    return PyBool_FromLong(ready);
+}
+
+static PyMethodDef module_methods[] = {
+    {"poll_fd", hop_poll_fd, METH_VARARGS,
+     "poll_fd(fd, spin) -> bool: wait up to spin seconds (spinning) for fd to be readable"},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyMethodDef lane_methods[] = {
     {"post_and_wait", (PyCFunction)lane_post_and_wait, METH_VARARGS,
      "post_and_wait(job, spin) -> bool: hand job to the worker, spin up to spin seconds for it; "
@@ -269,6 +306,7 @@ static struct PyModuleDef hop_module = {
     .m_name = "vfusefs._hop",
     .m_doc = "Cheap hand-offs between the trio thread and workers.",
     .m_size = -1,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC PyInit__hop(void)
