@@ -298,6 +298,8 @@ def test_a_hung_host_fails_with_eio_and_stalls_nothing_else(world_dir: Path) -> 
         assert (nas / "after").exists() and (nas / "before").read_text() == "x"
     finally:
         os.kill(bindfs, signal.SIGCONT)
-        if d.proc is not None:
-            d.stop()
-        run("fusermount3", "-u", str(slow), check=False)
+        try:
+            if d.proc is not None:
+                d.stop()
+        finally:
+            run("fusermount3", "-u", str(slow), check=False)
