@@ -494,13 +494,14 @@ class Operations(pyfuse3.Operations):
     @staticmethod
     def _setattr_is_noop(node: Node, attr: pyfuse3.EntryAttributes,
                          fields: pyfuse3.SetattrFields) -> bool:
+        """Only an mtime the fresh remembered stat already has.  Never atime: reading a file or
+        listing a directory through us moves the native atime without a new stat."""
         st = node.st
-        if st is None or fields.update_mode or fields.update_uid or fields.update_gid \
-                or fields.update_size:
+        if st is None or time.monotonic() >= node.st_until or fields.update_mode \
+                or fields.update_uid or fields.update_gid or fields.update_size \
+                or fields.update_atime:
             return False
-        if fields.update_mtime and attr.st_mtime_ns != st.st_mtime_ns:
-            return False
-        return not (fields.update_atime and attr.st_atime_ns != st.st_atime_ns)
+        return not (fields.update_mtime and attr.st_mtime_ns != st.st_mtime_ns)
 
     @handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
