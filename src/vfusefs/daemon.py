@@ -211,11 +211,13 @@ class BusyPoll(trio.abc.Instrument):
     def before_io_wait(self, timeout: float) -> None:
         if timeout <= 0:
             return  # tasks are runnable: the loop only looks for events, it does not sleep
-        if self.flowing and self.spin and time.perf_counter() - workers.last_handoff > \
-                workers.WORKER_SPIN and poll_fd(self.fd, min(self.spin, timeout)):
-            self.slept_at = 0.0  # a request is waiting: the loop's epoll returns at once
-            return
-        self.slept_at = time.perf_counter()
+        now = time.perf_counter()
+        if self.flowing and self.spin and now - workers.last_handoff > workers.WORKER_SPIN:
+            if poll_fd(self.fd, min(self.spin, timeout)):
+                self.slept_at = 0.0  # a request is waiting: the loop's epoll returns at once
+                return
+            now = time.perf_counter()  # the polling was not sleep
+        self.slept_at = now
 
     def after_io_wait(self, timeout: float) -> None:
         if self.slept_at:

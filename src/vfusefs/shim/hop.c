@@ -73,22 +73,23 @@ static void futex_wake(_Atomic int *word)
     syscall(SYS_futex, (int *)word, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
 }
 
-/* Spin until *word != value or spin_ns passed; every 64 rounds check the clock and give the
-   CPU to anything else runnable on it.  Returns the last value seen. */
-static int spin_while(_Atomic int *word, int value, uint64_t spin_ns)
+/* The one spinning policy: call ready(arg) until it says yes or spin_ns passed, relaxing the
+   CPU between calls; every `every` rounds check the clock and give the CPU to anything else
+   runnable on it.  Returns 1 if ready.  Call it with the GIL released. */
+static int spin_until(int (*ready)(void *), void *arg, uint64_t spin_ns, unsigned every)
 {
-    int s = atomic_load_explicit(word, memory_order_acquire);
-    if (s != value || spin_ns == 0)
-        return s;
+    if (ready(arg))
+        return 1;
+    if (spin_ns == 0)
+        return 0;
     uint64_t deadline = now_ns() + spin_ns;
     for (unsigned i = 1;; i++) {
         cpu_relax();
-        s = atomic_load_explicit(word, memory_order_acquire);
-        if (s != value)
-            return s;
-        if ((i & 63) == 0) {
+        if (ready(arg))
+            return 1;
+        if (i % every == 0) {
             if (now_ns() >= deadline)
-                return s;
+                return 0;
             sched_yield();
         }
     }
@@ -105,23 +106,29 @@ static inline int has_job(int s)
     return s == POSTED || s == PARKED;
 }
 
+static int job_or_stop(void *lane)
+{
+    Lane *self = lane;
+    return has_job(atomic_load_explicit(&self->state, memory_order_acquire)) ||
+           atomic_load(&self->stopping);
+}
+
+static int not_posted(void *lane)
+{
+    return atomic_load_explicit(&((Lane *)lane)->state, memory_order_acquire) != POSTED;
+}
+
 /* Worker side, GIL released: wait until a job is posted (POSTED or PARKED) or the lane stops:
    spin up to spin_ns, then sleep on the futex.  Returns 1 for a job, 0 for stop. */
 static int wait_for_job(Lane *self, uint64_t spin_ns)
 {
-    uint64_t deadline = spin_ns ? now_ns() + spin_ns : 0;
-    for (unsigned i = 1;; i++) {
+    spin_until(job_or_stop, self, spin_ns, 64);
+    for (;;) {
         int s = atomic_load_explicit(&self->state, memory_order_acquire);
         if (has_job(s))
             return 1;
         if (atomic_load(&self->stopping))
             return 0;
-        if (deadline && ((i & 63) || now_ns() < deadline)) {
-            cpu_relax();
-            if ((i & 63) == 0)
-                sched_yield();
-            continue;
-        }
         atomic_store(&self->sleeping, 1);
         s = atomic_load(&self->state);
         if (!has_job(s) && !atomic_load(&self->stopping))
@@ -204,13 +211,9 @@ static PyObject *lane_post_and_wait(Lane *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     atomic_store_explicit(&self->state, POSTED, memory_order_release);
     lane_wake_worker(self);
-    int s = spin_while(&self->state, POSTED, spin_ns);
-    if (s == DONE) {
-        done = 1;
-    } else {
-        int expected = POSTED;
-        done = !atomic_compare_exchange_strong(&self->state, &expected, PARKED);
-    }
+    spin_until(not_posted, self, spin_ns, 64);
+    int expected = POSTED;  /* still POSTED: park; else the worker published DONE */
+    done = !atomic_compare_exchange_strong(&self->state, &expected, PARKED);
     if (done)
         atomic_store(&self->state, IDLE);
     Py_END_ALLOW_THREADS
@@ -244,6 +247,11 @@ static void lane_dealloc(Lane *self)
    the CPU to anything else runnable; True once readable.  The event loop calls it before it
    would sleep: a request that comes within that time finds the loop awake (waking a sleeping
    CPU costs more than most requests). */
+static int readable(void *pfd)
+{
+    return poll(pfd, 1, 0) > 0;
+}
+
 static PyObject *hop_poll_fd(PyObject *Py_UNUSED(module), PyObject *args)
 {
     int fd;
@@ -251,21 +259,10 @@ static PyObject *hop_poll_fd(PyObject *Py_UNUSED(module), PyObject *args)
     if (!PyArg_ParseTuple(args, "id", &fd, &spin))
         return NULL;
     uint64_t spin_ns = seconds_to_ns(spin);
-    int ready = 0;
-    Py_BEGIN_ALLOW_THREADS
     struct pollfd p = {.fd = fd, .events = POLLIN};
-    uint64_t deadline = now_ns() + spin_ns;
-    for (unsigned i = 1;; i++) {
-        if (poll(&p, 1, 0) > 0) {
-            ready = 1;
-            break;
-        }
-        if (now_ns() >= deadline)
-            break;
-        if ((i & 15) == 0)
-            sched_yield();
-        cpu_relax();
-    }
+    int ready;
+    Py_BEGIN_ALLOW_THREADS
+    ready = spin_until(readable, &p, spin_ns, 16);  /* each round is a syscall already */
     Py_END_ALLOW_THREADS
     return PyBool_FromLong(ready);
 }
