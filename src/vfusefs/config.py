@@ -100,8 +100,9 @@ DAEMON_OPTIONS: tuple[Option, ...] = (
            "this large, up to 1024; 0 keeps the kernel's default of 128)", _non_negative),
     Option("io_threads", int, 16, False, "worker threads per host for native syscalls", _positive),
     Option("busy_poll_us", int, 100, True,
-           "while requests are flowing, microseconds the daemon polls for the next one before "
-           "its event loop sleeps (waking a sleeping CPU costs more than most requests; 0: off)",
+           "after each reply, microseconds the daemon polls /dev/fuse for the next request "
+           "before its event loop sleeps (waking a sleeping CPU costs more than most requests; "
+           "0: off)",
            _non_negative),
     Option("inode_fds", int, 0, False,
            "O_PATH fds kept for inodes the kernel caches (0: from RLIMIT_NOFILE); above it the "

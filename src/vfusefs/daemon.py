@@ -27,8 +27,7 @@ import pyfuse3
 import trio
 
 from vfusefs import config as config_mod
-from vfusefs import metrics, mounts, statfs_ino, workers
-from vfusefs._hop import poll_fd
+from vfusefs import fuseloop, metrics, mounts, statfs_ino
 from vfusefs.backends import load_backend
 from vfusefs.callers import CallerCache
 from vfusefs.config import Config, ConfigError, DaemonConfig
@@ -190,41 +189,6 @@ def set_read_ahead(mountpoint: str, kb: int) -> None:
                     "128 KiB per request", mountpoint, kb, exc.strerror or exc)
 
 
-class BusyPoll(trio.abc.Instrument):
-    """Poll /dev/fuse for the next request before the event loop sleeps, while requests flow.
-
-    A process working through a tree sends its next request a few microseconds after our
-    reply; if the loop has gone to sleep by then, waking it (and the CPU it slept on) costs 15
-    to 30 us on a VM, as much as serving the request.  So, if the loop's last sleep was short
-    (requests are flowing), it first polls the fd for up to `spin` seconds (shim/hop.c: GIL
-    released, yielding the CPU to anything else runnable).  An idle daemon sleeps at once, and
-    so does the loop while a worker spins for its next call (see workers.last_handoff)."""
-
-    FLOWING = 0.002  # a sleep shorter than this means requests are flowing
-
-    def __init__(self, fd: int, spin: float) -> None:
-        self.fd = fd
-        self.spin = spin
-        self.flowing = False
-        self.slept_at = 0.0
-
-    def before_io_wait(self, timeout: float) -> None:
-        if timeout <= 0:
-            return  # tasks are runnable: the loop only looks for events, it does not sleep
-        now = time.perf_counter()
-        if self.flowing and self.spin and now - workers.last_handoff > workers.WORKER_SPIN:
-            if poll_fd(self.fd, min(self.spin, timeout)):
-                self.slept_at = 0.0  # a request is waiting: the loop's epoll returns at once
-                return
-            now = time.perf_counter()  # the polling was not sleep
-        self.slept_at = now
-
-    def after_io_wait(self, timeout: float) -> None:
-        if self.slept_at:
-            self.flowing = time.perf_counter() - self.slept_at < self.FLOWING
-            self.slept_at = 0.0
-
-
 class Service:
     """One running daemon: the mount, the servers around it, signals, reload and systemd."""
 
@@ -237,7 +201,7 @@ class Service:
         self.stopping = False
         self.last_status = ""
         self.nursery: trio.Nursery | None = None
-        self.busy_poll: BusyPoll | None = None
+        self.waiter: fuseloop.Waiter | None = None
 
     # -- systemd --------------------------------------------------------------------------------
     def status_line(self) -> str:
@@ -359,8 +323,8 @@ class Service:
             self.ops.callers = CallerCache(merged.admin_uids, merged.confined_cgroups)
             for vf in self.registry.vfolders.values():
                 vf.modes = {}
-        if "busy_poll_us" in applied and self.busy_poll is not None:
-            self.busy_poll.spin = applied["busy_poll_us"] / 1e6
+        if "busy_poll_us" in applied and self.waiter is not None:
+            self.waiter.spin = applied["busy_poll_us"] / 1e6
         if {"log_format", "log_level"} & set(applied):
             setup_logging(merged.log_format, merged.log_level)
         self.cfg = dataclasses.replace(self.cfg, daemon=merged)
@@ -417,22 +381,19 @@ class Service:
             session_open = True
 
             def close_session() -> None:  # on errors: libfuse unmounts (lazily) and closes
-                self.stop_busy_poll()
                 if session_open:
                     registry.mounted = False
                     pyfuse3.close(unmount=True)
 
             stack.callback(close_session)
-            if (fd := statfs_ino.fuse_fd()) >= 0:
-                self.busy_poll = BusyPoll(fd, d.busy_poll_us / 1e6)
-                trio.lowlevel.add_instrument(self.busy_poll)
+            self.waiter = fuseloop.install(d.busy_poll_us / 1e6)
+            stack.callback(fuseloop.uninstall)
             nursery.start_soon(self.announce_ready)
             nursery.start_soon(purge_trash_periodically, registry)
             nursery.start_soon(ops.keep_fd_budget)
             nursery.start_soon(self.flush_usage_periodically)
             nursery.start_soon(self.rescan_periodically)
             await pyfuse3.main(min_tasks=1, max_tasks=d.max_tasks)
-            self.stop_busy_poll()  # before the session's fd is closed
             log.info("FUSE loop ended: no more requests are served")
             await registry.mark_clean()  # usage persisted: the next start may trust it
             for (host, op, code), st in sorted(ops.stats.items()):
@@ -442,11 +403,6 @@ class Service:
             await self.unmount()
             pyfuse3.close(unmount=False)
             session_open = False
-
-    def stop_busy_poll(self) -> None:
-        if self.busy_poll is not None:
-            trio.lowlevel.remove_instrument(self.busy_poll)
-            self.busy_poll = None
 
     async def unmount(self) -> None:
         """Unmount; if something still uses the mount (open files, a cwd inside), detach it

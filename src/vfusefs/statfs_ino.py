@@ -1,9 +1,8 @@
 """Which inode a statfs request is about (pyfuse3 does not say; see shim/statfs_ino.c).
 
 `load()` must run before pyfuse3 is imported (the package's __init__ calls it): the shim then
-wraps fuse_session_new (and so also knows the session's /dev/fuse fd: `fuse_fd()`).
-`current()` returns the inode of the statfs request being handled, or None if the shim is not
-active (then df shows host totals everywhere).
+wraps fuse_session_new.  `current()` returns the inode of the statfs request being handled, or
+None if the shim is not active (then df shows host totals everywhere).
 """
 
 from __future__ import annotations
@@ -15,11 +14,10 @@ import sys
 
 _ino: ctypes.c_ulonglong | None = None
 _hooked: ctypes.c_int | None = None
-_lib: ctypes.CDLL | None = None
 
 
 def load() -> None:
-    global _ino, _hooked, _lib
+    global _ino, _hooked
     if "pyfuse3" in sys.modules or _ino is not None:
         return  # too late to interpose, or done already
     here = os.path.dirname(__file__)
@@ -30,7 +28,6 @@ def load() -> None:
             continue
         _ino = ctypes.c_ulonglong.in_dll(lib, "vfusefs_statfs_ino")
         _hooked = ctypes.c_int.in_dll(lib, "vfusefs_statfs_hooked")
-        _lib = lib
         return
 
 
@@ -41,10 +38,3 @@ def active() -> bool:
 def current() -> int | None:
     """Call first thing in the statfs handler, before any await."""
     return int(_ino.value) if active() and _ino is not None else None
-
-
-def fuse_fd() -> int:
-    """The mounted session's /dev/fuse fd (-1 without the shim or before mounting)."""
-    if _lib is None:
-        return -1
-    return int(_lib.vfusefs_fuse_fd())

@@ -18,9 +18,6 @@
  * the kernel's, vfusefs implements none), and one request fewer per read-only open is about a
  * fifth of what reading a small file costs.
  *
- * It remembers the session it made, so vfusefs can find the /dev/fuse fd (vfusefs_fuse_fd) to
- * poll it for the next request before its event loop goes to sleep (workers.BusyPoll).
- *
  * What it must never do: change any other operation, or anything about statfs but recording,
  * or anything about an open reply but noflush on read-only opens.
  */
@@ -37,7 +34,6 @@ volatile int vfusefs_noflush = 1;  /* vfusefs may turn it off before mounting */
 volatile unsigned long long vfusefs_noflush_opens = 0;  /* read-only opens answered noflush */
 
 static void (*pyfuse3_statfs)(fuse_req_t req, fuse_ino_t ino);
-static struct fuse_session *session;
 static struct fuse_lowlevel_ops ops_copy;
 
 static void record_statfs(fuse_req_t req, fuse_ino_t ino)
@@ -64,19 +60,13 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     if (real == NULL || real == fuse_session_new)
         return NULL;
     if (op == NULL || op_size > sizeof(ops_copy) || op->statfs == NULL)
-        return session = real(args, op, op_size, userdata);
+        return real(args, op, op_size, userdata);
     memset(&ops_copy, 0, sizeof(ops_copy));
     memcpy(&ops_copy, op, op_size);
     pyfuse3_statfs = op->statfs;
     ops_copy.statfs = record_statfs;
     vfusefs_statfs_hooked = 1;
-    return session = real(args, &ops_copy, op_size, userdata);
-}
-
-/* The /dev/fuse fd of the session made last, -1 before it is mounted. */
-int vfusefs_fuse_fd(void)
-{
-    return session != NULL ? fuse_session_fd(session) : -1;
+    return real(args, &ops_copy, op_size, userdata);
 }
 
 typedef int (*reply_open_fn)(fuse_req_t, const struct fuse_file_info *);
