@@ -12,6 +12,7 @@ import time
 
 import pytest
 import trio
+import trio.testing
 
 from vfusefs._hop import Lane
 from vfusefs.workers import FAST_WAIT, HostWorkers, StoppedError
@@ -123,6 +124,45 @@ async def test_background_calls_run_even_when_every_thread_is_busy() -> None:
             while len(done) < 5:
                 await trio.sleep(0.01)
         assert done == [0, 1, 2, 3, 4]
+    finally:
+        w.stop()
+
+
+async def test_a_background_call_hands_its_thread_back_without_the_event_loop() -> None:
+    # the loop may serve requests for a while without a checkpoint (fuseloop.py): a thread
+    # whose background close ended must be usable by the next call all the same
+    w = pool(threads=1)
+    try:
+        w.submit(os.getpid)
+        time.sleep(0.1)  # no checkpoint: the thread's hand-back cannot go through trio
+        with trio.testing.assert_no_checkpoints():
+            assert await w.run(os.getpid) == os.getpid()  # the fast path, on that thread
+    finally:
+        w.stop()
+
+
+async def test_a_call_waiting_for_a_thread_gets_it_when_a_background_call_ends() -> None:
+    w = pool(threads=1)
+    try:
+        w.submit(time.sleep, 0.2)
+        with trio.fail_after(2):
+            assert await w.run(os.getpid) == os.getpid()
+        for i in range(50):  # and background calls queued behind busy threads, too
+            w.submit(time.sleep, 0.001)
+        with trio.fail_after(2):
+            assert await w.run(os.getpid) == os.getpid()
+    finally:
+        w.stop()
+
+
+async def test_a_failed_background_call_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    w = pool()
+    try:
+        w.submit(os.close, 999_999)
+        with trio.fail_after(2):
+            while "background call close failed" not in caplog.text:
+                await trio.sleep(0.01)
+        assert await w.run(os.getpid) == os.getpid()
     finally:
         w.stop()
 

@@ -39,11 +39,6 @@ FAST_WAIT = 0.0003  # seconds the loop may spin for a fast native call before pa
 WORKER_SPIN = 0.0002  # seconds a worker spins for its next job before it sleeps
 
 
-# when a worker last finished a call the loop spun for (it spins WORKER_SPIN for the next one):
-# BusyPoll leaves the CPU to the client meanwhile (with two CPUs, three spinners is one too many)
-last_handoff = 0.0
-
-
 class StoppedError(Exception):
     """The host's pool was stopped (the host is no longer served): answered with EIO."""
 
@@ -57,7 +52,7 @@ class _Job:
         self.task = task  # None: nobody waits (a background call)
         self.ok = False
         self.value: Any = None
-        self.abandoned = task is None
+        self.abandoned = False  # its task gave up waiting (op_timeout)
 
 
 class HostWorkers:
@@ -72,6 +67,9 @@ class HostWorkers:
         # free lanes, the trio thread's alone; the last freed (still spinning) is used first
         self._free = list(self._lanes)
         self._lane_free = trio.lowlevel.ParkingLot()  # tasks waiting for a free lane
+        self._waiting = 0  # tasks between deciding to wait for a lane and getting one
+        # lanes whose background call ended, handed back by their workers (deque: thread-safe)
+        self._returned: collections.deque[Lane] = collections.deque()
         self._backlog: collections.deque[_Job] = collections.deque()  # background calls
         self.slow_ewma = 0.0  # recent native call latency, seconds
         self.stopped = False
@@ -92,23 +90,40 @@ class HostWorkers:
                 job.value = exc
             self.slow_ewma = self.slow_ewma * 0.9 + (time.perf_counter() - start) * 0.1
             nxt = lane.finish_and_take(WORKER_SPIN)
-            if nxt is PARKED:  # nobody spins for this one: wake its task through trio
+            if nxt is PARKED:  # nobody spins for this one
                 try:
-                    self._token.run_sync_soon(self._wake, lane, job)
+                    if job.task is None:
+                        self._background_done(lane, job)
+                    else:  # wake its task through trio
+                        self._token.run_sync_soon(self._wake, lane, job)
                 except trio.RunFinishedError:
                     return
                 nxt = lane.take(WORKER_SPIN)
             job = nxt
 
+    def _background_done(self, lane: Lane, job: _Job) -> None:
+        """In the worker: hand the lane back without a trip through the event loop (which may
+        be busy serving requests without looking at its callbacks for a while), unless a task
+        or a background call waits for a lane: only trio can give it one."""
+        if not job.ok:
+            log.warning("host %s: background call %s failed: %s", self.name,
+                        getattr(job.fn, "__name__", job.fn), job.value)
+        self._returned.append(lane)
+        if self._waiting or self._backlog:  # checked after the append: see _reclaim
+            self._token.run_sync_soon(self._reclaim)
+
+    def _reclaim(self) -> None:
+        """Take back the lanes workers handed back (_background_done).  Whoever starts to
+        wait for a lane (a task, or a call in the backlog) says so first and reclaims after, so
+        a lane handed back in between is either reclaimed here or makes its worker call this."""
+        while self._returned:
+            self._release(self._returned.popleft())
+
     def _wake(self, lane: Lane, job: _Job) -> None:
         self._release(lane)
-        if job.abandoned:
-            name = getattr(job.fn, "__name__", job.fn)
-            if job.task is not None:  # its request already failed with EIO after op_timeout
-                log.info("host %s: %s ended %s after its request gave up", self.name, name,
-                         "well" if job.ok else f"with {job.value!r}")
-            elif not job.ok:
-                log.warning("host %s: background call %s failed: %s", self.name, name, job.value)
+        if job.abandoned:  # its request already failed with EIO after op_timeout
+            log.info("host %s: %s ended %s after its request gave up", self.name,
+                     getattr(job.fn, "__name__", job.fn), "well" if job.ok else f"with {job.value!r}")
             return
         trio.lowlevel.reschedule(job.task)
 
@@ -121,11 +136,16 @@ class HostWorkers:
         self._lane_free.unpark()
 
     async def _lane(self) -> Lane:
-        while not self._free:
-            if self.stopped:
-                raise StoppedError(f"host {self.name} is no longer served")
-            await self._lane_free.park()
-        return self._free.pop()
+        self._waiting += 1
+        try:
+            self._reclaim()
+            while not self._free:
+                if self.stopped:
+                    raise StoppedError(f"host {self.name} is no longer served")
+                await self._lane_free.park()
+            return self._free.pop()
+        finally:
+            self._waiting -= 1
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(*args) on one of this host's threads; TooSlowError after op_timeout."""
@@ -133,11 +153,11 @@ class HostWorkers:
             raise StoppedError(f"host {self.name} is no longer served")
         job = _Job(fn, args, trio.lowlevel.current_task())
         deadline = trio.current_time() + self.op_timeout
+        if self._returned:
+            self._reclaim()
         if self._free:
             lane = self._free.pop()
             if lane.post_and_wait(job, FAST_WAIT if self.slow_ewma < FAST_WAIT else 0.0):
-                global last_handoff
-                last_handoff = time.perf_counter()
                 self._release(lane)
                 return self._result(job)  # the fast path: no await, no cancel scope
             with trio.move_on_at(deadline):
@@ -179,10 +199,13 @@ class HostWorkers:
                 log.warning("host %s: %s failed: %s", self.name, getattr(fn, "__name__", fn), exc)
             return
         job = _Job(fn, args, None)
+        if self._returned:
+            self._reclaim()
         if self._free:
             self._free.pop().post_parked(job)
         else:
             self._backlog.append(job)
+            self._reclaim()  # a lane handed back since the check above takes it
 
     def stop(self) -> None:
         """Calls in progress finish; the threads then end, and later calls fail."""
