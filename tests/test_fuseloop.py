@@ -17,6 +17,7 @@ import trio
 import trio.testing
 
 from vfusefs import fuseloop
+from vfusefs.workers import HostWorkers
 
 
 async def test_the_releasing_task_takes_the_read_lock_back_without_a_task_switch() -> None:
@@ -116,6 +117,33 @@ async def test_another_runnable_task_stops_the_spinning(monkeypatch: pytest.Monk
             await waiter.wait_readable(r)  # returns at 0.3 s either way
             assert ran.is_set()  # it ran while we waited: we did not spin
     finally:
+        os.close(r)
+        os.close(w)
+
+
+async def test_a_task_waiting_for_a_slow_native_call_stops_the_spinning(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # a cold 1 MiB read parks its request; its worker wakes it through trio's wakeup fd, which
+    # spinning on /dev/fuse would not see (the reads came up to 100 us late each)
+    monkeypatch.setattr(fuseloop, "YIELD_EVERY", 10.0)
+    r, w = os.pipe()
+    pool = HostWorkers("t", 2, 5.0, trio.lowlevel.current_trio_token())
+    try:
+        waiter = fuseloop.Waiter(spin=5.0)
+        done = trio.Event()
+
+        async def slow_read() -> None:
+            await pool.run(time.sleep, 0.05)  # longer than FAST_WAIT: parks
+            done.set()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(slow_read)
+            await trio.testing.wait_all_tasks_blocked()
+            threading.Timer(0.3, os.write, (w, b"x")).start()
+            await waiter.wait_readable(r)  # the next request comes at 0.3 s
+            assert done.is_set()  # the slow call's task ran meanwhile
+    finally:
+        pool.stop()
         os.close(r)
         os.close(w)
 

@@ -13,9 +13,10 @@ the same way), so `install()` puts a namespace there which is trio except for:
   released (shim/hop.c), and returns without a checkpoint once a request is there.  A process
   working through a tree sends its next request tens of microseconds after our reply, so the
   task that just replied usually finds it on the CPU, without a scheduler round or a wake-up
-  of a sleeping CPU.  Only when nothing comes within `spin`, when other tasks are runnable, or
-  when the task has gone `YIELD_EVERY` without a checkpoint does it wait in trio as before (so
-  other tasks wait for the loop at most YIELD_EVERY, plus the request being served).
+  of a sleeping CPU.  Only when nothing comes within `spin`, when other tasks are runnable or
+  wait for a slow native call, or when the task has gone `YIELD_EVERY` without a checkpoint
+  does it wait in trio as before (so other tasks wait for the loop at most YIELD_EVERY, plus
+  the request being served).
 - `Lock`: the read lock lets the task that just replied take it back at once (barging), where
   trio's fair lock would hand it to the waiting task and force a task switch per request.  A
   waiting task is woken on each release and tries again when it runs, so as soon as a handler
@@ -34,6 +35,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from vfusefs import workers
 from vfusefs._hop import poll_fd
 
 YIELD_EVERY = 0.001  # seconds the loop may serve requests without letting other tasks run
@@ -74,8 +76,10 @@ class Waiter:
             if poll_fd(fd, 0.0):
                 return  # already there
             # tasks woken and not run yet count as runnable; those in the scheduler's current
-            # batch do not, and wait at most `left` (which is why spinning stops there)
-            if (self.spin
+            # batch do not, and wait at most `left` (which is why spinning stops there).  A
+            # task waiting for a slow native call is woken through trio's wakeup fd, which
+            # spinning on ours would not see.
+            if (self.spin and not workers.parked
                     and trio.lowlevel.current_statistics().tasks_runnable <= self.lock.woken):
                 if poll_fd(fd, min(self.spin, left)):
                     return

@@ -18,6 +18,10 @@ Only a slower call parks the task in trio, so the loop then serves other request
 thus held for at most FAST_WAIT per request, and not at all for a host whose recent calls were
 slow (`slow_ewma` above FAST_WAIT) or whose threads are all busy: a hung host costs the loop
 nothing, and its requests fail with EIO after `op_timeout`.
+
+Background calls (`submit`: closing fds after forget or release) have nobody waiting; their
+worker hands the lane back on a deque the next `run` drains, because the loop may serve
+requests for a while without looking at its callbacks (fuseloop.py).
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ T = TypeVar("T")
 
 FAST_WAIT = 0.0003  # seconds the loop may spin for a fast native call before parking the task
 WORKER_SPIN = 0.0002  # seconds a worker spins for its next job before it sleeps
+
+# tasks (of every pool) that a worker will wake through trio: while there are any, the FUSE loop
+# does not spin on /dev/fuse (fuseloop.py), as their wake-up comes through trio's own wakeup fd
+parked = 0
 
 
 class StoppedError(Exception):
@@ -136,6 +144,8 @@ class HostWorkers:
         self._lane_free.unpark()
 
     async def _lane(self) -> Lane:
+        global parked
+        parked += 1
         self._waiting += 1
         try:
             self._reclaim()
@@ -146,6 +156,7 @@ class HostWorkers:
             return self._free.pop()
         finally:
             self._waiting -= 1
+            parked -= 1
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(*args) on one of this host's threads; TooSlowError after op_timeout."""
@@ -178,7 +189,12 @@ class HostWorkers:
             job.abandoned = True  # the lane comes back when the call ends (_wake)
             return trio.lowlevel.Abort.SUCCEEDED
 
-        await trio.lowlevel.wait_task_rescheduled(abort)
+        global parked
+        parked += 1
+        try:
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        finally:
+            parked -= 1
         return self._result(job)
 
     @staticmethod
