@@ -204,6 +204,7 @@ def test_install_gives_pyfuse3_the_lock_and_the_waiter_and_uninstall_restores_tr
     try:
         facade = pyfuse3.trio  # type: ignore[attr-defined]
         assert facade.Lock() is waiter.lock
+        assert isinstance(facade.Lock(), trio.Lock)  # any other lock is trio's own
         assert facade.lowlevel.wait_readable == waiter.wait_readable
         # everything else pyfuse3 uses is trio's own
         assert facade.open_nursery is trio.open_nursery

@@ -7,7 +7,9 @@ For a request answered from memory that round costs more than the answer: a geta
 44 us from a client, against 27 us for bindfs (C), measured on a 2-vCPU VM.
 
 pyfuse3 looks both up through its module global `trio` (its asyncio mode replaces that global
-the same way), so `install()` puts a namespace there which is trio except for:
+the same way, in every 3.x release), so `install()` puts a namespace there which is trio except
+for the two below.  Should a later pyfuse3 no longer use them, the namespace is plain trio to it
+and the loop waits as pyfuse3 does: slower, never wrong.
 
 - `lowlevel.wait_readable`: first polls the fd, spinning up to `spin` seconds with the GIL
   released (shim/hop.c), and returns without a checkpoint once a request is there.  A process
@@ -98,12 +100,16 @@ class _Lowlevel:
 
 
 class _Trio:
-    """trio as pyfuse3 sees it: trio, but for Lock (pyfuse3 makes one, its read lock) and
-    lowlevel.wait_readable."""
+    """trio as pyfuse3 sees it: trio, but for lowlevel.wait_readable and the first Lock it
+    makes (its read lock: pyfuse3 3.x makes no other)."""
 
     def __init__(self, waiter: Waiter) -> None:
         self.lowlevel = _Lowlevel(waiter)
-        self.Lock = lambda: waiter.lock
+        self._read_lock: ReadLock | None = waiter.lock
+
+    def Lock(self) -> ReadLock | trio.Lock:  # noqa: N802 (trio's name)
+        lock, self._read_lock = self._read_lock, None
+        return lock if lock is not None else trio.Lock()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(trio, name)
