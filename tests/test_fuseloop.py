@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
 
 import pyfuse3
 import pytest
@@ -18,6 +19,27 @@ import trio.testing
 
 from vfusefs import fuseloop
 from vfusefs.workers import HostWorkers
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
+    """A pipe standing in for /dev/fuse: a byte written to it is a request."""
+    r, w = os.pipe()
+    yield r, w
+    os.close(r)
+    os.close(w)
+
+
+class Ticks:
+    """A task that counts how often it gets to run."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def run(self) -> None:
+        while True:
+            self.count += 1
+            await trio.sleep(0)
 
 
 async def test_the_releasing_task_takes_the_read_lock_back_without_a_task_switch() -> None:
@@ -60,73 +82,59 @@ async def test_a_waiting_task_gets_the_lock_while_the_holder_is_parked() -> None
             await got.wait()
 
 
-async def test_a_request_already_there_is_taken_without_a_checkpoint() -> None:
-    r, w = os.pipe()
-    try:
-        waiter = fuseloop.Waiter(spin=0.0)
+async def test_a_request_already_there_is_taken_without_a_checkpoint(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    waiter = fuseloop.Waiter(spin=0.0)
+    os.write(w, b"x")
+    with trio.testing.assert_no_checkpoints():
+        await waiter.wait_readable(r)
+
+
+async def test_a_request_coming_within_the_spin_is_taken_without_a_checkpoint(
+        pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    waiter = fuseloop.Waiter(spin=2.0)
+    threading.Timer(0.0002, os.write, (w, b"x")).start()  # a client's next request
+    with trio.testing.assert_no_checkpoints():
+        await waiter.wait_readable(r)
+
+
+async def test_without_a_request_the_loop_waits_in_trio(pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    waiter = fuseloop.Waiter(spin=0.001)
+    async with trio.open_nursery() as n:
+        n.start_soon(waiter.wait_readable, r)
+        await trio.sleep(0.1)  # the spin is long over: the waiter sleeps in trio
+        assert n.child_tasks
         os.write(w, b"x")
-        with trio.testing.assert_no_checkpoints():
-            await waiter.wait_readable(r)
-    finally:
-        os.close(r)
-        os.close(w)
 
 
-async def test_a_request_coming_within_the_spin_is_taken_without_a_checkpoint() -> None:
-    r, w = os.pipe()
-    try:
-        waiter = fuseloop.Waiter(spin=2.0)
-        threading.Timer(0.0002, os.write, (w, b"x")).start()  # a client's next request
-        with trio.testing.assert_no_checkpoints():
-            await waiter.wait_readable(r)
-    finally:
-        os.close(r)
-        os.close(w)
-
-
-async def test_without_a_request_the_loop_waits_in_trio() -> None:
-    r, w = os.pipe()
-    try:
-        waiter = fuseloop.Waiter(spin=0.001)
-        async with trio.open_nursery() as n:
-            n.start_soon(waiter.wait_readable, r)
-            await trio.sleep(0.1)  # the spin is long over: the waiter sleeps in trio
-            assert n.child_tasks
-            os.write(w, b"x")
-    finally:
-        os.close(r)
-        os.close(w)
-
-
-async def test_another_runnable_task_stops_the_spinning(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_another_runnable_task_stops_the_spinning(monkeypatch: pytest.MonkeyPatch,
+                                                        pipe: tuple[int, int]) -> None:
     monkeypatch.setattr(fuseloop, "YIELD_EVERY", 10.0)  # only the runnable task may stop it
-    r, w = os.pipe()
-    try:
-        waiter = fuseloop.Waiter(spin=5.0)
-        go, ran = trio.Event(), trio.Event()
+    r, w = pipe
+    waiter = fuseloop.Waiter(spin=5.0)
+    go, ran = trio.Event(), trio.Event()
 
-        async def other() -> None:
-            await go.wait()
-            ran.set()
+    async def other() -> None:
+        await go.wait()
+        ran.set()
 
-        async with trio.open_nursery() as n:
-            n.start_soon(other)
-            await trio.testing.wait_all_tasks_blocked()
-            go.set()  # other is runnable now
-            threading.Timer(0.3, os.write, (w, b"x")).start()
-            await waiter.wait_readable(r)  # returns at 0.3 s either way
-            assert ran.is_set()  # it ran while we waited: we did not spin
-    finally:
-        os.close(r)
-        os.close(w)
+    async with trio.open_nursery() as n:
+        n.start_soon(other)
+        await trio.testing.wait_all_tasks_blocked()
+        go.set()  # other is runnable now
+        threading.Timer(0.3, os.write, (w, b"x")).start()
+        await waiter.wait_readable(r)  # returns at 0.3 s either way
+        assert ran.is_set()  # it ran while we waited: we did not spin
 
 
 async def test_a_task_waiting_for_a_slow_native_call_stops_the_spinning(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, pipe: tuple[int, int]) -> None:
     # a cold 1 MiB read parks its request; its worker wakes it through trio's wakeup fd, which
     # spinning on /dev/fuse would not see (the reads came up to 100 us late each)
     monkeypatch.setattr(fuseloop, "YIELD_EVERY", 10.0)
-    r, w = os.pipe()
+    r, w = pipe
     pool = HostWorkers("t", 2, 5.0, trio.lowlevel.current_trio_token())
     try:
         waiter = fuseloop.Waiter(spin=5.0)
@@ -144,59 +152,37 @@ async def test_a_task_waiting_for_a_slow_native_call_stops_the_spinning(
             assert done.is_set()  # the slow call's task ran meanwhile
     finally:
         pool.stop()
-        os.close(r)
-        os.close(w)
 
 
-async def test_a_long_spin_still_lets_other_tasks_run_every_yield_interval() -> None:
-    r, w = os.pipe()
-    try:
-        waiter = fuseloop.Waiter(spin=5.0)  # busy_poll_us has no upper bound
-        ticks = 0
+async def test_a_long_spin_still_lets_other_tasks_run_every_yield_interval(
+        pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    waiter = fuseloop.Waiter(spin=5.0)  # busy_poll_us has no upper bound
+    ticks = Ticks()
+    async with trio.open_nursery() as n:
+        n.start_soon(ticks.run)
+        await trio.sleep(0)
+        before = ticks.count
+        threading.Timer(0.3, os.write, (w, b"x")).start()
+        await waiter.wait_readable(r)
+        assert ticks.count - before > 10
+        n.cancel_scope.cancel()
 
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                ticks += 1
-                await trio.sleep(0)
 
-        async with trio.open_nursery() as n:
-            n.start_soon(ticker)
-            await trio.sleep(0)
-            before = ticks
-            threading.Timer(0.3, os.write, (w, b"x")).start()
+async def test_requests_flowing_for_long_still_let_other_tasks_run(
+        pipe: tuple[int, int]) -> None:
+    r, w = pipe
+    waiter = fuseloop.Waiter(spin=0.0)
+    os.write(w, b"x")  # never read: a request is always there
+    ticks = Ticks()
+    async with trio.open_nursery() as n:
+        n.start_soon(ticks.run)
+        await trio.sleep(0)
+        start, before = time.perf_counter(), ticks.count
+        while time.perf_counter() - start < 0.05:
             await waiter.wait_readable(r)
-            assert ticks - before > 10
-            n.cancel_scope.cancel()
-    finally:
-        os.close(r)
-        os.close(w)
-
-
-async def test_requests_flowing_for_long_still_let_other_tasks_run() -> None:
-    r, w = os.pipe()
-    try:
-        waiter = fuseloop.Waiter(spin=0.0)
-        os.write(w, b"x")  # never read: a request is always there
-        ticks = 0
-
-        async def ticker() -> None:
-            nonlocal ticks
-            while True:
-                ticks += 1
-                await trio.sleep(0)
-
-        async with trio.open_nursery() as n:
-            n.start_soon(ticker)
-            await trio.sleep(0)
-            start, before = time.perf_counter(), ticks
-            while time.perf_counter() - start < 0.05:
-                await waiter.wait_readable(r)
-            assert ticks - before >= 0.05 / fuseloop.YIELD_EVERY / 2
-            n.cancel_scope.cancel()
-    finally:
-        os.close(r)
-        os.close(w)
+        assert ticks.count - before >= 0.05 / fuseloop.YIELD_EVERY / 2
+        n.cancel_scope.cancel()
 
 
 def test_install_gives_pyfuse3_the_lock_and_the_waiter_and_uninstall_restores_trio() -> None:

@@ -130,8 +130,9 @@ class HostWorkers:
     def _wake(self, lane: Lane, job: _Job) -> None:
         self._release(lane)
         if job.abandoned:  # its request already failed with EIO after op_timeout
-            log.info("host %s: %s ended %s after its request gave up", self.name,
-                     getattr(job.fn, "__name__", job.fn), "well" if job.ok else f"with {job.value!r}")
+            log.info("host %s: %s ended %s after its request gave up",
+                     self.name, getattr(job.fn, "__name__", job.fn),
+                     "well" if job.ok else f"with {job.value!r}")
             return
         trio.lowlevel.reschedule(job.task)
 
