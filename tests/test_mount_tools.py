@@ -324,3 +324,36 @@ def test_utime_after_a_listing_reaches_native_storage(daemon: Daemon) -> None:
         os.utime(a / "f", ns=(5_000_000_000, 7_000_000_000))
         st = os.lstat(a / "f")
         assert (st.st_atime_ns, st.st_mtime_ns) == (5_000_000_000, 7_000_000_000)
+
+
+def test_many_clients_at_once_all_finish_with_the_right_data(daemon: Daemon,
+                                                              tmp_path: Path) -> None:
+    # the FUSE loop reads the next request while others wait for their native calls
+    # (fuseloop.py: a barging read lock, spinning between requests); six processes untar, read
+    # back, write a big file, read it and delete at once: every one finishes, with the bytes
+    # that were written
+    src = tmp_path / "src"
+    for d in range(10):
+        (src / f"d{d}").mkdir(parents=True)
+        for f in range(30):
+            (src / f"d{d}" / f"f{f}").write_bytes(os.urandom(1000 + 97 * f))
+    tarball = tmp_path / "t.tar"
+    run("tar", "-cf", str(tarball), "-C", str(src), ".")
+    want = subprocess.run(f"cd {src} && find . -type f | sort | xargs md5sum", shell=True,
+                          capture_output=True, text=True, check=True).stdout
+    vf = daemon.vfolder()
+    procs = []
+    for i in range(6):
+        dst = vf / f"w{i}"
+        dst.mkdir()
+        script = (f"set -e; tar -xf {tarball} -C {dst}; cd {dst}; "
+                  f"find . -type f | sort | xargs md5sum > {tmp_path}/sums{i}; "
+                  f"dd if=/dev/urandom of={tmp_path}/big{i} bs=1M count=8 status=none; "
+                  f"cp {tmp_path}/big{i} {dst}/big; cmp {tmp_path}/big{i} {dst}/big; "
+                  f"rm -rf {dst}/d*")
+        procs.append(subprocess.Popen(["sh", "-c", script], stderr=subprocess.PIPE, text=True))
+    for i, p in enumerate(procs):
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        assert (tmp_path / f"sums{i}").read_text() == want
+        assert sorted(os.listdir(vf / f"w{i}")) == ["big"]
