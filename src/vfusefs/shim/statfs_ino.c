@@ -30,11 +30,24 @@
 
 volatile unsigned long long vfusefs_statfs_ino = 0;
 volatile int vfusefs_statfs_hooked = 0;
-volatile int vfusefs_noflush = 1;  /* vfusefs may turn it off before mounting */
-volatile unsigned long long vfusefs_noflush_opens = 0;  /* read-only opens answered noflush */
 
 static void (*pyfuse3_statfs)(fuse_req_t req, fuse_ino_t ino);
 static struct fuse_lowlevel_ops ops_copy;
+
+/* libfuse's own definition of a function we wrap, asked for by name (RTLD_NEXT cannot see it
+   from a library loaded with dlopen); NULL if libfuse3 cannot be found. */
+static void *libfuse_symbol(const char *name, void *wrapper)
+{
+    static void *libfuse = NULL;
+    if (libfuse == NULL)
+        libfuse = dlopen("libfuse3.so.3", RTLD_NOW | RTLD_LOCAL);
+    if (libfuse == NULL)
+        return NULL;
+    void *real = dlvsym(libfuse, name, "FUSE_3.0");
+    if (real == NULL)
+        real = dlsym(libfuse, name);
+    return real == wrapper ? NULL : real;
+}
 
 static void record_statfs(fuse_req_t req, fuse_ino_t ino)
 {
@@ -48,16 +61,9 @@ typedef struct fuse_session *(*session_new_fn)(struct fuse_args *, const struct 
 struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
                                       size_t op_size, void *userdata)
 {
-    /* libfuse's own definition, asked for by name: RTLD_NEXT cannot see it from a library
-       loaded with dlopen */
-    void *libfuse = dlopen("libfuse3.so.3", RTLD_NOW | RTLD_LOCAL);
-    session_new_fn real = NULL;
-    if (libfuse != NULL) {
-        real = (session_new_fn)dlvsym(libfuse, "fuse_session_new", "FUSE_3.0");
-        if (real == NULL)
-            real = (session_new_fn)dlsym(libfuse, "fuse_session_new");
-    }
-    if (real == NULL || real == fuse_session_new)
+    session_new_fn real = (session_new_fn)libfuse_symbol("fuse_session_new",
+                                                         (void *)fuse_session_new);
+    if (real == NULL)
         return NULL;
     if (op == NULL || op_size > sizeof(ops_copy) || op->statfs == NULL)
         return real(args, op, op_size, userdata);
@@ -71,31 +77,17 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
 
 typedef int (*reply_open_fn)(fuse_req_t, const struct fuse_file_info *);
 
-static void *libfuse_handle(void)
-{
-    static void *handle = NULL;
-    if (handle == NULL)
-        handle = dlopen("libfuse3.so.3", RTLD_NOW | RTLD_LOCAL);
-    return handle;
-}
-
 int fuse_reply_open(fuse_req_t req, const struct fuse_file_info *fi)
 {
     static reply_open_fn real = NULL;
     if (real == NULL) {
-        void *libfuse = libfuse_handle();
-        if (libfuse != NULL) {
-            real = (reply_open_fn)dlvsym(libfuse, "fuse_reply_open", "FUSE_3.0");
-            if (real == NULL)
-                real = (reply_open_fn)dlsym(libfuse, "fuse_reply_open");
-        }
-        if (real == NULL || real == fuse_reply_open)
+        real = (reply_open_fn)libfuse_symbol("fuse_reply_open", (void *)fuse_reply_open);
+        if (real == NULL)
             return -38; /* -ENOSYS: cannot happen with libfuse3 installed */
     }
-    if (fi != NULL && vfusefs_noflush && (fi->flags & O_ACCMODE) == O_RDONLY) {
+    if (fi != NULL && (fi->flags & O_ACCMODE) == O_RDONLY) {
         struct fuse_file_info copy = *fi;
         copy.noflush = 1;
-        vfusefs_noflush_opens++;
         return real(req, &copy);
     }
     return real(req, fi);
