@@ -370,6 +370,7 @@ def doctor(ctx: click.Context, config_path: str | None, as_json: bool) -> None:
     from vfusefs.doctor import run_checks
 
     checks = run_checks(config_path or ctx.find_root().obj.get("config"))
+    failed = sum(c.level == "fail" for c in checks)
     if as_json:
         click.echo(json.dumps([c.describe() for c in checks], indent=2))
     else:
@@ -378,10 +379,9 @@ def doctor(ctx: click.Context, config_path: str | None, as_json: bool) -> None:
             click.echo(f"[{marks[c.level]}] {c.name}: {c.detail}")
             if c.fix:
                 click.echo(f"       fix: {c.fix}")
-        failed = sum(c.level == "fail" for c in checks)
         warned = sum(c.level == "warn" for c in checks)
         click.echo(f"{len(checks)} checks: {failed} failed, {warned} warning(s)")
-    sys.exit(1 if any(c.level == "fail" for c in checks) else 0)
+    sys.exit(1 if failed else 0)
 
 
 @cli.command("config-doc")

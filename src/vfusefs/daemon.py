@@ -512,9 +512,9 @@ def serve(config_path: str | None) -> int:
         trio.run(service.run)
     except BaseException as exc:  # trio wraps errors raised inside nurseries in groups
         found = first_of(exc, (StartupError, ConfigError, KeyboardInterrupt))
-        if found is None and isinstance(first_of(exc, (OSError,)), OSError):
+        oserr = first_of(exc, (OSError,)) if found is None else None
+        if oserr is not None:
             # a system call failed where start-up did not expect it: one line, not a traceback
-            oserr = first_of(exc, (OSError,))
             found = StartupError(f"cannot start: {oserr}")
             log.debug("start-up failure", exc_info=exc)
         if isinstance(found, KeyboardInterrupt):

@@ -47,6 +47,11 @@ WORKER_SPIN = 0.0002  # seconds a worker spins for its next job before it sleeps
 parked = 0
 
 
+def _name(fn: Callable[..., Any]) -> Any:
+    """What to call a native call in a log line."""
+    return getattr(fn, "__name__", fn)
+
+
 class StoppedError(Exception):
     """The host's pool was stopped (the host is no longer served): answered with EIO."""
 
@@ -115,7 +120,7 @@ class HostWorkers:
         or a background call waits for a lane: only trio can give it one."""
         if not job.ok:
             log.warning("host %s: background call %s failed: %s", self.name,
-                        getattr(job.fn, "__name__", job.fn), job.value)
+                        _name(job.fn), job.value)
         self._returned.append(lane)
         if self._waiting or self._backlog:  # checked after the append: see _reclaim
             self._token.run_sync_soon(self._reclaim)
@@ -131,7 +136,7 @@ class HostWorkers:
         self._release(lane)
         if job.abandoned:  # its request already failed with EIO after op_timeout
             log.info("host %s: %s ended %s after its request gave up",
-                     self.name, getattr(job.fn, "__name__", job.fn),
+                     self.name, _name(job.fn),
                      "well" if job.ok else f"with {job.value!r}")
             return
         trio.lowlevel.reschedule(job.task)
@@ -181,7 +186,7 @@ class HostWorkers:
                     self._release(lane)
                     return self._result(job)
                 return await self._parked(job)
-        raise trio.TooSlowError(f"host {self.name}: native call {getattr(fn, '__name__', fn)} "
+        raise trio.TooSlowError(f"host {self.name}: native call {_name(fn)} "
                                 f"took longer than {self.op_timeout}s")
 
     async def _parked(self, job: _Job) -> Any:
@@ -213,7 +218,7 @@ class HostWorkers:
             try:
                 fn(*args)
             except OSError as exc:
-                log.warning("host %s: %s failed: %s", self.name, getattr(fn, "__name__", fn), exc)
+                log.warning("host %s: %s failed: %s", self.name, _name(fn), exc)
             return
         job = _Job(fn, args, None)
         if self._returned:
