@@ -141,7 +141,7 @@ class Daemon:
         if quota:  # limits that the workloads never reach, so every operation is checked
             body.update(quota_bytes="1T", quota_inodes=100_000_000,
                         scope="project:00000000-0000-4000-8000-00000000be9c")
-        with httpx.Client(transport=httpx.HTTPTransport(uds=str(self.sock)), base_url="http://x") as c:
+        with self.client() as c:
             if quota:
                 c.put(f"/v1/scopes/{body['scope']}", json={"quota_bytes": "2T"})
             vf = c.post("/v1/hosts/local/vfolders", json=body).json()
@@ -150,6 +150,10 @@ class Daemon:
         # containers see a vfolder through a bind mount of /mnt/vfroot/<host>/<id>, so do we
         self.vfolder = base / "bind"
         subprocess.run(["mount", "--bind", vf["path"], str(self.vfolder)], check=True)
+
+    def client(self) -> httpx.Client:
+        """A client of its control API."""
+        return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.sock)), base_url="http://x")
 
     def rss_mib(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
@@ -272,7 +276,7 @@ def rss_check(base: Path, files: int) -> tuple[float, float, float]:
             if i % 1000 == 0:
                 (tree / f"d{i // 1000:03d}").mkdir(parents=True)
             (tree / f"d{i // 1000:03d}" / f"f{i:06d}").write_bytes(b"x")
-        with httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.sock)), base_url="http://x") as c:
+        with daemon.client() as c:
             task = c.post(f"/v1/hosts/local/vfolders/{daemon.vfid}/rescan").json()
             while task["state"] == "running":
                 time.sleep(0.2)
