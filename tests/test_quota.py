@@ -301,6 +301,24 @@ def test_usage_survives_restarts_and_is_recounted_after_a_crash(daemon: Daemon) 
     assert "not clean" in daemon.log()
 
 
+def test_shell_truncation_frees_quota_and_shows_the_new_size(daemon: Daemon) -> None:
+    """`: > f` opens with O_TRUNC (no setattr): the size, times and usage must follow at once,
+    also for a file written before a restart (no longer watched for delayed allocation)."""
+    vf = daemon.vfolder()
+    native = native_of(daemon, vf)
+    (vf / "f").write_bytes(os.urandom(1000000))
+    os.sync()
+    assert daemon.stop() == 0
+    daemon.start()
+    full = usage(daemon, vf)
+    assert full == du(native) and full[0] > 1000000
+    mtime = os.stat(vf / "f").st_mtime_ns
+    run("sh", "-c", ": > f", cwd=vf)
+    st = os.stat(vf / "f")
+    assert st.st_size == 0 and st.st_blocks == 0 and st.st_mtime_ns > mtime
+    assert usage(daemon, vf) == du(native) and usage(daemon, vf)[0] < full[0] - 1000000
+
+
 def test_rescan_corrects_drift(daemon: Daemon) -> None:
     vf = daemon.vfolder()
     native = native_of(daemon, vf)

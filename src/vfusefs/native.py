@@ -180,6 +180,19 @@ def open_data(fd: int, flags: int) -> int:
                    & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW))
 
 
+def open_truncating(fd: int, flags: int) -> tuple[int, os.stat_result, int]:
+    """open_data with O_TRUNC: also returns the stat after and the change in allocated bytes
+    (the kernel forgets the file's size and times, and the freed blocks leave the quota)."""
+    before = os.fstat(fd)
+    datafd = open_data(fd, flags)
+    try:
+        after = os.fstat(datafd)
+    except BaseException:
+        os.close(datafd)
+        raise
+    return datafd, after, _alloc(after) - _alloc(before)
+
+
 def setattr(fd: int, datafd: int | None, mode: int | None, uid: int, gid: int, size: int | None,
             atime_ns: int | None, mtime_ns: int | None, now_a: bool,
             now_m: bool) -> tuple[os.stat_result, int]:

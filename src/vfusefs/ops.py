@@ -636,7 +636,13 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         writes = self._writes(flags)
         caller, admin = self._allow(ctx, node, Need.WRITE if writes else Need.READ)
-        fd = await self._run(node, native.open_data, node.fd, self._open_flags(flags))
+        if flags & os.O_TRUNC:  # a change like a truncate: new size and times, blocks freed
+            self._watch(node)
+            fd, st, _, _ = await self._charged(node, 0, 0, _tracked(node, native.open_truncating),
+                                               node.fd, self._open_flags(flags))
+            self._fresh(node, st)
+        else:
+            fd = await self._run(node, native.open_data, node.fd, self._open_flags(flags))
         fh = self._new_fh(FileHandle(fd, node, caller, admin, writes))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
