@@ -7,6 +7,8 @@ stopped with SIGTERM; its log must then hold no traceback and no unexpected ERRO
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
@@ -16,7 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 import pytest
@@ -181,3 +183,21 @@ def run(*cmd: str, cwd: Any = None, check: bool = True, **kw: Any) -> subprocess
 
 def have(tool: str) -> bool:
     return shutil.which(tool) is not None
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def renameat2(old: str | Path, new: str | Path, flags: int) -> None:
+    """renameat2(2) (1: RENAME_NOREPLACE, 2: RENAME_EXCHANGE); OSError as os.rename raises."""
+    if _libc.renameat2(-100, os.fsencode(old), -100, os.fsencode(new), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def outcome(fn: Callable[[], Any]) -> Any:
+    """("ok", fn()) or ("err", errno name): what differential tests compare."""
+    try:
+        return ("ok", fn())
+    except OSError as exc:
+        return ("err", errno.errorcode.get(exc.errno or 0, exc.errno))

@@ -9,10 +9,11 @@ import stat
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from conftest import Daemon, have, run
+from conftest import Daemon, have, outcome, renameat2, run
 
 pytestmark = pytest.mark.mount
 
@@ -148,21 +149,17 @@ def test_sparse_and_large_offsets(daemon: Daemon) -> None:
 
 
 def test_rename_flags(daemon: Daemon) -> None:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
     vf = daemon.vfolder()
     (vf / "a").write_text("A")
     (vf / "b").write_text("B")
 
-    def renameat2(old: str, new: str, flags: int) -> int:
-        r = libc.renameat2(-100, str(vf / old).encode(), -100, str(vf / new).encode(), flags)
-        return 0 if r == 0 else ctypes.get_errno()
+    def rename2(old: str, new: str, flags: int) -> Any:
+        return outcome(lambda: renameat2(vf / old, vf / new, flags))
 
-    assert renameat2("a", "b", 1) == errno.EEXIST  # RENAME_NOREPLACE
-    assert renameat2("a", "b", 2) == 0  # RENAME_EXCHANGE
+    assert rename2("a", "b", 1) == ("err", "EEXIST")  # RENAME_NOREPLACE
+    assert rename2("a", "b", 2) == ("ok", None)  # RENAME_EXCHANGE
     assert (vf / "a").read_text() == "B" and (vf / "b").read_text() == "A"
-    assert renameat2("a", "c", 1) == 0
+    assert rename2("a", "c", 1) == ("ok", None)
     assert sorted(os.listdir(vf)) == ["b", "c"]
 
 

@@ -24,7 +24,6 @@ import pickle
 import shutil
 import stat
 import subprocess
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -33,11 +32,11 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from conftest import Daemon
+from conftest import Daemon, outcome, renameat2
 
 pytestmark = pytest.mark.mount
 
-libc = ctypes.CDLL(None, use_errno=True)
+libc = ctypes.CDLL(None, use_errno=True)  # getxattr(2) with no buffer: the value's size
 
 Who = tuple[int, list[int]] | None  # (uid, groups, the first being the gid); None: root
 NOBODY: Who = (65534, [65534])
@@ -68,10 +67,7 @@ def as_caller(who: Who, fn: Callable[[], Any]) -> Any:
                 os.setgroups(groups)
                 os.setresgid(groups[0], groups[0], groups[0])
                 os.setresuid(uid, uid, uid)
-            try:
-                out: Any = ("ok", fn())
-            except OSError as exc:
-                out = ("err", errno.errorcode.get(exc.errno or 0, exc.errno))
+            out = outcome(fn)
         except BaseException:
             out = ("crash", traceback.format_exc())
         os.write(w, pickle.dumps(out))
@@ -139,12 +135,6 @@ def remove(p: Path) -> None:
 def touch(p: Path, mode: int = 0o644) -> dict[str, Any] | None:
     os.close(os.open(p, os.O_CREAT | os.O_WRONLY, mode))
     return shape(p)
-
-
-def renameat2(old: Path, new: Path, flags: int) -> None:
-    if libc.renameat2(-100, bytes(old), -100, bytes(new), flags) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
 
 
 def on_fd(p: Path, flags: int, fn: Callable[[int], Any]) -> Any:
@@ -427,7 +417,7 @@ def script() -> Iterator[Step]:
     yield from xattr_and_access_steps()
 
 
-def outcome(root: Path, step: Step) -> Any:
+def observe(root: Path, step: Step) -> Any:
     before = {w: stamps(root / w) for w in step.watch}
     result = as_caller(step.who, lambda: step.fn(root))
     assert result[0] != "crash", result[1]
@@ -461,7 +451,7 @@ def test_callers_see_what_they_would_see_natively(twin: tuple[Path, Path]) -> No
         differ = []
         steps = list(script())
         for step in steps:
-            want, got = outcome(native, step), outcome(mount, step)
+            want, got = observe(native, step), observe(mount, step)
             if want != got:
                 differ.append(f"{step.desc}:\n  native {want}\n  mount  {got}")
         assert not differ, f"{len(differ)} of {len(steps)} steps differ:\n" + "\n".join(differ)

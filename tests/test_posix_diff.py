@@ -8,8 +8,6 @@ are FUSE inode numbers, and the two sides run at slightly different times.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
 import shutil
 import stat
@@ -22,27 +20,13 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from conftest import Daemon
+from conftest import Daemon, outcome, renameat2
 
 pytestmark = pytest.mark.mount
 
-libc = ctypes.CDLL(None, use_errno=True)
 LONG = "L" * 255
 NAMES = ["a", "b", "c", "d", LONG, "d/a", "d/b", "d/e", "d/e/a", "e", "e/a"]
 names = st.sampled_from(NAMES)
-
-
-def renameat2(old: str, new: str, flags: int) -> None:
-    if libc.renameat2(-100, old.encode(), -100, new.encode(), flags) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
-def outcome(fn: Callable[[], Any]) -> Any:
-    try:
-        return ("ok", fn())
-    except OSError as exc:
-        return ("err", errno.errorcode.get(exc.errno or 0, exc.errno))
 
 
 def snapshot(root: Path) -> dict[str, Any]:
@@ -139,7 +123,7 @@ class Parity(RuleBasedStateMachine):
 
     @rule(old=names, new=names, flags=st.sampled_from([0, 1, 2]))
     def rename(self, old: str, new: str, flags: int) -> None:
-        self.both(lambda root: renameat2(str(root / old), str(root / new), flags))
+        self.both(lambda root: renameat2(root / old, root / new, flags))
 
     @rule(old=names, new=names)
     def link(self, old: str, new: str) -> None:
