@@ -244,9 +244,9 @@ static void lane_dealloc(Lane *self)
 }
 
 /* poll_fd(fd, spin) -> bool: poll fd for input for up to spin seconds, GIL released, yielding
-   the CPU to anything else runnable; True once readable.  The event loop calls it before it
-   would sleep: a request that comes within that time finds the loop awake (waking a sleeping
-   CPU costs more than most requests). */
+   the CPU to anything else runnable; True once readable.  The FUSE loop calls it before it
+   would wait in trio (fuseloop.py): a request that comes within that time finds the loop awake
+   (waking a sleeping CPU costs more than most requests). */
 static int readable(void *pfd)
 {
     return poll(pfd, 1, 0) > 0;
