@@ -16,6 +16,7 @@ import pytest
 from conftest import Daemon, have, outcome, renameat2, run
 
 pytestmark = pytest.mark.mount
+MiB = 1 << 20
 
 
 def test_tree_shape_and_readonly_levels(daemon: Daemon) -> None:
@@ -195,6 +196,25 @@ def test_unlinked_open_file_keeps_working(daemon: Daemon) -> None:
         f.write(b"more")
         assert os.fstat(f.fileno()).st_nlink == 0
     assert os.listdir(vf) == []
+
+
+def test_df_right_after_rm_counts_the_space_as_free(daemon: Daemon, tmp_path: Path) -> None:
+    """The daemon closes native fds after release and forget in batches (workers.close_soon),
+    when it is idle or before a statfs: `cp; cat; rm; df` must still show the space free."""
+    vf = daemon.vfolder()
+    src = tmp_path / "src"
+    src.write_bytes(b"\xa5" * (96 * MiB))
+
+    def used() -> int:
+        return int(run("df", "--output=used", "-B1", str(vf)).stdout.splitlines()[1])
+
+    for _ in range(3):
+        before = used()
+        run("cp", str(src), str(vf / "big"))
+        run("sh", "-c", f"cat {vf}/big > /dev/null")
+        assert used() - before > 48 * MiB  # sanity: the file takes space
+        run("rm", str(vf / "big"))
+        assert used() - before < 8 * MiB
 
 
 def test_partial_listings_do_not_leak_inodes(daemon: Daemon) -> None:

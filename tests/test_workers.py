@@ -6,6 +6,7 @@ a hung host (EIO after op_timeout, other hosts unaffected) is in test_mount_tool
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 import time
@@ -14,8 +15,9 @@ import pytest
 import trio
 import trio.testing
 
+from vfusefs import workers
 from vfusefs._hop import Lane
-from vfusefs.workers import FAST_WAIT, HostWorkers, StoppedError
+from vfusefs.workers import CLOSE_BATCH, FAST_WAIT, HostWorkers, StoppedError
 
 
 def pool(threads: int = 2, op_timeout: float = 5.0) -> HostWorkers:
@@ -190,6 +192,46 @@ async def test_stop_lets_a_call_in_progress_finish() -> None:
         await trio.sleep(0.05)
         w.stop()
     assert out == ["done"]
+
+
+def is_open(fd: int) -> bool:
+    try:
+        fcntl.fcntl(fd, fcntl.F_GETFD)
+        return True
+    except OSError:
+        return False
+
+
+async def closed(fds: list[int]) -> None:
+    with trio.fail_after(2):
+        while any(map(is_open, fds)):
+            await trio.sleep(0.005)
+
+
+async def test_closes_wait_for_a_batch_the_loop_idling_a_statfs_or_stop() -> None:
+    w = pool()
+    try:
+        some = [os.open("/", os.O_PATH) for _ in range(5)]
+        w.close_soon(some)
+        await trio.sleep(0.05)
+        assert all(map(is_open, some))  # held until the batch is full or the loop idles
+        workers.flush_closes()  # what the FUSE loop does before it waits for requests
+        await closed(some)
+        full = [os.open("/", os.O_PATH) for _ in range(CLOSE_BATCH)]
+        w.close_soon(full)  # a full batch goes at once
+        await closed(full)
+        some = [os.open("/", os.O_PATH) for _ in range(3)]
+        w.close_soon(some)
+        await w.settle()  # statfs: closed when it returns
+        assert not any(map(is_open, some))
+        some = [os.open("/", os.O_PATH) for _ in range(3)]
+        w.close_soon(some)
+    finally:
+        w.stop()
+    await closed(some)  # stop closes what is left
+    fd = os.open("/", os.O_PATH)
+    w.close_soon([fd])  # and, once stopped, right away
+    assert not is_open(fd)
 
 
 def test_lane_refuses_a_second_job_while_busy() -> None:

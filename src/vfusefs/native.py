@@ -327,18 +327,6 @@ def fsync(datafd: int, datasync: bool) -> None:
     (os.fdatasync if datasync else os.fsync)(datafd)
 
 
-def close(fd: int) -> None:
-    os.close(fd)
-
-
-def close_many(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
 def statvfs(fd: int) -> os.statvfs_result:
     return os.statvfs(fd)
 

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import pyfuse3
 import trio
 
-from vfusefs import access, native, statfs_ino
+from vfusefs import access, native, statfs_ino, workers
 from vfusefs.access import Caller, Mode, Need
 from vfusefs.callers import CallerCache
 from vfusefs.config import DaemonConfig
@@ -352,7 +352,7 @@ class Operations(pyfuse3.Operations):
         node = self.table.find(vf, entry.st)
         if node is not None:
             if entry.fd is not None:
-                node.host.workers.submit(native.close, entry.fd)  # type: ignore[union-attr]
+                node.host.workers.close_soon([entry.fd])  # type: ignore[union-attr]
             if node.kind is Kind.NATIVE:
                 node.parent, node.name = parent.ino, name
             return node
@@ -382,9 +382,11 @@ class Operations(pyfuse3.Operations):
             pyfuse3.invalidate_entry_async(node.parent, node.name, ignore_enoent=True)
 
     async def keep_fd_budget(self) -> None:
-        """After a burst (an untar, an ls -lR) ends, keep asking until the budget holds again."""
+        """After a burst (an untar, an ls -lR) ends, keep asking until the budget holds again.
+        Also closes the fds batched for closing, should the FUSE loop not have (fuseloop.py)."""
         while True:
             await trio.sleep(0.5)
+            workers.flush_closes()
             if self.table.native_fds > self.fd_low + (self.fd_high - self.fd_low) // 2:
                 self._prune()
 
@@ -454,7 +456,7 @@ class Operations(pyfuse3.Operations):
             if fd >= 0 and host is not None:
                 closing.setdefault(host, []).append(fd)
         for host, fds in closing.items():
-            host.workers.submit(native.close_many, fds)
+            host.workers.close_soon(fds)
 
     @handler
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -658,7 +660,7 @@ class Operations(pyfuse3.Operations):
         try:
             node = await self._reach(parent, name, entry)
         except BaseException:
-            parent.host.workers.submit(native.close, fd)  # type: ignore[union-attr]
+            parent.host.workers.close_soon([fd])  # type: ignore[union-attr]
             raise
         fh = self._new_fh(FileHandle(fd, node, caller, admin, True))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(node, entry.st)
@@ -710,7 +712,7 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         h = self._drop_fh(fh)
         assert isinstance(h, FileHandle)
-        h.node.host.workers.submit(native.close, h.fd)  # type: ignore[union-attr]
+        h.node.host.workers.close_soon([h.fd])  # type: ignore[union-attr]
 
     # -- directories ----------------------------------------------------------------------------
     @handler
@@ -811,7 +813,7 @@ class Operations(pyfuse3.Operations):
                     fds.append(self.table.remove(node))
         h.buffer.clear()
         if fds and h.node.host is not None:
-            h.node.host.workers.submit(native.close_many, fds)
+            h.node.host.workers.close_soon(fds)
 
     @handler
     async def releasedir(self, fh: int) -> None:
@@ -865,6 +867,7 @@ class Operations(pyfuse3.Operations):
         blocks = bfree = bavail = files = ffree = 0
         for host in hosts:
             try:
+                await host.workers.settle()  # blocks of removed files we held open are free
                 sv = await host.workers.run(native.statvfs_path, host.config.path)
             except Exception:  # a host that fails or hangs is left out of the sum
                 continue

@@ -26,6 +26,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <limits.h>
 #include <linux/futex.h>
 #include <poll.h>
 #include <sched.h>
@@ -267,9 +268,50 @@ static PyObject *hop_poll_fd(PyObject *Py_UNUSED(module), PyObject *args)
     return PyBool_FromLong(ready);
 }
 
+/* close_fds(fds) -> None: close every fd in the list, the GIL released once for all of them.
+   Background closes run on a worker while the trio thread serves requests; os.close in a loop
+   would take the GIL back after each fd and make the trio thread wait for it each time.
+   Errors are ignored: these are our own fds, and close(2) releases the fd even when it fails. */
+static PyObject *hop_close_fds(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    PyObject *seq = PySequence_Fast(arg, "close_fds: expected a list of fds");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    int *fds = PyMem_New(int, n > 0 ? n : 1);
+    if (fds == NULL) {
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long fd = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (fd == -1 && PyErr_Occurred())
+            fd = -2;
+        else if (fd < 0 || fd > INT_MAX) {
+            PyErr_Format(PyExc_ValueError, "close_fds: %ld is not an fd", fd);
+            fd = -2;
+        }
+        fds[i] = (int)fd;
+        if (fd == -2) {
+            PyMem_Free(fds);
+            Py_DECREF(seq);
+            return NULL;
+        }
+    }
+    Py_DECREF(seq);
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++)
+        close(fds[i]);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(fds);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef module_methods[] = {
     {"poll_fd", hop_poll_fd, METH_VARARGS,
      "poll_fd(fd, spin) -> bool: wait up to spin seconds (spinning) for fd to be readable"},
+    {"close_fds", hop_close_fds, METH_O,
+     "close_fds(fds) -> None: close every fd in the list, the GIL released once"},
     {NULL, NULL, 0, NULL},
 };
 
