@@ -36,9 +36,8 @@ is idle, or for 1 ms under load (fuseloop.YIELD_EVERY); statfs closes them first
 so space freed by removing a file that was open shows in `df` at once.
 
 Measured on a 2-vCPU VM, reading a tree of 20,000 small files back and removing it
-(medians of 3, fresh ext4): 3.59 s and 3.06 s with a background call per fd, 3.1 s and 2.5 s
-batched,
-2.61 s and 2.20 s with background calls kept off the hot lanes as above.
+(medians of 3, fresh ext4): 3.59 s and 3.06 s with a background call per fd, 3.1 s and
+2.5 s batched, 2.61 s and 2.20 s with background calls kept off the hot lanes as above.
 """
 
 from __future__ import annotations
