@@ -432,32 +432,45 @@ class DirStream:
     def __init__(self, fd: int) -> None:
         self.fd = os.open(proc(fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._it: Iterator[os.DirEntry[str]] | None = os.scandir(self.fd)
-        self.position = 0  # offset of the next entry the iterator yields
+        self._retry: os.DirEntry[str] | None = None  # an entry to read again first (chunk)
+        self.position = 0  # offset of the next entry chunk returns
 
     def rewind(self) -> None:
         if self._it is not None:
             self._it.close()  # type: ignore[attr-defined]
         os.lseek(self.fd, 0, os.SEEK_SET)
         self._it = os.scandir(self.fd)
+        self._retry = None
         self.position = 0
 
     def chunk(self, count: int, known: Any, vfid: str) -> list[tuple[bytes, Entry]]:
-        """Up to count entries (names, new O_PATH fd or None, stat); [] at the end."""
+        """Up to count entries (name, new O_PATH fd or None, stat); [] at the end.
+
+        An error on an entry after others were read (EMFILE at the fd limit) ends the chunk
+        there, and that entry is read again first next time: the fds opened for the others
+        reach the caller (raising would lose them for good) and no entry is skipped.  An
+        error on the first entry is raised (and that entry too is read again next time)."""
         out: list[tuple[bytes, Entry]] = []
-        if self._it is None:
-            return out
-        for dent in self._it:
-            self.position += 1
+        while self._it is not None and len(out) < count:
+            dent = self._retry if self._retry is not None else next(self._it, None)
+            self._retry = None
+            if dent is None:
+                self._it.close()  # type: ignore[attr-defined]
+                self._it = None
+                break
             name = os.fsencode(dent.name)
             try:
-                out.append((name, lookup(self.fd, name, known, vfid)))
+                entry = lookup(self.fd, name, known, vfid)
             except FileNotFoundError:
+                self.position += 1
                 continue  # removed since getdents
-            if len(out) >= count:
+            except OSError:
+                self._retry = dent
+                if not out:
+                    raise
                 break
-        else:
-            self._it.close()  # type: ignore[attr-defined]
-            self._it = None
+            self.position += 1
+            out.append((name, entry))
         return out
 
     def skip(self, count: int) -> None:

@@ -1,0 +1,56 @@
+"""native.py on its own: listing a directory at the fd limit.
+
+A listing opens an O_PATH fd per entry the inode table does not know yet, so near
+RLIMIT_NOFILE one of them fails with EMFILE.  The fds already opened for the chunk must reach
+the caller (they were lost for good before, and the daemon stayed at its limit) and every
+entry must be listed exactly once, the failed one included.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+LISTER = r"""
+import errno, os, resource, sys
+from vfusefs import native
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd")) - 1  # not listdir's own
+
+names = sorted(os.listdir(sys.argv[1]))
+before = open_fds()
+dirfd = os.open(sys.argv[1], os.O_PATH)
+stream = native.DirStream(dirfd)
+room = open_fds() + 8
+resource.setrlimit(resource.RLIMIT_NOFILE, (room, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+seen, partial, refused = [], 0, 0
+while True:
+    chunk = stream.chunk(256, {}, "v")  # nothing known: every entry opens an fd
+    if not chunk:
+        break
+    seen += [name.decode() for name, _ in chunk]
+    partial += len(chunk) < 256
+    try:
+        stream.chunk(256, {}, "v")  # no fd left: the first entry fails
+    except OSError as exc:
+        assert exc.errno == errno.EMFILE, exc
+        refused += 1
+    for _, entry in chunk:
+        os.close(entry.fd)
+stream.close()
+os.close(dirfd)
+assert partial >= 4 and refused >= partial - 1, (partial, refused)  # the last may end the dir
+assert sorted(seen) == names, "entries lost or repeated"
+assert open_fds() == before, "fds leaked"
+print("ok", len(seen), partial)
+"""
+
+
+def test_a_listing_at_the_fd_limit_loses_no_fd_and_no_entry(tmp_path: Path) -> None:
+    for i in range(40):
+        (tmp_path / f"f{i:02d}").touch()
+    r = subprocess.run([sys.executable, "-c", LISTER, str(tmp_path)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("ok 40"), r.stdout + r.stderr
