@@ -325,6 +325,65 @@ def test_a_hung_host_fails_with_eio_and_stalls_nothing_else(world_dir: Path) -> 
             run("fusermount3", "-u", str(slow), check=False)
 
 
+def data_fds(pid: int, name: str) -> list[str]:
+    """The daemon's fds on a file named name that are not O_PATH (an open data fd)."""
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            flags = int(Path(f"/proc/{pid}/fdinfo/{fd}").read_text().split("flags:")[1].split()[0], 8)
+        except (OSError, IndexError):
+            continue
+        if target.endswith("/" + name) and not flags & os.O_PATH:
+            out.append(target)
+    return out
+
+
+@pytest.mark.skipif(not have("bindfs"), reason="bindfs not installed")
+def test_an_open_that_ends_after_its_request_gave_up_leaves_no_fd(world_dir: Path) -> None:
+    """An open on a hung host fails with EIO after op_timeout; when the storage answers again
+    the native open finishes on its worker, and the fd it opened must be closed, not leaked."""
+    src, slow = world_dir / "nas-src", world_dir / "nas"
+    src.mkdir()
+    slow.mkdir()
+    run("bindfs", str(src), str(slow))
+    bindfs = int(run("pgrep", "-f", f"bindfs {src} {slow}").stdout.split()[0])
+    d = Daemon(world_dir, hosts={"nas": {"path": str(slow), "op_timeout": 1.0}},
+               daemon_opts={"entry_timeout": 30})
+    d.allowed_errors = ["took longer than 1.0s"]
+    try:
+        d.start()
+        nas = d.vfolder("nas", grants=[{"principal": "*", "mode": "rwd"}])
+        (nas / "data").write_text("x")
+        dirfd = os.open(nas, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.stat("data", dir_fd=dirfd)  # cached: the open below reaches the daemon as OPEN
+            os.kill(bindfs, signal.SIGSTOP)
+            try:
+                with pytest.raises(OSError) as failed:
+                    os.open("data", os.O_RDONLY, dir_fd=dirfd)
+                assert failed.value.errno == errno.EIO
+            finally:
+                os.kill(bindfs, signal.SIGCONT)
+        finally:
+            os.close(dirfd)
+        assert d.proc is not None
+        deadline = time.monotonic() + 5
+        while "after its request gave up" not in d.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "open_data ended well after its request gave up" in d.log()
+        while data_fds(d.proc.pid, "data") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert data_fds(d.proc.pid, "data") == []
+    finally:
+        os.kill(bindfs, signal.SIGCONT)
+        try:
+            if d.proc is not None:
+                d.stop()
+        finally:
+            run("fusermount3", "-u", str(slow), check=False)
+
+
 def test_utime_after_a_listing_reaches_native_storage(daemon: Daemon) -> None:
     """Listing a directory moves its native atime behind the daemon's remembered stat; setting
     the times it remembers must still set them (found by the differential test)."""

@@ -54,3 +54,28 @@ def test_a_listing_at_the_fd_limit_loses_no_fd_and_no_entry(tmp_path: Path) -> N
     r = subprocess.run([sys.executable, "-c", LISTER, str(tmp_path)], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("ok 40"), r.stdout + r.stderr
+
+
+def test_opened_finds_the_fds_a_late_result_holds(tmp_path: Path) -> None:
+    """What the worker pool closes when a call ends after its request gave up."""
+    import os
+
+    from vfusefs import native
+
+    dirfd = os.open(tmp_path, os.O_PATH)
+    try:
+        (tmp_path / "f").touch()
+        entry = native.open_path(dirfd, b"f")
+        stream = native.DirStream(dirfd)
+        data = native.open_data(entry.fd, os.O_RDONLY)
+        try:
+            assert isinstance(entry.fd, native.NewFd)
+            late = [(b"f", entry), (data, os.fstat(dirfd), 7), (stream, os.fstat(dirfd))]
+            assert native.opened(late) == [entry.fd, data, stream]
+            assert native.opened((3, os.fstat(dirfd), b"x")) == []  # plain ints are no fds
+        finally:
+            os.close(entry.fd)
+            os.close(data)
+            stream.close()
+    finally:
+        os.close(dirfd)

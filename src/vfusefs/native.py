@@ -43,6 +43,23 @@ class Entry(NamedTuple):
     xattrs: frozenset[bytes] | None = None
 
 
+class NewFd(int):
+    """An fd a native call has just opened and hands back.  Should the request that asked for
+    it have given up meanwhile (op_timeout on a hung host), nobody would ever close it: the
+    worker pool finds these in the late result (`opened`) and closes them."""
+
+    __slots__ = ()
+
+
+def opened(result: Any) -> list[Any]:
+    """The NewFds and DirStreams in a native call's result (tuples and lists are searched)."""
+    if isinstance(result, (NewFd, DirStream)):
+        return [result]
+    if isinstance(result, (tuple, list)) and not isinstance(result, os.stat_result):
+        return [x for item in result for x in opened(item)]
+    return []
+
+
 def xattr_names(path: str | bytes) -> frozenset[bytes] | None:
     try:
         return frozenset(os.fsencode(n) for n in os.listxattr(path, follow_symlinks=False))
@@ -51,7 +68,7 @@ def xattr_names(path: str | bytes) -> frozenset[bytes] | None:
 
 
 def _open_path(dirfd: int, name: bytes) -> Entry:
-    fd = os.open(name, O_PATH_FLAGS, dir_fd=dirfd)
+    fd = NewFd(os.open(name, O_PATH_FLAGS, dir_fd=dirfd))
     try:
         return Entry(fd, os.fstat(fd), xattr_names(proc(fd)))
     except BaseException:
@@ -146,12 +163,12 @@ def create(dirfd: int, name: bytes, flags: int, mode: int, uid: int,
     existing = stat_at(dirfd, name)
     flags = (flags | os.O_NOFOLLOW | os.O_CLOEXEC) & ~os.O_NOCTTY
     try:
-        datafd = os.open(name, flags | os.O_CREAT | os.O_EXCL, mode, dir_fd=dirfd)
+        datafd = NewFd(os.open(name, flags | os.O_CREAT | os.O_EXCL, mode, dir_fd=dirfd))
         created = True
     except FileExistsError:
         if flags & os.O_EXCL:
             raise
-        datafd = os.open(name, flags & ~os.O_CREAT, dir_fd=dirfd)
+        datafd = NewFd(os.open(name, flags & ~os.O_CREAT, dir_fd=dirfd))
         created = False
     try:
         if created:
@@ -166,7 +183,7 @@ def create(dirfd: int, name: bytes, flags: int, mode: int, uid: int,
 
 
 def _reopen_path(datafd: int) -> Entry:
-    fd = os.open(proc(datafd), os.O_PATH | os.O_CLOEXEC)
+    fd = NewFd(os.open(proc(datafd), os.O_PATH | os.O_CLOEXEC))
     try:
         return Entry(fd, os.fstat(fd), frozenset())  # just created: no xattrs yet
     except BaseException:
@@ -176,8 +193,8 @@ def _reopen_path(datafd: int) -> Entry:
 
 def open_data(fd: int, flags: int) -> int:
     # O_NOFOLLOW was for the kernel's walk; here it would refuse the /proc magic link itself
-    return os.open(proc(fd), (flags | os.O_CLOEXEC)
-                   & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW))
+    return NewFd(os.open(proc(fd), (flags | os.O_CLOEXEC)
+                         & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW)))
 
 
 def open_truncating(fd: int, flags: int) -> tuple[int, os.stat_result, int]:

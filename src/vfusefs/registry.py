@@ -171,6 +171,15 @@ class Registry:
     def _add_host(self, hc: HostConfig) -> Host:
         backend = load_backend(hc)
         workers = HostWorkers(hc.name, self.config.daemon.io_threads, hc.op_timeout, self.token)
+
+        def close_opened(result: Any) -> None:  # a late open or lookup: close what it opened
+            for item in native.opened(result):
+                if isinstance(item, native.DirStream):
+                    workers.submit(item.close)
+                else:
+                    workers.close_soon([item])
+
+        workers.on_abandoned = close_opened
         host = Host(hc.name, hc, backend, workers)
         host.node = self.table.new_virtual(Kind.HOST, host)
         self.hosts[hc.name] = host

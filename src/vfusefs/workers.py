@@ -114,6 +114,8 @@ class HostWorkers:
         self._backlog: collections.deque[_Job] = collections.deque()  # background calls
         self.slow_ewma = 0.0  # recent native call latency, seconds
         self.stopped = False
+        # what to do with the result of a call that ended after its request gave up (op_timeout)
+        self.on_abandoned: Callable[[Any], None] | None = None
         self._to_close: list[int] = []  # fds batched for closing (close_soon)
         self._closes_running = 0  # background close calls not yet ended (settle waits for them)
         self._closes_lock = threading.Lock()
@@ -173,6 +175,8 @@ class HostWorkers:
             log.info("host %s: %s ended %s after its request gave up",
                      self.name, _name(job.fn),
                      "well" if job.ok else f"with {job.value!r}")
+            if job.ok and self.on_abandoned is not None:
+                self.on_abandoned(job.value)  # e.g. close the fds it opened: nobody else will
             return
         trio.lowlevel.reschedule(job.task)
 
