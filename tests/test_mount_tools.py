@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -9,7 +10,7 @@ import stat
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -276,53 +277,67 @@ def test_native_changes_to_a_vfolder_root_show_under_constant_use(daemon: Daemon
     assert time.monotonic() < deadline - 2  # seen within about the attribute timeout
 
 
+@contextlib.contextmanager
+def stoppable_storage(world_dir: Path) -> Iterator[tuple[Path, int]]:
+    """A directory served by bindfs, and its pid: SIGSTOP makes it a hung NAS."""
+    src, slow = world_dir / "nas-src", world_dir / "nas"
+    src.mkdir()
+    slow.mkdir()
+    run("bindfs", str(src), str(slow))
+    bindfs = int(run("pgrep", "-f", f"bindfs {src} {slow}").stdout.split()[0])
+    try:
+        yield slow, bindfs
+    finally:
+        os.kill(bindfs, signal.SIGCONT)
+        run("fusermount3", "-u", str(slow), check=False)
+
+
+@contextlib.contextmanager
+def started(d: Daemon, bindfs: int) -> Iterator[Daemon]:
+    """d serving; stopped at the end, with its storage answering again first."""
+    try:
+        yield d.start()
+    finally:
+        os.kill(bindfs, signal.SIGCONT)
+        if d.proc is not None:
+            d.stop()
+
+
 @pytest.mark.skipif(not have("bindfs"), reason="bindfs not installed")
 def test_a_hung_host_fails_with_eio_and_stalls_nothing_else(world_dir: Path) -> None:
     """A host whose storage stops answering (a hung NFS server, here: a bindfs mount whose
     process is SIGSTOPped) fails its requests with EIO after op_timeout, also once all its
     threads are stuck, while another host's vfolder keeps working meanwhile; once the storage
     answers again, so does the host."""
-    src, slow = world_dir / "nas-src", world_dir / "nas"
-    src.mkdir()
-    slow.mkdir()
-    run("bindfs", str(src), str(slow))
-    bindfs = int(run("pgrep", "-f", f"bindfs {src} {slow}").stdout.split()[0])
-    d = Daemon(world_dir, hosts={"local": {"path": str(world_dir / "native")},
-                                 "nas": {"path": str(slow), "op_timeout": 2.0}},
-               daemon_opts={"io_threads": 2})
-    d.allowed_errors = ["took longer than 2.0s"]
-    try:
-        d.start()
-        local, nas = d.vfolder("local", grants=[{"principal": "*", "mode": "rwd"}]), \
-            d.vfolder("nas", grants=[{"principal": "*", "mode": "rwd"}])
-        (nas / "before").write_text("x")
-        os.kill(bindfs, signal.SIGSTOP)
-        # three creates on the hung host: two take its two threads, the third waits for one
-        hung = [subprocess.Popen(["touch", str(nas / f"new{i}")], stderr=subprocess.PIPE, text=True)
-                for i in range(3)]
-        for i in range(200):  # meanwhile the other host answers as usual
-            (local / f"f{i}").write_text(str(i))
-        assert sorted(os.listdir(local)) == sorted(f"f{i}" for i in range(200))
-        assert all(p.poll() is None for p in hung)  # ... before the hung host gave up
-        for p in hung:
-            # each touch may wait behind the others: the kernel serializes lookups in one
-            # directory, and a touch makes up to two (the vfolder root, then the name), each
-            # failing after op_timeout (3 x 2 x 2 s); 30 s only bounds a hang of the test
-            assert p.wait(timeout=30) == 1
-            assert "Input/output error" in p.stderr.read()  # type: ignore[union-attr]
-        os.kill(bindfs, signal.SIGCONT)
-        for _ in range(50):  # the stuck threads come back once bindfs answers
-            if run("touch", str(nas / "after"), check=False).returncode == 0:
-                break
-            time.sleep(0.1)
-        assert (nas / "after").exists() and (nas / "before").read_text() == "x"
-    finally:
-        os.kill(bindfs, signal.SIGCONT)
-        try:
-            if d.proc is not None:
-                d.stop()
-        finally:
-            run("fusermount3", "-u", str(slow), check=False)
+    with stoppable_storage(world_dir) as (slow, bindfs):
+        d = Daemon(world_dir, hosts={"local": {"path": str(world_dir / "native")},
+                                     "nas": {"path": str(slow), "op_timeout": 2.0}},
+                   daemon_opts={"io_threads": 2})
+        d.allowed_errors = ["took longer than 2.0s"]
+        with started(d, bindfs):
+            local, nas = d.vfolder("local", grants=[{"principal": "*", "mode": "rwd"}]), \
+                d.vfolder("nas", grants=[{"principal": "*", "mode": "rwd"}])
+            (nas / "before").write_text("x")
+            os.kill(bindfs, signal.SIGSTOP)
+            # three creates on the hung host: two take its two threads, the third waits
+            hung = [subprocess.Popen(["touch", str(nas / f"new{i}")], stderr=subprocess.PIPE,
+                                     text=True) for i in range(3)]
+            for i in range(200):  # meanwhile the other host answers as usual
+                (local / f"f{i}").write_text(str(i))
+            assert sorted(os.listdir(local)) == sorted(f"f{i}" for i in range(200))
+            assert all(p.poll() is None for p in hung)  # ... before the hung host gave up
+            for p in hung:
+                # each touch may wait behind the others: the kernel serializes lookups in one
+                # directory, and a touch makes up to two (the vfolder root, then the name),
+                # each failing after op_timeout (3 x 2 x 2 s); 30 s only bounds a hang
+                assert p.wait(timeout=30) == 1
+                assert "Input/output error" in p.stderr.read()  # type: ignore[union-attr]
+            os.kill(bindfs, signal.SIGCONT)
+            for _ in range(50):  # the stuck threads come back once bindfs answers
+                if run("touch", str(nas / "after"), check=False).returncode == 0:
+                    break
+                time.sleep(0.1)
+            assert (nas / "after").exists() and (nas / "before").read_text() == "x"
 
 
 def data_fds(pid: int, name: str) -> list[str]:
@@ -343,45 +358,31 @@ def data_fds(pid: int, name: str) -> list[str]:
 def test_an_open_that_ends_after_its_request_gave_up_leaves_no_fd(world_dir: Path) -> None:
     """An open on a hung host fails with EIO after op_timeout; when the storage answers again
     the native open finishes on its worker, and the fd it opened must be closed, not leaked."""
-    src, slow = world_dir / "nas-src", world_dir / "nas"
-    src.mkdir()
-    slow.mkdir()
-    run("bindfs", str(src), str(slow))
-    bindfs = int(run("pgrep", "-f", f"bindfs {src} {slow}").stdout.split()[0])
-    d = Daemon(world_dir, hosts={"nas": {"path": str(slow), "op_timeout": 1.0}},
-               daemon_opts={"entry_timeout": 30})
-    d.allowed_errors = ["took longer than 1.0s"]
-    try:
-        d.start()
-        nas = d.vfolder("nas", grants=[{"principal": "*", "mode": "rwd"}])
-        (nas / "data").write_text("x")
-        dirfd = os.open(nas, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.stat("data", dir_fd=dirfd)  # cached: the open below reaches the daemon as OPEN
-            os.kill(bindfs, signal.SIGSTOP)
+    with stoppable_storage(world_dir) as (slow, bindfs):
+        d = Daemon(world_dir, hosts={"nas": {"path": str(slow), "op_timeout": 1.0}},
+                   daemon_opts={"entry_timeout": 30})
+        d.allowed_errors = ["took longer than 1.0s"]
+        with started(d, bindfs):
+            nas = d.vfolder("nas", grants=[{"principal": "*", "mode": "rwd"}])
+            (nas / "data").write_text("x")
+            dirfd = os.open(nas, os.O_RDONLY | os.O_DIRECTORY)
             try:
+                os.stat("data", dir_fd=dirfd)  # cached: the open below reaches us as OPEN
+                os.kill(bindfs, signal.SIGSTOP)
                 with pytest.raises(OSError) as failed:
                     os.open("data", os.O_RDONLY, dir_fd=dirfd)
                 assert failed.value.errno == errno.EIO
-            finally:
                 os.kill(bindfs, signal.SIGCONT)
-        finally:
-            os.close(dirfd)
-        assert d.proc is not None
-        deadline = time.monotonic() + 5
-        while "after its request gave up" not in d.log() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert "open_data ended well after its request gave up" in d.log()
-        while data_fds(d.proc.pid, "data") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert data_fds(d.proc.pid, "data") == []
-    finally:
-        os.kill(bindfs, signal.SIGCONT)
-        try:
-            if d.proc is not None:
-                d.stop()
-        finally:
-            run("fusermount3", "-u", str(slow), check=False)
+            finally:
+                os.close(dirfd)
+            assert d.proc is not None
+            deadline = time.monotonic() + 5
+            while "after its request gave up" not in d.log() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert "open_data ended well after its request gave up" in d.log()
+            while data_fds(d.proc.pid, "data") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert data_fds(d.proc.pid, "data") == []
 
 
 def test_utime_after_a_listing_reaches_native_storage(daemon: Daemon) -> None:

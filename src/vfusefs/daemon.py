@@ -20,7 +20,6 @@ import resource
 import signal
 import socket
 import sys
-import time
 from typing import Any
 
 import pyfuse3
