@@ -23,7 +23,7 @@ from typing import Iterator
 
 import pytest
 
-from conftest import Daemon, run
+from conftest import Daemon
 
 pytestmark = pytest.mark.mount
 

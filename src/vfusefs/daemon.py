@@ -198,6 +198,7 @@ class Service:
         self.ops: Operations | None = None
         self.tcp_app: Any = None  # BearerAuth around the TCP control API, for token reloads
         self.stopping = False
+        self.ready = False  # READY=1 sent: an error from now on stops a running daemon
         self.last_status = ""
         self.nursery: trio.Nursery | None = None
         self.waiter: fuseloop.Waiter | None = None
@@ -238,6 +239,7 @@ class Service:
         if self.cfg.daemon.read_ahead_kb:  # after FUSE_INIT, whose reply resets it
             await trio.to_thread.run_sync(set_read_ahead, mp, self.cfg.daemon.read_ahead_kb)
         self.last_status = self.status_line()
+        self.ready = True
         self.notifier.ready(self.last_status)
         log.info("ready: %s", self.last_status)
 
@@ -513,8 +515,8 @@ def serve(config_path: str | None) -> int:
         found = first_of(exc, (StartupError, ConfigError, KeyboardInterrupt))
         oserr = first_of(exc, (OSError,)) if found is None else None
         if oserr is not None:
-            # a system call failed where start-up did not expect it: one line, not a traceback
-            found = StartupError(f"cannot start: {oserr}")
+            # a system call failed where we did not expect it: one line, not a traceback
+            found = StartupError(f"{'stopped' if service.ready else 'cannot start'}: {oserr}")
             log.debug("start-up failure", exc_info=exc)
         if isinstance(found, KeyboardInterrupt):
             return 0
