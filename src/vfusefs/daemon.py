@@ -517,7 +517,7 @@ def serve(config_path: str | None) -> int:
         if oserr is not None:
             # a system call failed where we did not expect it: one line, not a traceback
             found = StartupError(f"{'stopped' if service.ready else 'cannot start'}: {oserr}")
-            log.debug("start-up failure", exc_info=exc)
+            log.debug("unexpected OSError", exc_info=exc)
         if isinstance(found, KeyboardInterrupt):
             return 0
         if isinstance(found, StartupError):
