@@ -200,3 +200,16 @@ def test_install_gives_pyfuse3_the_lock_and_the_waiter_and_uninstall_restores_tr
     finally:
         fuseloop.uninstall()
     assert pyfuse3.trio is trio  # type: ignore[attr-defined]
+
+
+async def test_runnable_counts_what_trio_counts_and_falls_back_to_asking_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The waiter reads the run queue's length itself (current_statistics costs 1.9 us a
+    request); with a trio that keeps it elsewhere, it asks trio."""
+    async with trio.open_nursery() as n:
+        for _ in range(3):
+            n.start_soon(trio.sleep, 0)
+        assert fuseloop.runnable() == trio.lowlevel.current_statistics().tasks_runnable == 3
+        monkeypatch.setattr(fuseloop, "_RUN_CONTEXT", object())
+        assert fuseloop.runnable() == 3
+    assert fuseloop.runnable() == 0

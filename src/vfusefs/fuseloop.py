@@ -68,6 +68,21 @@ class ReadLock:
             self.woken += 1
 
 
+# where this trio keeps its run loop's state (None: not where we expect it, see runnable)
+_RUN_CONTEXT = getattr(getattr(getattr(trio, "_core", None), "_run", None), "GLOBAL_RUN_CONTEXT",
+                       None)
+
+
+def runnable() -> int:
+    """How many tasks are runnable: the length of trio's run queue, read where this trio keeps
+    it.  `current_statistics()` says the same but computes four other figures too: 1.9 us,
+    against 0.1 us here, once per request.  Should a later trio keep it elsewhere, ask it."""
+    try:
+        return len(_RUN_CONTEXT.runner.runq)  # type: ignore[union-attr]
+    except AttributeError:
+        return trio.lowlevel.current_statistics().tasks_runnable
+
+
 class Waiter:
     """`wait_readable` for pyfuse3's session fd; `spin` may change at any time (reload)."""
 
@@ -85,8 +100,7 @@ class Waiter:
             # batch do not, and wait at most `left` (which is why spinning stops there).  A
             # task waiting for a slow native call is woken through trio's wakeup fd, which
             # spinning on ours would not see.
-            if (self.spin and not workers.parked
-                    and trio.lowlevel.current_statistics().tasks_runnable <= self.lock.woken):
+            if self.spin and not workers.parked and runnable() <= self.lock.woken:
                 if poll_fd(fd, min(self.spin, left)):
                     return
         workers.flush_closes()  # fds released while busy: close them while we wait
