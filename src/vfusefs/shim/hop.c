@@ -286,17 +286,12 @@ static PyObject *hop_close_fds(PyObject *Py_UNUSED(module), PyObject *arg)
     for (Py_ssize_t i = 0; i < n; i++) {
         long fd = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
         if (fd == -1 && PyErr_Occurred())
-            fd = -2;
-        else if (fd < 0 || fd > INT_MAX) {
+            goto fail;
+        if (fd < 0 || fd > INT_MAX) {
             PyErr_Format(PyExc_ValueError, "close_fds: %ld is not an fd", fd);
-            fd = -2;
+            goto fail;
         }
         fds[i] = (int)fd;
-        if (fd == -2) {
-            PyMem_Free(fds);
-            Py_DECREF(seq);
-            return NULL;
-        }
     }
     Py_DECREF(seq);
     Py_BEGIN_ALLOW_THREADS
@@ -305,6 +300,10 @@ static PyObject *hop_close_fds(PyObject *Py_UNUSED(module), PyObject *arg)
     Py_END_ALLOW_THREADS
     PyMem_Free(fds);
     Py_RETURN_NONE;
+fail:  /* nothing closed */
+    PyMem_Free(fds);
+    Py_DECREF(seq);
+    return NULL;
 }
 
 static PyMethodDef module_methods[] = {
