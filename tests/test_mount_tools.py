@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import signal
 import stat
@@ -148,6 +149,52 @@ def test_sparse_and_large_offsets(daemon: Daemon) -> None:
     with open(vf / "sparse", "rb") as f:
         f.seek((1 << 33) - 2)
         assert f.read() == b"\0\0end"
+
+
+def test_reads_are_right_whether_native_storage_has_the_data_cached_or_not(daemon: Daemon) -> None:
+    """On a local filesystem, reads first look in the native page cache from the trio thread
+    (workers.read_cached) and a worker reads what is missing: all of it, part or nothing.  The
+    mount's own cache is dropped before each read, so every one reaches the daemon.  O_DIRECT
+    opens never look (a direct read waits for the device even with RWF_NOWAIT)."""
+    vf = daemon.vfolder()
+    native = Path(daemon.api("GET", f"/v1/hosts/local/vfolders/{vf.name}").json()["native_path"])
+    data = os.urandom(4 * MiB)
+    (vf / "f").write_bytes(data)
+    nfd = os.open(native / "f", os.O_RDONLY)
+    fd = os.open(vf / "f", os.O_RDONLY)
+    try:
+        os.fsync(nfd)
+        os.posix_fadvise(nfd, 0, 0, os.POSIX_FADV_RANDOM)  # the native cache holds what we say
+        chunks = [(0, 4096), (12345, 1000), (MiB - 100, 200), (MiB, MiB), (4 * MiB - 10, 4096)]
+        for state in ("uncached", "cached", "half cached"):
+            os.posix_fadvise(nfd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if state == "cached":
+                os.pread(nfd, 4 * MiB, 0)
+            elif state == "half cached":
+                for off in range(0, 4 * MiB, 8192):
+                    os.pread(nfd, 4096, off)
+            for off, size in chunks:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                assert os.pread(fd, size, off) == data[off:off + size], (state, off, size)
+        assert run("cmp", str(vf / "f"), str(native / "f")).returncode == 0
+    finally:
+        os.close(fd)
+        os.close(nfd)
+    # O_DIRECT, as dd and databases use it: the native fd is opened O_DIRECT too, and its I/O
+    # needs aligned buffers
+    run("dd", f"if={vf / 'f'}", f"of={vf / 'g'}", "bs=1M", "iflag=direct", "oflag=direct")
+    assert (native / "g").read_bytes() == data
+    run("dd", "if=/dev/zero", f"of={vf / 'g'}", "bs=4k", "count=1", "seek=3", "conv=notrunc",
+        "oflag=direct")
+    assert (native / "g").read_bytes() == data[:12288] + bytes(4096) + data[16384:]
+    dfd = os.open(vf / "g", os.O_RDONLY | os.O_DIRECT)
+    try:
+        with mmap.mmap(-1, MiB) as buf:  # aligned, as the client's side of O_DIRECT wants too
+            assert os.preadv(dfd, [buf], 0) == MiB
+            assert buf[:] == data[:12288] + bytes(4096) + data[16384:MiB]
+            assert os.preadv(dfd, [buf], 3 * MiB) == MiB and buf[:] == data[3 * MiB:]
+    finally:
+        os.close(dfd)
 
 
 def test_rename_flags(daemon: Daemon) -> None:

@@ -6,8 +6,10 @@ a hung host (EIO after op_timeout, other hosts unaffected) is in test_mount_tool
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
+import tempfile
 import threading
 import time
 
@@ -16,7 +18,7 @@ import trio
 import trio.testing
 
 from vfusefs import workers
-from vfusefs._hop import Lane
+from vfusefs._hop import Lane, pread_cached
 from vfusefs.workers import CLOSE_BATCH, FAST_WAIT, HostWorkers, StoppedError
 
 
@@ -240,3 +242,57 @@ def test_lane_refuses_a_second_job_while_busy() -> None:
     with pytest.raises(RuntimeError, match="busy"):
         lane.post_and_wait(object(), FAST_WAIT)
     lane.stop()
+
+
+def evict(fd: int, off: int = 0, length: int = 0) -> None:
+    """Drop a file's clean pages from the page cache (0 length: to the end)."""
+    os.posix_fadvise(fd, off, length, os.POSIX_FADV_DONTNEED)
+
+
+def test_pread_cached_reads_only_the_page_cache_and_starts_the_rest() -> None:
+    """pread_cached (the trio thread's one native call, HostWorkers.read_cached) copies what the
+    page cache holds and never waits for the device: on a miss it answers at once, and the
+    pages it asked for come in meanwhile, so spinning finds them."""
+    data = os.urandom(256 << 10)
+    with tempfile.NamedTemporaryFile(dir="/var/tmp") as f:  # a disk filesystem, not tmpfs
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        fd = f.fileno()
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead beyond what is asked
+        evict(fd)
+        assert pread_cached(fd, 4096, 8192, 0.0) == (b"", False)  # not cached: no wait
+        got, whole = pread_cached(fd, 4096, 8192, 1.0)  # ... but on its way
+        assert whole and got == data[8192:12288]
+        # half cached: what is there, then the rest once it comes
+        os.pread(fd, 128 << 10, 0)
+        evict(fd, 128 << 10)
+        got, whole = pread_cached(fd, 256 << 10, 0, 0.0)
+        assert not whole and 0 < len(got) < 256 << 10 and got == data[:len(got)]
+        assert pread_cached(fd, 256 << 10, 0, 1.0) == (data, True)
+        # end of file: short, and whole
+        assert pread_cached(fd, 1 << 20, (256 << 10) - 5, 0.0) == (data[-5:], True)
+        assert pread_cached(fd, 10, 1 << 30, 0.0) == (b"", True)
+        assert pread_cached(fd, 0, 0, 0.0) == (b"", True)
+    with pytest.raises(OSError) as exc:
+        pread_cached(fd, 10, 0, 0.0)  # closed
+    assert exc.value.errno == errno.EBADF
+    with pytest.raises(ValueError):
+        pread_cached(0, -1, 0, 0.0)
+
+
+async def test_read_cached_spins_only_while_native_calls_are_fast() -> None:
+    w = pool()
+    try:
+        with tempfile.NamedTemporaryFile(dir="/var/tmp") as f:
+            f.write(b"x" * 8192)
+            f.flush()
+            os.fsync(f.fileno())
+            evict(f.fileno())
+            w.slow_ewma = FAST_WAIT  # a slow host: one look at the cache, no spin
+            assert w.read_cached(f.fileno(), 4096, 0) == (b"", False)
+            w.slow_ewma = 0.0
+            assert w.read_cached(f.fileno(), 4096, 4096) == (b"x" * 4096, True)
+            assert 0 < w.slow_ewma < FAST_WAIT  # the wait counts as a native call's
+    finally:
+        w.stop()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import stat as stat_mod
 from typing import Any, Iterator, NamedTuple
@@ -316,12 +317,30 @@ def read(datafd: int, size: int, off: int) -> bytes:
     return os.pread(datafd, size, off)
 
 
-def write(datafd: int, buf: bytes, off: int) -> tuple[int, os.stat_result, int]:
+def write(datafd: int, buf: bytes | mmap.mmap, off: int) -> tuple[int, os.stat_result, int]:
     """Returns bytes written, the new stat and the change in allocated bytes."""
     before = os.fstat(datafd)
     n = os.pwrite(datafd, buf, off)
     after = os.fstat(datafd)
     return n, after, _alloc(after) - _alloc(before)
+
+
+# O_DIRECT: the kernel wants the buffer aligned (EINVAL otherwise), which a bytes object is
+# not; an anonymous mapping is page-aligned.  The client's offsets and sizes are its own to
+# align, as they would be natively.
+def read_direct(datafd: int, size: int, off: int) -> bytes:
+    if not size:
+        return b""
+    with mmap.mmap(-1, size) as buf:
+        return buf[:os.preadv(datafd, [buf], off)]
+
+
+def write_direct(datafd: int, buf: bytes, off: int) -> tuple[int, os.stat_result, int]:
+    if not buf:
+        return write(datafd, buf, off)
+    with mmap.mmap(-1, len(buf)) as aligned:
+        aligned[:] = buf
+        return write(datafd, aligned, off)
 
 
 def fallocate(datafd: int, mode: int, off: int, length: int) -> None:
@@ -333,6 +352,13 @@ def fallocate(datafd: int, mode: int, off: int, length: int) -> None:
 # filesystems on local block devices (or memory): close() has nothing to report or push there
 LOCAL_FS_TYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "zfs", "f2fs",
                             "bcachefs", "jfs", "reiserfs"})
+
+# filesystems whose buffered reads honour RWF_NOWAIT: answered from the page cache or refused
+# at once (the kernel starts reading the pages in), never waiting for the device or a server.
+# FUSE refuses RWF_NOWAIT outright (EOPNOTSUPP, seen on 6.18); network filesystems are left out
+# too, so that no kernel's different answer can make the trio thread wait for a server, and so
+# is tmpfs, where a swapped-out page is read back in before the read returns.
+NOWAIT_FS_TYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs"})
 
 
 def flush(datafd: int) -> None:

@@ -57,15 +57,20 @@ def fail(code: int) -> pyfuse3.FUSEError:
 
 
 class FileHandle:
-    __slots__ = ("fd", "node", "caller", "admin", "dirty", "writable")
+    __slots__ = ("fd", "node", "caller", "admin", "dirty", "writable", "direct", "cached")
 
-    def __init__(self, fd: int, node: Node, caller: Caller, admin: bool, writable: bool) -> None:
+    def __init__(self, fd: int, node: Node, caller: Caller, admin: bool, writable: bool,
+                 flags: int) -> None:
         self.fd = fd
         self.node = node
         self.caller = caller
         self.admin = admin
         self.dirty = False
         self.writable = writable
+        self.direct = bool(flags & os.O_DIRECT)  # native I/O needs aligned buffers
+        # reads try the page cache on the trio thread first (HostWorkers.read_cached); not
+        # with O_DIRECT, where even a RWF_NOWAIT read waits for the device
+        self.cached = node.host.cached_reads and not self.direct  # type: ignore[union-attr]
 
 
 class DirHandle:
@@ -645,7 +650,7 @@ class Operations(pyfuse3.Operations):
             self._fresh(node, st)
         else:
             fd = await self._run(node, native.open_data, node.fd, self._open_flags(flags))
-        fh = self._new_fh(FileHandle(fd, node, caller, admin, writes))
+        fh = self._new_fh(FileHandle(fd, node, caller, admin, writes, flags))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @handler
@@ -662,7 +667,7 @@ class Operations(pyfuse3.Operations):
         except BaseException:
             parent.host.workers.close_soon([fd])  # type: ignore[union-attr]
             raise
-        fh = self._new_fh(FileHandle(fd, node, caller, admin, True))
+        fh = self._new_fh(FileHandle(fd, node, caller, admin, True, flags))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(node, entry.st)
 
     def _file(self, fh: int) -> FileHandle:
@@ -678,8 +683,19 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         h = self._file(fh)
         self._recheck(h, Need.READ)
-        data: bytes = await self._run(h.node, native.read, h.fd, size, off)
-        h.node.host.bytes_read += len(data)  # type: ignore[union-attr]
+        host = h.node.host
+        assert host is not None
+        data, whole = b"", False
+        if h.cached:
+            try:
+                data, whole = host.workers.read_cached(h.fd, size, off)
+            except OSError:  # e.g. EOPNOTSUPP: a worker reads it, and the next ones, as before
+                h.cached = False
+        if not whole:  # the rest is on its way from the device (or the file is not cached)
+            rest = await self._run(h.node, native.read_direct if h.direct else native.read,
+                                   h.fd, size - len(data), off + len(data))
+            data = data + rest if data else rest
+        host.bytes_read += len(data)
         return data
 
     @handler
@@ -689,7 +705,8 @@ class Operations(pyfuse3.Operations):
         h.dirty = True
         bound = self._write_bound(h.node.st, off, len(buf))
         self._watch(h.node)
-        written, st, _, _ = await self._charged(h.node, bound, 0, _tracked(h.node, native.write),
+        write = native.write_direct if h.direct else native.write
+        written, st, _, _ = await self._charged(h.node, bound, 0, _tracked(h.node, write),
                                                 h.fd, buf, off)
         self._fresh(h.node, st)
         h.node.host.bytes_written += written  # type: ignore[union-attr]

@@ -81,6 +81,9 @@ class Host:
     # close() of a written file is passed on (close-to-open: NFS writes back and reports errors
     # then); on a local filesystem it has nothing to do, so flush needs no worker hop there
     flush_needed: bool = True
+    # reads are first tried from the page cache on the trio thread (HostWorkers.read_cached):
+    # only where RWF_NOWAIT is known to mean "never wait for storage"
+    cached_reads: bool = False
     bytes_read: int = 0  # through the mount, since start (metrics)
     bytes_written: int = 0
 
@@ -192,6 +195,7 @@ class Registry:
             log.warning("host %s: cannot tell the filesystem type of %s: %s", host.name,
                         host.config.path, exc, extra={"host": host.name})
         host.flush_needed = host.fs_type not in native.LOCAL_FS_TYPES
+        host.cached_reads = host.fs_type in native.NOWAIT_FS_TYPES
 
     async def _attach(self, host: Host, rec: VfolderRecord) -> Vfolder:
         vf = Vfolder(rec.id, host, rec)

@@ -38,6 +38,16 @@ so space freed by removing a file that was open shows in `df` at once.
 Measured on a 2-vCPU VM, reading a tree of 20,000 small files back and removing it
 (medians of 3, fresh ext4): 3.59 s and 3.06 s with a background call per fd, 3.1 s and
 2.5 s batched, 2.61 s and 2.20 s with background calls kept off the hot lanes as above.
+
+One native call runs on the trio thread itself: `read_cached`, a read with RWF_NOWAIT, which
+the kernel answers from the page cache or refuses at once, and only on filesystems where that
+holds (native.NOWAIT_FS_TYPES: local ones; NFS, CephFS and FUSE are never asked).  A cached read
+then needs no hop at all.  On a miss the kernel has already started reading the pages in, so
+the loop spins (up to FAST_WAIT, as it would for a worker) asking again, and answers as soon as
+the device is done: the hand-off to a worker no longer adds to the wait, nor does the wake-up
+of a worker sleeping in pread.  4 KiB random reads of a cold 1 GiB file through the mount, on
+a 2-vCPU VM (interleaved runs): 77-119 us a read with a worker's pread, 79-88 us this way,
+18-20 us instead of 32-45 us when the backing file is cached.
 """
 
 from __future__ import annotations
@@ -50,7 +60,7 @@ from typing import Any, Callable, TypeVar
 
 import trio
 
-from vfusefs._hop import PARKED, Lane, close_fds
+from vfusefs._hop import PARKED, Lane, close_fds, pread_cached
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -234,6 +244,18 @@ class HostWorkers:
                 return await self._parked(job)
         raise trio.TooSlowError(f"host {self.name}: native call {_name(fn)} "
                                 f"took longer than {self.op_timeout}s")
+
+    def read_cached(self, fd: int, size: int, off: int) -> tuple[bytes, bool]:
+        """Read from the page cache on the trio thread (see the module's doc): (data, whole);
+        unless whole, data is what came within the spin, and a worker reads the rest.  Spins
+        only while native calls are fast (as `run` does); the time spent counts in slow_ewma.
+        OSError if the filesystem refuses RWF_NOWAIT (the caller stops asking for that file)."""
+        if self.slow_ewma >= FAST_WAIT:
+            return pread_cached(fd, size, off, 0.0)
+        start = time.perf_counter()
+        data = pread_cached(fd, size, off, FAST_WAIT)
+        self.slow_ewma = self.slow_ewma * 0.9 + (time.perf_counter() - start) * 0.1
+        return data
 
     async def _parked(self, job: _Job) -> Any:
         """Wait in trio for a job the worker will report through _wake."""

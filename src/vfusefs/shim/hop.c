@@ -26,6 +26,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <errno.h>
 #include <limits.h>
 #include <linux/futex.h>
 #include <poll.h>
@@ -33,6 +34,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -268,6 +270,82 @@ static PyObject *hop_poll_fd(PyObject *Py_UNUSED(module), PyObject *args)
     return PyBool_FromLong(ready);
 }
 
+/* pread_cached(fd, size, off, spin) -> (data, whole): read what the page cache holds, never
+   waiting for storage.  Each attempt is a preadv2(RWF_NOWAIT), which copies cached pages or
+   fails with EAGAIN at once; on a miss the kernel has started reading the pages in (the
+   readahead a plain pread would start), so later attempts find them once the device is done.
+   Attempts go on, spinning up to spin seconds with the GIL released, until size bytes or end
+   of file are read (whole is True), or the spin is over: data is then what came so far, and
+   a worker's pread waits for the rest, which is already on its way.  OSError for any other
+   error (EOPNOTSUPP: the filesystem does not promise not to wait).  Only for fds without
+   O_DIRECT: a direct read waits for the device even with RWF_NOWAIT. */
+struct cached_read {
+    int fd;
+    char *buf;
+    size_t size;
+    off_t off;
+    size_t got;
+    int eof;
+    int err;
+};
+
+static int read_more(void *arg)
+{
+    struct cached_read *r = arg;
+    while (r->got < r->size) {
+        struct iovec iov = {.iov_base = r->buf + r->got, .iov_len = r->size - r->got};
+        ssize_t n = preadv2(r->fd, &iov, 1, r->off + (off_t)r->got, RWF_NOWAIT);
+        if (n > 0) {
+            r->got += (size_t)n;
+            continue;
+        }
+        if (n == 0) {
+            r->eof = 1;
+            return 1;
+        }
+        if (errno == EINTR)
+            continue;
+        if (errno != EAGAIN) {
+            r->err = errno;
+            return 1;
+        }
+        return 0;  /* not (all) in the page cache yet */
+    }
+    return 1;
+}
+
+static PyObject *hop_pread_cached(PyObject *Py_UNUSED(module), PyObject *args)
+{
+    int fd;
+    Py_ssize_t size;
+    long long off;
+    double spin;
+    if (!PyArg_ParseTuple(args, "inLd", &fd, &size, &off, &spin))
+        return NULL;
+    if (size < 0 || off < 0) {
+        PyErr_SetString(PyExc_ValueError, "pread_cached: negative size or offset");
+        return NULL;
+    }
+    PyObject *data = PyBytes_FromStringAndSize(NULL, size);
+    if (data == NULL)
+        return NULL;
+    struct cached_read r = {.fd = fd, .buf = PyBytes_AS_STRING(data), .size = (size_t)size,
+                            .off = (off_t)off};
+    uint64_t spin_ns = seconds_to_ns(spin);
+    int done;
+    Py_BEGIN_ALLOW_THREADS
+    done = spin_until(read_more, &r, spin_ns, 8);  /* each round is a syscall already */
+    Py_END_ALLOW_THREADS
+    if (r.err) {
+        Py_DECREF(data);
+        errno = r.err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (r.got < r.size && _PyBytes_Resize(&data, (Py_ssize_t)r.got) < 0)
+        return NULL;
+    return Py_BuildValue("(NO)", data, done ? Py_True : Py_False);
+}
+
 /* close_fds(fds) -> None: close every fd in the list, the GIL released once for all of them.
    Background closes run on a worker while the trio thread serves requests; os.close in a loop
    would take the GIL back after each fd and make the trio thread wait for it each time.
@@ -309,6 +387,9 @@ fail:  /* nothing closed */
 static PyMethodDef module_methods[] = {
     {"poll_fd", hop_poll_fd, METH_VARARGS,
      "poll_fd(fd, spin) -> bool: wait up to spin seconds (spinning) for fd to be readable"},
+    {"pread_cached", hop_pread_cached, METH_VARARGS,
+     "pread_cached(fd, size, off, spin) -> (data, whole): what the page cache holds, spinning "
+     "up to spin seconds for pages being read in; never waits for storage"},
     {"close_fds", hop_close_fds, METH_O,
      "close_fds(fds) -> None: close every fd in the list, the GIL released once"},
     {NULL, NULL, 0, NULL},
