@@ -19,7 +19,7 @@ import trio.testing
 
 from vfusefs import workers
 from vfusefs._hop import Lane, pread_cached
-from vfusefs.workers import CLOSE_BATCH, FAST_WAIT, HostWorkers, StoppedError
+from vfusefs.workers import CLOSE_BATCH, FAST_WAIT, SPIN_READ_MAX, HostWorkers, StoppedError
 
 
 def pool(threads: int = 2, op_timeout: float = 5.0) -> HostWorkers:
@@ -285,14 +285,48 @@ async def test_read_cached_spins_only_while_native_calls_are_fast() -> None:
     w = pool()
     try:
         with tempfile.NamedTemporaryFile(dir="/var/tmp") as f:
-            f.write(b"x" * 8192)
+            big = SPIN_READ_MAX + 4096
+            f.write(b"x" * (8192 + big))
             f.flush()
             os.fsync(f.fileno())
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
             evict(f.fileno())
             w.slow_ewma = FAST_WAIT  # a slow host: one look at the cache, no spin
             assert w.read_cached(f.fileno(), 4096, 0) == (b"", False)
             w.slow_ewma = 0.0
             assert w.read_cached(f.fileno(), 4096, 4096) == (b"x" * 4096, True)
             assert 0 < w.slow_ewma < FAST_WAIT  # the wait counts as a native call's
+            ewma = w.slow_ewma
+            # a large read (readahead): one look, no spin, workers read the rest side by side
+            assert w.read_cached(f.fileno(), big, 8192) == (b"", False)
+            assert w.slow_ewma == ewma
+    finally:
+        w.stop()
+
+
+async def test_a_read_slower_than_the_spin_stops_the_spinning() -> None:
+    """On a device slower than the spin, a timed-out spin counts as more than FAST_WAIT, so
+    the next reads do not spin.  What is tested is that policy: pread_cached is replaced by
+    one whose pages never come within the spin (it sleeps through it), as no device here is
+    that slow; the real pread_cached is tested above."""
+    w = pool()
+    try:
+        with tempfile.NamedTemporaryFile(dir="/var/tmp") as f:
+            f.write(b"x" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            real = workers.pread_cached
+            try:  # a device that takes longer than any spin: nothing ever comes
+                workers.pread_cached = lambda fd, size, off, spin: (  # type: ignore[assignment]
+                    time.sleep(spin), (b"", False))[1]
+                for _ in range(20):
+                    assert w.read_cached(f.fileno(), 4096, 0) == (b"", False)
+                assert w.slow_ewma >= FAST_WAIT
+                spun = time.perf_counter()
+                w.read_cached(f.fileno(), 4096, 0)
+                assert time.perf_counter() - spun < FAST_WAIT  # one look, no spin
+            finally:
+                workers.pread_cached = real
     finally:
         w.stop()
