@@ -1,4 +1,4 @@
-"""Per-host worker threads: the only place native syscalls run.
+"""Per-host worker threads: where native syscalls run (but for one kind of read, below).
 
 pyfuse3 runs every handler on one trio thread, so a syscall on a hung NFS server would stall
 every host and the daemon itself.  Each host gets its own `HostWorkers` pool; a handler awaits
@@ -45,11 +45,12 @@ holds (native.NOWAIT_FS_TYPES: local ones; NFS, CephFS and FUSE are never asked)
 then needs no hop at all.  On a miss the kernel has already started reading the pages in, so
 the loop spins (up to FAST_WAIT, as it would for a worker) asking again, and answers as soon as
 the device is done: the hand-off to a worker no longer adds to the wait, nor does the wake-up
-of a worker sleeping in pread.  Only reads up to SPIN_READ_MAX wait so: larger ones are
-readahead, which the kernel sends several at a time and workers serve side by side (spinning
-for each, cold sequential reads of 1 GiB took 0.85-1.06 s instead of 0.64-0.73 s).  4 KiB random reads of a cold 1 GiB file through the mount, on
-a 2-vCPU VM (interleaved runs): 77-119 us a read with a worker's pread, 79-88 us this way,
-18-20 us instead of 32-45 us when the backing file is cached.
+of a worker sleeping in pread.  4 KiB random reads of a cold 1 GiB file through the mount, on
+a 2-vCPU VM (interleaved runs): 90-113 us a read with a worker's pread, 79-95 us this way;
+18-22 us instead of 32-46 us when the backing file is cached.  Only reads up to SPIN_READ_MAX
+wait so: larger ones are readahead, which the kernel sends several at a time and workers serve
+side by side (spinning for each, cold sequential reads of 1 GiB took 0.85-1.06 s instead of
+0.57-0.73 s).
 """
 
 from __future__ import annotations
@@ -254,8 +255,8 @@ class HostWorkers:
         """Read from the page cache on the trio thread (see the module's doc): (data, whole);
         unless whole, data is what came within the spin, and a worker reads the rest.  Spins
         only for reads up to SPIN_READ_MAX and while native calls are fast (as `run` does);
-        the time spent counts in slow_ewma.
-        OSError if the filesystem refuses RWF_NOWAIT (the caller stops asking for that file)."""
+        the time spent counts in slow_ewma.  OSError if the filesystem refuses RWF_NOWAIT (the
+        caller stops asking for that file)."""
         if self.slow_ewma >= FAST_WAIT or size > SPIN_READ_MAX:
             return pread_cached(fd, size, off, 0.0)
         start = time.perf_counter()
