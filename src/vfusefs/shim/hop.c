@@ -285,7 +285,6 @@ struct cached_read {
     size_t size;
     off_t off;
     size_t got;
-    int eof;
     int err;
 };
 
@@ -299,10 +298,8 @@ static int read_more(void *arg)
             r->got += (size_t)n;
             continue;
         }
-        if (n == 0) {
-            r->eof = 1;
-            return 1;
-        }
+        if (n == 0)
+            return 1;  /* end of file */
         if (errno == EINTR)
             continue;
         if (errno != EAGAIN) {
