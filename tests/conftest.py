@@ -11,6 +11,7 @@ import ctypes
 import errno
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -50,6 +51,7 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self.allowed_errors: list[str] = []
         self.env: dict[str, str] = {}  # extra environment for the daemon (NOTIFY_SOCKET...)
+        self.nofile: int | None = None  # RLIMIT_NOFILE (soft and hard) to start the daemon with
         for d in (self.mnt, self.state):
             d.mkdir(parents=True, exist_ok=True)
         if hosts is None:
@@ -77,9 +79,12 @@ class Daemon:
 
     def start(self, timeout: float = 15.0) -> "Daemon":
         self.logf = open(self.log_path, "ab")
+        nofile = self.nofile
         self.proc = subprocess.Popen([VFUSEFS, "serve", "--config", str(self.config)],
                                      stdout=self.logf, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **self.env})
+                                     env={**os.environ, **self.env},
+                                     preexec_fn=None if nofile is None else lambda:
+                                     resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

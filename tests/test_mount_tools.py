@@ -311,6 +311,35 @@ def test_fd_budget_is_kept_by_asking_the_kernel_to_forget(world_dir: Path) -> No
         assert d.stop() == 0
 
 
+def test_listings_never_run_out_of_fds_under_a_low_limit(world_dir: Path) -> None:
+    """With RLIMIT_NOFILE at 1,024 (about 900 O_PATH fds for inodes), tools walking 6,000
+    files in 60 directories again and again get every entry and never EMFILE: listings wait
+    for the kernel to forget old entries instead.  (Before, find failed on the first walk.)"""
+    d = Daemon(world_dir)
+    d.nofile = 1024
+    d.start()
+    try:
+        vf = d.vfolder()
+        native = Path(d.api("GET", f"/v1/hosts/local/vfolders/{vf.name}").json()["native_path"])
+        for i in range(60):
+            (native / f"d{i:02d}").mkdir()
+            for j in range(100):
+                (native / f"d{i:02d}" / f"f{j}").write_bytes(b"%d/%d" % (i, j))
+        for _ in range(3):
+            found = run("find", str(vf), "-type", "f")
+            assert found.stderr == "" and len(found.stdout.split()) == 6000
+        listed = run("ls", "-lR", str(vf))
+        assert listed.stderr == "" and listed.stdout.count(" f") == 6000
+        data = run("sh", "-c", f"find '{vf}' -type f -exec cat {{}} +")
+        assert data.stderr == "" and len(data.stdout) == sum(
+            len(b"%d/%d" % (i, j)) for i in range(60) for j in range(100))
+        run("rm", "-rf", *(str(vf / f"d{i:02d}") for i in range(30)))
+        assert sorted(os.listdir(native)) == [f"d{i:02d}" for i in range(30, 60)]
+        assert len(os.listdir(f"/proc/{d.proc.pid}/fd")) < 1024  # type: ignore[union-attr]
+    finally:
+        assert d.stop() == 0
+
+
 def test_native_changes_to_a_vfolder_root_show_under_constant_use(daemon: Daemon) -> None:
     """The host-dir lookup answers from a remembered stat; using it must not keep it fresh."""
     vf = daemon.vfolder()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import enum
 import itertools
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Container, Iterator
 
 if TYPE_CHECKING:
     from vfusefs.registry import Host, Vfolder
@@ -94,8 +94,9 @@ class InodeTable:
             self._age.append(node.ino)
         return node
 
-    def oldest(self, count: int) -> list[Node]:
-        """Up to count NATIVE nodes the kernel holds, oldest first (candidates to forget)."""
+    def oldest(self, count: int, busy: Container[int] = ()) -> list[Node]:
+        """Up to count NATIVE nodes the kernel holds, oldest first (candidates to forget),
+        none in a directory whose inode is in busy."""
         out: list[Node] = []
         for _ in range(len(self._age)):
             if len(out) >= count:
@@ -105,7 +106,7 @@ class InodeTable:
             if node is None or node.kind is not Kind.NATIVE:
                 continue
             self._age.append(ino)  # still alive: back of the queue until the kernel forgets it
-            if node.nlookup > 0 and node.name:
+            if node.nlookup > 0 and node.name and node.parent not in busy:
                 out.append(node)
         return out
 

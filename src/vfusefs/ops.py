@@ -15,6 +15,7 @@ an exception other than FUSEError escaping a handler (it would end the mount).
 
 from __future__ import annotations
 
+import collections
 import errno
 import logging
 import os
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 FH_OPS = frozenset({"read", "write", "flush", "fsync", "release", "readdir", "releasedir",
                     "fsyncdir"})
 READDIR_CHUNK = 256  # native entries read (and stat'ed) per worker hop
+FD_WAIT = 0.05  # seconds without a FORGET after which a listing at the fd limit stops waiting
 BLOCK = 4096  # allocation unit assumed for quota reservations (commits use real st_blocks)
 RECONCILE_WINDOW = 60.0  # seconds a changed file is watched (> the kernel's 30 s writeback)
 XATTR_PREFIX = b"user.vfusefs."
@@ -74,7 +76,8 @@ class FileHandle:
 
 
 class DirHandle:
-    __slots__ = ("node", "caller", "admin", "stream", "buffer", "next_off", "virtual", "dot_attrs")
+    __slots__ = ("node", "caller", "admin", "stream", "buffer", "next_off", "virtual", "dot_attrs",
+                 "fd_wait")
 
     def __init__(self, node: Node, caller: Caller, admin: bool) -> None:
         self.node = node
@@ -85,6 +88,7 @@ class DirHandle:
         self.next_off = 0  # offset of the next entry to send: 0 ".", 1 "..", 2... native
         self.virtual: list[tuple[bytes, Node]] | None = None
         self.dot_attrs: os.stat_result | None = None
+        self.fd_wait = True  # at the fd limit, wait for the kernel to forget entries (readdir)
 
 
 class Operations(pyfuse3.Operations):
@@ -117,7 +121,16 @@ class Operations(pyfuse3.Operations):
         if daemon.inode_fds:
             self.fd_high = min(self.fd_high, daemon.inode_fds)
         self.fd_low = max(32, self.fd_high - max(16, self.fd_high // 8))
-        self._prune_after = 0.0
+        # listings never take the table past fd_hard: half the room left above fd_high stays
+        # for data fds, sockets and the store (readdir)
+        self.fd_hard = self.fd_high + (self.fd_limit - self.fd_high) // 2
+        self._pruned_at = 0.0  # when _prune last asked; it asks again after a while...
+        self._prune_level = 0  # ...or once the table holds this many fds
+        self._prune_logged = 0.0
+        self._forgotten = 0  # inodes the kernel has forgotten (_fd_room watches it)
+        # directories with a readdir in progress: the kernel holds their lock until we reply,
+        # so invalidating an entry in one would wait for that (and hold up the ones after it)
+        self._listing: collections.Counter[int] = collections.Counter()
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def host_label(self, op: str, args: tuple[Any, ...]) -> str:
@@ -368,7 +381,7 @@ class Operations(pyfuse3.Operations):
             self._prune()
         return node
 
-    def _prune(self) -> None:
+    def _prune(self, again_after: float = 0.2) -> None:
         """Near the fd limit: ask the kernel to forget its oldest cached entries.
 
         Every inode the kernel knows holds an O_PATH fd here; the kernel only forgets inodes
@@ -377,14 +390,53 @@ class Operations(pyfuse3.Operations):
         their fds.  A forgotten entry is simply looked up again when next used.
         """
         now = time.monotonic()
-        if now < self._prune_after or not self.registry.mounted:
+        held = self.table.native_fds
+        # give the FORGETs time to arrive before asking again, unless the table keeps growing
+        # meanwhile (a listing brings in entries far faster than 0.2 s apart)
+        if not self.registry.mounted or (now < self._pruned_at + again_after
+                                         and held < self._prune_level):
             return
-        self._prune_after = now + 0.2  # give the FORGETs time to arrive before asking again
-        nodes = self.table.oldest(self.table.native_fds - self.fd_low)
-        log.info("%d native fds held (limit %d): asking the kernel to forget %d old entries",
-                 self.table.native_fds, self.fd_limit, len(nodes))
+        self._pruned_at = now
+        self._prune_level = held + max(16, (self.fd_high - self.fd_low) // 4)
+        nodes = self.table.oldest(held - self.fd_low, self._listing)
+        if nodes and now >= self._prune_logged + 10:
+            self._prune_logged = now
+            log.info("%d native fds held (limit %d): asking the kernel to forget %d old entries",
+                     held, self.fd_limit, len(nodes))
         for node in nodes:
             pyfuse3.invalidate_entry_async(node.parent, node.name, ignore_enoent=True)
+
+    async def _fd_room(self, parent: Node) -> int:
+        """Wait until the kernel has forgotten enough entries to leave room for more fds
+        below fd_hard, for a request on an entry of parent; the room.  Gives up (room <= 0)
+        once no FORGET has come for FD_WAIT: the kernel cannot forget entries in use, nor
+        those of a directory it has locked for one of our requests (readdir, lookup)."""
+        forgotten, since = self._forgotten, time.monotonic()
+        self._listing[parent.ino] += 1  # see _prune
+        try:
+            while (room := self.fd_hard - self._fds_held()) <= 0:
+                if self._forgotten != forgotten:
+                    forgotten, since = self._forgotten, time.monotonic()
+                elif time.monotonic() - since > FD_WAIT:
+                    break
+                self._prune(again_after=0.01)
+                workers.flush_closes()
+                await trio.sleep(0.001)
+            return room
+        finally:
+            self._unlist(parent)
+
+    def _unlist(self, parent: Node) -> None:
+        self._listing[parent.ino] -= 1
+        if not self._listing[parent.ino]:
+            del self._listing[parent.ino]
+
+    def _fds_held(self) -> int:
+        """The table's O_PATH fds and those it dropped that are not closed yet."""
+        held = self.table.native_fds
+        for host in self.registry.hosts.values():
+            held += host.workers.unclosed
+        return held
 
     async def keep_fd_budget(self) -> None:
         """After a burst (an untar, an ls -lR) ends, keep asking until the budget holds again.
@@ -444,6 +496,8 @@ class Operations(pyfuse3.Operations):
             vf.root.nlookup += 1
             return self._attrs(vf.root, st)
         self._allow(ctx, parent, Need.READ)
+        if self._fds_held() >= self.fd_hard:  # an O_PATH fd for an inode new to the kernel
+            await self._fd_room(parent)
         entry = await self._run(parent, native.lookup, parent.fd, name, self.table.by_key,
                                 parent.vf.id)  # type: ignore[union-attr]
         node = await self._reach(parent, name, entry)
@@ -452,6 +506,7 @@ class Operations(pyfuse3.Operations):
     @handler
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         closing: dict[Host, list[int]] = {}
+        self._forgotten += len(inode_list)
         for ino, count in inode_list:
             node = self.table.get(ino)
             if node is None:
@@ -772,9 +827,35 @@ class Operations(pyfuse3.Operations):
                 return
             h.next_off = 2
         assert h.stream is not None and node.vf is not None
+        self._listing[node.ino] += 1  # see _prune
+        try:
+            await self._readdir_native(h, token)
+        finally:
+            self._unlist(node)
+
+    async def _readdir_native(self, h: DirHandle, token: pyfuse3.ReaddirToken) -> None:
+        node = h.node
+        assert h.stream is not None and node.vf is not None
+        sent = 0  # entries in this reply
         while True:
             if not h.buffer:
-                chunk = await self._run(node, h.stream.chunk, READDIR_CHUNK, self.table.by_key, node.vf.id)
+                # each entry the kernel has not seen yet costs an O_PATH fd.  Near fd_hard:
+                # read fewer, ask the kernel to forget old entries (none in a directory being
+                # listed: see _prune), and end this reply early; at the start of a reply, wait
+                # for the forgets.  Only entries the kernel keeps in use, or one directory
+                # holding more entries than the budget, can then run the daemon out of fds.
+                room = self.fd_hard - self._fds_held()
+                if room < READDIR_CHUNK:
+                    self._prune()
+                    if sent:
+                        return
+                    if room <= 0 and h.fd_wait:
+                        room = await self._fd_room(node)
+                        # in vain: listing a directory bigger than the budget (the fds run out
+                        # as they did before this wait): do not wait for every entry
+                        h.fd_wait = room > 0
+                chunk = await self._run(node, h.stream.chunk, max(1, min(READDIR_CHUNK, room)),
+                                        self.table.by_key, node.vf.id)
                 if not chunk:
                     return
                 h.buffer.extend(chunk)
@@ -788,6 +869,7 @@ class Operations(pyfuse3.Operations):
                 child.parent = node.ino
             h.buffer.popleft()
             h.next_off += 1
+            sent += 1
 
     def _readdir_virtual(self, h: DirHandle, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         assert h.virtual is not None
@@ -1056,3 +1138,5 @@ def _open_stream(fd: int) -> tuple[native.DirStream, os.stat_result]:
 
 
 __all__ = ["Operations", "ROOT_INODE"]
+
+

@@ -134,6 +134,7 @@ class HostWorkers:
         self.on_abandoned: Callable[[Any], None] | None = None
         self._to_close: list[int] = []  # fds batched for closing (close_soon)
         self._closes_running = 0  # background close calls not yet ended (settle waits for them)
+        self._closes_fds = 0  # fds those calls have not closed yet
         self._closes_lock = threading.Lock()
         self._threads = [threading.Thread(target=self._loop, args=(lane,), daemon=True,
                                           name=f"vfusefs-{name}-{i}")
@@ -322,6 +323,7 @@ class HostWorkers:
             fds, self._to_close = self._to_close, []
             with self._closes_lock:
                 self._closes_running += 1
+                self._closes_fds += len(fds)
             self.submit(self._close, fds)
 
     def _close(self, fds: list[int]) -> None:
@@ -330,6 +332,12 @@ class HostWorkers:
         finally:
             with self._closes_lock:
                 self._closes_running -= 1
+                self._closes_fds -= len(fds)
+
+    @property
+    def unclosed(self) -> int:
+        """fds handed to close_soon and still open: they count against RLIMIT_NOFILE."""
+        return len(self._to_close) + self._closes_fds
 
     async def settle(self) -> None:
         """Close the batched fds and wait until every close started has ended: before a
