@@ -311,6 +311,30 @@ def test_fd_budget_is_kept_by_asking_the_kernel_to_forget(world_dir: Path) -> No
         assert d.stop() == 0
 
 
+def test_xattrs_set_natively_show_the_first_time_a_file_is_seen(daemon: Daemon) -> None:
+    """The daemon caches each file's xattr names when it first meets the inode (lookup or
+    listing), to answer absent names without a hop; that list must be the file's own (it was
+    the /proc link's, empty, for files met by lookup or listing before 2026-11-21), and a
+    symlink's own, never its target's."""
+    vf = daemon.vfolder()
+    native = Path(daemon.api("GET", f"/v1/hosts/local/vfolders/{vf.name}").json()["native_path"])
+    (native / "a").write_bytes(b"a")
+    os.setxattr(native / "a", "user.k", b"1")
+    (native / "d").mkdir()
+    (native / "d" / "b").write_bytes(b"b")
+    os.setxattr(native / "d" / "b", "user.k", b"2")
+    os.setxattr(native / "d", "user.k", b"3")
+    os.symlink("a", native / "l")
+    getfattr = ("getfattr", "--only-values", "-n", "user.k")
+    assert run(*getfattr, str(vf / "a")).stdout == "1"  # met by lookup
+    assert sorted(os.listdir(vf / "d")) == ["b"]  # met by the listing (readdirplus)
+    assert run(*getfattr, str(vf / "d" / "b")).stdout == "2"
+    assert run(*getfattr, str(vf / "d")).stdout == "3"
+    assert run(*getfattr, "-h", str(vf / "l"), check=False).returncode != 0  # the link's own
+    assert run(*getfattr, str(vf / "l")).stdout == "1"  # followed by getfattr
+    assert "user.k" not in run("getfattr", "-h", "-d", str(vf / "l")).stdout
+
+
 def test_listings_never_run_out_of_fds_under_a_low_limit(world_dir: Path) -> None:
     """With RLIMIT_NOFILE at 1,024 (about 900 O_PATH fds for inodes), tools walking 6,000
     files in 60 directories again and again get every entry and never EMFILE: listings wait

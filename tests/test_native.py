@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 LISTER = r"""
 import errno, os, resource, sys
@@ -77,5 +78,27 @@ def test_opened_finds_the_fds_a_late_result_holds(tmp_path: Path) -> None:
             os.close(entry.fd)
             os.close(data)
             stream.close()
+    finally:
+        os.close(dirfd)
+
+
+def test_xattr_names_are_the_entrys_own_with_listxattrat_and_without(tmp_path: Path,
+                                                                    monkeypatch: Any) -> None:
+    """xattr_names asks listxattrat(2) (Linux 6.13), or walks /proc on older kernels: both
+    give the names of the entry itself (a symlink's own), also past the C side's first buffer."""
+    import os
+    from vfusefs import native
+    (tmp_path / "f").write_bytes(b"")
+    names = {b"user.a_rather_long_attribute_name_%03d" % i for i in range(40)}  # > 1 KiB
+    for n in names:
+        os.setxattr(tmp_path / "f", n, b"v")
+    os.symlink("f", tmp_path / "l")
+    dirfd = os.open(tmp_path, os.O_PATH)
+    try:
+        for ask in (native.listxattr_at, lambda fd, name: None):  # None: "no listxattrat"
+            monkeypatch.setattr(native, "listxattr_at", ask)
+            assert native.xattr_names(dirfd, b"f") == names
+            assert native.xattr_names(dirfd, b"l") == frozenset()
+            assert native.xattr_names(dirfd, b"missing") is None
     finally:
         os.close(dirfd)

@@ -19,6 +19,8 @@ import os
 import stat as stat_mod
 from typing import Any, Iterator, NamedTuple
 
+from vfusefs._hop import listxattr_at
+
 O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -61,17 +63,26 @@ def opened(result: Any) -> list[Any]:
     return []
 
 
-def xattr_names(path: str | bytes) -> frozenset[bytes] | None:
+_NO_XATTRS: frozenset[bytes] = frozenset()
+
+
+def xattr_names(dirfd: int, name: bytes) -> frozenset[bytes] | None:
+    """The names of name's xattrs (name itself: a symlink is not followed); None if unknown."""
     try:
-        return frozenset(os.fsencode(n) for n in os.listxattr(path, follow_symlinks=False))
+        raw = listxattr_at(dirfd, name)
+        if raw is None:  # a kernel before 6.13: the same through /proc, slower
+            return frozenset(os.fsencode(n) for n in
+                             os.listxattr(b"/proc/self/fd/%d/%s" % (dirfd, name),
+                                          follow_symlinks=False))
     except OSError:
         return None
+    return frozenset(raw.split(b"\0")[:-1]) if raw else _NO_XATTRS
 
 
 def _open_path(dirfd: int, name: bytes) -> Entry:
     fd = NewFd(os.open(name, O_PATH_FLAGS, dir_fd=dirfd))
     try:
-        return Entry(fd, os.fstat(fd), xattr_names(proc(fd)))
+        return Entry(fd, os.fstat(fd), xattr_names(dirfd, name))
     except BaseException:
         os.close(fd)
         raise
@@ -82,7 +93,7 @@ def lookup(dirfd: int, name: bytes, known: Any, vfid: str) -> Entry:
     st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
     if (vfid, st.st_dev, st.st_ino) in known:
         # the trailing name is one component from the kernel or getdents: never followed
-        return Entry(None, st, xattr_names(b"/proc/self/fd/%d/%s" % (dirfd, name)))
+        return Entry(None, st, xattr_names(dirfd, name))
     return _open_path(dirfd, name)
 
 
