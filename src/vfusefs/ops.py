@@ -128,9 +128,10 @@ class Operations(pyfuse3.Operations):
         self._prune_level = 0  # ...or once the table holds this many fds
         self._prune_logged = 0.0
         self._forgotten = 0  # inodes the kernel has forgotten (_fd_room watches it)
-        # directories with a readdir in progress: the kernel holds their lock until we reply,
-        # so invalidating an entry in one would wait for that (and hold up the ones after it)
-        self._listing: collections.Counter[int] = collections.Counter()
+        # directories the kernel has locked for a request of ours (a readdir, or a lookup waiting
+        # in _fd_room) until we reply: invalidating an entry in one would wait for that, and
+        # hold up every invalidation queued after it (pyfuse3 sends them from one thread)
+        self._busy_dirs: collections.Counter[int] = collections.Counter()
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def host_label(self, op: str, args: tuple[Any, ...]) -> str:
@@ -398,7 +399,7 @@ class Operations(pyfuse3.Operations):
             return
         self._pruned_at = now
         self._prune_level = held + max(16, (self.fd_high - self.fd_low) // 4)
-        nodes = self.table.oldest(held - self.fd_low, self._listing)
+        nodes = self.table.oldest(held - self.fd_low, self._busy_dirs)
         if nodes and now >= self._prune_logged + 10:
             self._prune_logged = now
             log.info("%d native fds held (limit %d): asking the kernel to forget %d old entries",
@@ -412,7 +413,7 @@ class Operations(pyfuse3.Operations):
         once no FORGET has come for FD_WAIT: the kernel cannot forget entries in use, nor
         those of a directory it has locked for one of our requests (readdir, lookup)."""
         forgotten, since = self._forgotten, time.monotonic()
-        self._listing[parent.ino] += 1  # see _prune
+        self._busy_dirs[parent.ino] += 1  # see _prune
         try:
             while (room := self.fd_hard - self._fds_held()) <= 0:
                 if self._forgotten != forgotten:
@@ -424,12 +425,12 @@ class Operations(pyfuse3.Operations):
                 await trio.sleep(0.001)
             return room
         finally:
-            self._unlist(parent)
+            self._dir_done(parent)
 
-    def _unlist(self, parent: Node) -> None:
-        self._listing[parent.ino] -= 1
-        if not self._listing[parent.ino]:
-            del self._listing[parent.ino]
+    def _dir_done(self, parent: Node) -> None:
+        self._busy_dirs[parent.ino] -= 1
+        if not self._busy_dirs[parent.ino]:
+            del self._busy_dirs[parent.ino]
 
     def _fds_held(self) -> int:
         """The table's O_PATH fds and those it dropped that are not closed yet."""
@@ -827,11 +828,11 @@ class Operations(pyfuse3.Operations):
                 return
             h.next_off = 2
         assert h.stream is not None and node.vf is not None
-        self._listing[node.ino] += 1  # see _prune
+        self._busy_dirs[node.ino] += 1  # see _prune
         try:
             await self._readdir_native(h, token)
         finally:
-            self._unlist(node)
+            self._dir_done(node)
 
     async def _readdir_native(self, h: DirHandle, token: pyfuse3.ReaddirToken) -> None:
         node = h.node
@@ -1138,5 +1139,3 @@ def _open_stream(fd: int) -> tuple[native.DirStream, os.stat_result]:
 
 
 __all__ = ["Operations", "ROOT_INODE"]
-
-
