@@ -133,8 +133,9 @@ class HostWorkers:
         # what to do with the result of a call that ended after its request gave up (op_timeout)
         self.on_abandoned: Callable[[Any], None] | None = None
         self._to_close: list[int] = []  # fds batched for closing (close_soon)
-        self._closes_running = 0  # background close calls not yet ended (settle waits for them)
-        self._closes_fds = 0  # fds those calls have not closed yet
+        # fds handed to background close calls that have not ended: each call gets at least
+        # one, so settle waits until this is 0
+        self._closes_fds = 0
         self._closes_lock = threading.Lock()
         self._threads = [threading.Thread(target=self._loop, args=(lane,), daemon=True,
                                           name=f"vfusefs-{name}-{i}")
@@ -322,7 +323,6 @@ class HostWorkers:
         if self._to_close:
             fds, self._to_close = self._to_close, []
             with self._closes_lock:
-                self._closes_running += 1
                 self._closes_fds += len(fds)
             self.submit(self._close, fds)
 
@@ -331,7 +331,6 @@ class HostWorkers:
             close_fds(fds)
         finally:
             with self._closes_lock:
-                self._closes_running -= 1
                 self._closes_fds -= len(fds)
 
     @property
@@ -347,7 +346,7 @@ class HostWorkers:
         run when the `df` after an `rm` asks.  TooSlowError after op_timeout (a hung host)."""
         self.flush_closes()
         with trio.fail_after(self.op_timeout):
-            while self._closes_running:
+            while self._closes_fds:
                 await trio.sleep(0.0005)
 
     def stop(self) -> None:
