@@ -16,6 +16,7 @@ an exception other than FUSEError escaping a handler (it would end the mount).
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import logging
 import os
@@ -24,7 +25,7 @@ import stat as stat_mod
 import threading
 import time
 from collections import deque
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import pyfuse3
 import trio
@@ -413,8 +414,7 @@ class Operations(pyfuse3.Operations):
         once no FORGET has come for FD_WAIT: the kernel cannot forget entries in use, nor
         those of a directory it has locked for one of our requests (readdir, lookup)."""
         forgotten, since = self._forgotten, time.monotonic()
-        self._busy_dirs[parent.ino] += 1  # see _prune
-        try:
+        with self._busy(parent):
             while (room := self.fd_hard - self._fds_held()) <= 0:
                 if self._forgotten != forgotten:
                     forgotten, since = self._forgotten, time.monotonic()
@@ -423,14 +423,18 @@ class Operations(pyfuse3.Operations):
                 self._prune(again_after=0.01)
                 workers.flush_closes()
                 await trio.sleep(0.001)
-            return room
-        finally:
-            self._dir_done(parent)
+        return room
 
-    def _dir_done(self, parent: Node) -> None:
-        self._busy_dirs[parent.ino] -= 1
-        if not self._busy_dirs[parent.ino]:
-            del self._busy_dirs[parent.ino]
+    @contextlib.contextmanager
+    def _busy(self, directory: Node) -> Iterator[None]:
+        """While the kernel holds directory locked for a request of ours (see _prune)."""
+        self._busy_dirs[directory.ino] += 1
+        try:
+            yield
+        finally:
+            self._busy_dirs[directory.ino] -= 1
+            if not self._busy_dirs[directory.ino]:
+                del self._busy_dirs[directory.ino]
 
     def _fds_held(self) -> int:
         """The table's O_PATH fds and those it dropped that are not closed yet."""
@@ -828,11 +832,8 @@ class Operations(pyfuse3.Operations):
                 return
             h.next_off = 2
         assert h.stream is not None and node.vf is not None
-        self._busy_dirs[node.ino] += 1  # see _prune
-        try:
+        with self._busy(node):
             await self._readdir_native(h, token)
-        finally:
-            self._dir_done(node)
 
     async def _readdir_native(self, h: DirHandle, token: pyfuse3.ReaddirToken) -> None:
         node = h.node
