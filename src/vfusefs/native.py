@@ -197,7 +197,7 @@ def create(dirfd: int, name: bytes, flags: int, mode: int, uid: int,
 def _reopen_path(datafd: int) -> Entry:
     fd = NewFd(os.open(proc(datafd), os.O_PATH | os.O_CLOEXEC))
     try:
-        return Entry(fd, os.fstat(fd), frozenset())  # just created: no xattrs yet
+        return Entry(fd, os.fstat(fd), _NO_XATTRS)  # just created: no xattrs yet
     except BaseException:
         os.close(fd)
         raise

@@ -831,7 +831,6 @@ class Operations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, b"..", attrs, 2):
                 return
             h.next_off = 2
-        assert h.stream is not None and node.vf is not None
         with self._busy(node):
             await self._readdir_native(h, token)
 
