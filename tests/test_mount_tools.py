@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import mmap
 import os
@@ -284,6 +285,65 @@ def test_partial_listings_do_not_leak_inodes(daemon: Daemon) -> None:
             break
         time.sleep(0.2)
     assert now <= base + 5, f"{now - base} inodes left behind by abandoned listings"
+
+
+class _Dirent(ctypes.Structure):  # glibc's struct dirent on 64-bit Linux
+    _fields_ = [("d_ino", ctypes.c_uint64), ("d_off", ctypes.c_int64),
+                ("d_reclen", ctypes.c_ushort), ("d_type", ctypes.c_ubyte),
+                ("d_name", ctypes.c_char * 256)]
+
+
+def _dir_walk(path: Path, seek_after: int) -> tuple[list[bytes], list[bytes], list[bytes]]:
+    """With libc's opendir: every name in order, every name again after rewinddir, and the
+    names read after seekdir back to the telldir taken once seek_after names were read."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.opendir.restype = ctypes.c_void_p
+    libc.opendir.argtypes = [ctypes.c_char_p]
+    libc.readdir.restype = ctypes.POINTER(_Dirent)
+    libc.readdir.argtypes = [ctypes.c_void_p]
+    libc.telldir.restype = ctypes.c_long
+    libc.telldir.argtypes = [ctypes.c_void_p]
+    libc.seekdir.argtypes = [ctypes.c_void_p, ctypes.c_long]
+    libc.rewinddir.argtypes = [ctypes.c_void_p]
+    libc.closedir.argtypes = [ctypes.c_void_p]
+    d = libc.opendir(os.fsencode(path))
+    assert d, os.strerror(ctypes.get_errno())
+
+    def names(limit: int | None = None) -> list[bytes]:
+        out: list[bytes] = []
+        while limit is None or len(out) < limit:
+            ent = libc.readdir(d)
+            if not ent:
+                break
+            out.append(ent.contents.d_name)
+        return out
+
+    try:
+        first = names(seek_after)
+        pos = libc.telldir(d)
+        first += names()
+        libc.rewinddir(d)
+        again = names()
+        libc.seekdir(d, pos)
+        resumed = names()
+        return first, again, resumed
+    finally:
+        libc.closedir(d)
+
+
+def test_rewinddir_and_seekdir_across_native_chunks(daemon: Daemon) -> None:
+    """A directory longer than what one reply holds: rewinddir lists every entry again, and
+    seekdir to a telldir position resumes right there, as on the native directory."""
+    vf = daemon.vfolder()
+    native = Path(daemon.api("GET", f"/v1/hosts/local/vfolders/{vf.name}").json()["native_path"])
+    for i in range(1500):
+        (native / f"entry-{i:05d}").touch()
+    expected = sorted([b".", b".."] + [os.fsencode(n) for n in os.listdir(native)])
+    for path in (native, vf):
+        first, again, resumed = _dir_walk(path, 700)
+        assert sorted(first) == expected, path
+        assert sorted(again) == expected, path
+        assert resumed == first[700:], path
 
 
 def test_fd_budget_is_kept_by_asking_the_kernel_to_forget(world_dir: Path) -> None:

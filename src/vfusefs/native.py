@@ -489,6 +489,11 @@ class DirStream:
         self._retry: os.DirEntry[str] | None = None  # an entry to read again first (chunk)
         self.position = 0  # offset of the next entry chunk returns
 
+    @property
+    def ended(self) -> bool:
+        """The listing reached its end (until rewind): chunk would return []."""
+        return self._it is None
+
     def rewind(self) -> None:
         if self._it is not None:
             self._it.close()  # type: ignore[attr-defined]

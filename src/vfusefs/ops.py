@@ -840,6 +840,8 @@ class Operations(pyfuse3.Operations):
         sent = 0  # entries in this reply
         while True:
             if not h.buffer:
+                if h.stream.ended:  # no hop to learn it again (the kernel asks until it hears)
+                    return
                 # each entry the kernel has not seen yet costs an O_PATH fd.  Near fd_hard:
                 # read fewer, ask the kernel to forget old entries (none in a directory being
                 # listed: see _prune), and end this reply early; at the start of a reply, wait
