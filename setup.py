@@ -1,4 +1,4 @@
-"""Build step for the two C pieces: the libfuse shim (src/vfusefs/shim/statfs_ino.c) and the
+"""Build step for the two C pieces: the libfuse shim (src/vfusefs/shim/fuseshim.c) and the
 trio-to-worker hand-off (src/vfusefs/shim/hop.c).
 
 Everything else is declared in setup.cfg.
@@ -17,6 +17,6 @@ def fuse3_cflags() -> list[str]:
         return ["-I/usr/include/fuse3"]
 
 
-setup(ext_modules=[Extension("vfusefs._statfs_ino", ["src/vfusefs/shim/statfs_ino.c"],
+setup(ext_modules=[Extension("vfusefs._fuseshim", ["src/vfusefs/shim/fuseshim.c"],
                              extra_compile_args=fuse3_cflags(), libraries=["dl", "fuse3"]),
                    Extension("vfusefs._hop", ["src/vfusefs/shim/hop.c"], extra_compile_args=["-O2"])])

@@ -152,6 +152,49 @@ def test_sparse_and_large_offsets(daemon: Daemon) -> None:
         assert f.read() == b"\0\0end"
 
 
+def daemon_thread(pid: int, name: str) -> int | None:
+    for task in os.listdir(f"/proc/{pid}/task"):
+        if Path(f"/proc/{pid}/task/{task}/comm").read_text().strip() == name:
+            return int(task)
+    return None
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_a_cold_read_keeps_the_readers_cpu_awake(daemon: Daemon) -> None:
+    """While the loop spins for a small read from the disk, the daemon's keeper thread
+    (shim/hop.c) runs at idle priority on the CPU of the thread reading (the read request says
+    which thread; the libfuse shim records it).  The loop is pinned to another CPU here, as the
+    keeper stays off the loop's CPU."""
+    vf = daemon.vfolder()
+    native = Path(daemon.api("GET", f"/v1/hosts/local/vfolders/{vf.name}").json()["native_path"])
+    data = os.urandom(MiB)
+    (vf / "f").write_bytes(data)
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    assert daemon_thread(pid, "vfusefs-keeper") is None  # started by the first cold read
+    loop_cpu, reader_cpu = sorted(os.sched_getaffinity(0))[:2]
+    os.sched_setaffinity(pid, {loop_cpu})  # the main thread is the loop's
+    mine = os.sched_getaffinity(0)
+    nfd = os.open(native / "f", os.O_RDONLY)
+    fd = os.open(vf / "f", os.O_RDONLY)
+    try:
+        os.fsync(nfd)
+        os.posix_fadvise(nfd, 0, 0, os.POSIX_FADV_RANDOM)
+        os.sched_setaffinity(0, {reader_cpu})  # this thread reads
+        for off in range(0, MiB, 64 << 10):
+            os.posix_fadvise(nfd, 0, 0, os.POSIX_FADV_DONTNEED)  # cold natively...
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # ... and in the mount's cache
+            assert os.pread(fd, 4096, off) == data[off:off + 4096]
+    finally:
+        os.sched_setaffinity(0, mine)
+        os.close(fd)
+        os.close(nfd)
+    keeper = daemon_thread(pid, "vfusefs-keeper")
+    assert keeper is not None
+    assert os.sched_getscheduler(keeper) == os.SCHED_IDLE
+    assert os.sched_getaffinity(keeper) == {reader_cpu}
+
+
 def test_reads_are_right_whether_native_storage_has_the_data_cached_or_not(daemon: Daemon) -> None:
     """On a local filesystem, reads first look in the native page cache from the trio thread
     (workers.read_cached) and a worker reads what is missing: all of it, part or nothing.  The

@@ -18,6 +18,7 @@ import trio
 import trio.testing
 
 from vfusefs import workers
+from vfusefs import _hop
 from vfusefs._hop import Lane, pread_cached
 from vfusefs.workers import CLOSE_BATCH, FAST_WAIT, SPIN_READ_MAX, HostWorkers, StoppedError
 
@@ -318,7 +319,7 @@ async def test_a_read_slower_than_the_spin_stops_the_spinning() -> None:
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
             real = workers.pread_cached
             try:  # a device that takes longer than any spin: nothing ever comes
-                workers.pread_cached = lambda fd, size, off, spin: (  # type: ignore[assignment]
+                workers.pread_cached = lambda fd, size, off, spin, tid=0: (  # type: ignore[assignment]
                     time.sleep(spin), (b"", False))[1]
                 for _ in range(20):
                     assert w.read_cached(f.fileno(), 4096, 0) == (b"", False)
@@ -330,3 +331,79 @@ async def test_a_read_slower_than_the_spin_stops_the_spinning() -> None:
                 workers.pread_cached = real
     finally:
         w.stop()
+
+
+def keeper_tid() -> int | None:
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/comm") as f:
+            if f.read().strip() == "vfusefs-keeper":
+                return int(task)
+    return None
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_keeper_spins_on_the_reading_threads_cpu() -> None:
+    """While pread_cached spins for pages from the device, the keeper (shim/hop.c) moves to the
+    CPU the reading thread last ran on, at idle priority, so the reply wakes a running CPU; it
+    stays away from the CPU of the thread that spins (the FUSE loop's, busy already)."""
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+    mine = os.sched_getaffinity(0)
+    readers: list[threading.Thread] = []
+
+    def reader_on(cpu: int) -> int:
+        """A thread that runs on cpu, then sleeps (as a process waiting for its read)."""
+        started, done = threading.Event(), threading.Event()
+        tids: list[int] = []
+
+        def run() -> None:
+            os.sched_setaffinity(0, {cpu})
+            tids.append(threading.get_native_id())
+            started.set()
+            done.wait()
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        started.wait()
+        readers.append(t)
+        t.done = done  # type: ignore[attr-defined]
+        return tids[0]
+
+    def miss(fd: int, tid: int, loop_cpu: int) -> None:
+        evict(fd)
+        os.sched_setaffinity(0, {loop_cpu})
+        try:
+            assert pread_cached(fd, 4096, 4096, 1.0, tid) == (b"y" * 4096, True)
+        finally:
+            os.sched_setaffinity(0, mine)
+
+    def keeper_cpus(expected: set[int]) -> set[int]:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            tid = keeper_tid()
+            if tid is not None and os.sched_getaffinity(tid) == expected:
+                break
+            time.sleep(0.01)
+        assert tid is not None
+        return os.sched_getaffinity(tid)
+
+    _hop.set_keeper(True)
+    try:
+        with tempfile.NamedTemporaryFile(dir="/var/tmp") as f:  # a disk filesystem, not tmpfs
+            f.write(b"y" * 65536)
+            f.flush()
+            os.fsync(f.fileno())
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+            miss(f.fileno(), reader_on(second), loop_cpu=first)
+            assert keeper_cpus({second}) == {second}
+            tid = keeper_tid()
+            assert tid is not None and os.sched_getscheduler(tid) == os.SCHED_IDLE
+            miss(f.fileno(), reader_on(first), loop_cpu=second)  # it follows the reader
+            assert keeper_cpus({first}) == {first}
+            miss(f.fileno(), reader_on(second), loop_cpu=second)  # the loop's CPU: stays put
+            time.sleep(0.2)
+            assert os.sched_getaffinity(tid) == {first}
+            assert pread_cached(f.fileno(), 4096, 0, 1.0, 0) == (b"y" * 4096, True)  # no reader
+    finally:
+        _hop.set_keeper(False)
+        for t in readers:
+            t.done.set()  # type: ignore[attr-defined]

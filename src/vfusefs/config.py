@@ -102,7 +102,8 @@ DAEMON_OPTIONS: tuple[Option, ...] = (
     Option("busy_poll_us", int, 100, True,
            "after each reply, microseconds the daemon polls /dev/fuse for the next request "
            "before its event loop sleeps (waking a sleeping CPU costs more than most requests; "
-           "0: off)",
+           "0: off, and so is keeping a reading process's CPU awake while its read waits for "
+           "the disk)",
            _non_negative),
     Option("inode_fds", int, 0, False,
            "O_PATH fds kept for inodes the kernel caches (0: from RLIMIT_NOFILE); above it the "

@@ -26,7 +26,7 @@ import pyfuse3
 import trio
 
 from vfusefs import config as config_mod
-from vfusefs import fuseloop, metrics, mounts, statfs_ino
+from vfusefs import fuseloop, fuseshim, metrics, mounts
 from vfusefs.backends import load_backend
 from vfusefs.callers import CallerCache
 from vfusefs.config import Config, ConfigError, DaemonConfig
@@ -325,7 +325,7 @@ class Service:
             for vf in self.registry.vfolders.values():
                 vf.modes = {}
         if "busy_poll_us" in applied and self.waiter is not None:
-            self.waiter.spin = applied["busy_poll_us"] / 1e6
+            self.waiter.set_spin(applied["busy_poll_us"] / 1e6)
         if {"log_format", "log_level"} & set(applied):
             setup_logging(merged.log_format, merged.log_level)
         self.cfg = dataclasses.replace(self.cfg, daemon=merged)
@@ -376,8 +376,8 @@ class Service:
             except RuntimeError as exc:
                 raise StartupError(f"cannot mount {d.mountpoint}: {exc}") from None
             registry.mounted = True
-            if not statfs_ino.active():
-                log.warning("statfs shim not active (vfusefs/_statfs_ino*.so missing?): df will "
+            if not fuseshim.active():
+                log.warning("statfs shim not active (vfusefs/_fuseshim*.so missing?): df will "
                             "show host totals instead of each vfolder's quota")
             session_open = True
 

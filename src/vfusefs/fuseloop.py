@@ -30,7 +30,8 @@ for YIELD_EVERY.
 
 With these, the same getattr takes 29 us (19 us in a pyfuse3 filesystem doing nothing else).
 Spinning uses idle CPU only: at most `spin` after each request, none while the daemon is idle
-(`daemon.busy_poll_us`; 0 turns it off).
+(`daemon.busy_poll_us`; 0 turns it off, and with it the keeper of shim/hop.c, which keeps a
+reading process's CPU awake while the loop spins for a read from the device).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import pyfuse3
 import trio
 
 from vfusefs import workers
-from vfusefs._hop import poll_fd
+from vfusefs._hop import poll_fd, set_keeper
 
 YIELD_EVERY = 0.001  # seconds the loop may serve requests without letting other tasks run
 
@@ -84,12 +85,18 @@ def runnable() -> int:
 
 
 class Waiter:
-    """`wait_readable` for pyfuse3's session fd; `spin` may change at any time (reload)."""
+    """`wait_readable` for pyfuse3's session fd."""
 
     def __init__(self, spin: float) -> None:
         self.spin = spin
         self.lock = ReadLock()
         self.checkpointed = time.perf_counter()  # when the loop last let other tasks run
+
+    def set_spin(self, spin: float) -> None:
+        """How long to poll for the next request (busy_poll_us; may change on reload), and
+        whether the keeper runs (off with the polling)."""
+        self.spin = spin
+        set_keeper(spin > 0)
 
     async def wait_readable(self, fd: int) -> None:
         left = YIELD_EVERY - (time.perf_counter() - self.checkpointed)
@@ -137,9 +144,11 @@ class _Trio:
 def install(spin: float) -> Waiter:
     """Make pyfuse3's session loop wait as described above; before pyfuse3.main()."""
     waiter = Waiter(spin)
+    waiter.set_spin(spin)
     pyfuse3.trio = _Trio(waiter)  # type: ignore[attr-defined]
     return waiter
 
 
 def uninstall() -> None:
     pyfuse3.trio = trio  # type: ignore[attr-defined]
+    set_keeper(False)

@@ -30,7 +30,7 @@ from typing import Any, Iterator, Sequence
 import pyfuse3
 import trio
 
-from vfusefs import access, native, statfs_ino, workers
+from vfusefs import access, fuseshim, native, workers
 from vfusefs.access import Caller, Mode, Need
 from vfusefs.callers import CallerCache
 from vfusefs.config import DaemonConfig
@@ -741,6 +741,7 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        tid = fuseshim.read_tid()  # first, before any await (see fuseshim.py)
         h = self._file(fh)
         self._recheck(h, Need.READ)
         host = h.node.host
@@ -748,7 +749,7 @@ class Operations(pyfuse3.Operations):
         data, whole = b"", False
         if h.cached:
             try:
-                data, whole = host.workers.read_cached(h.fd, size, off)
+                data, whole = host.workers.read_cached(h.fd, size, off, tid)
             except OSError:  # e.g. EOPNOTSUPP: a worker reads it, and the next ones, as before
                 h.cached = False
         if not whole:  # the rest is on its way from the device (or the file is not cached)
@@ -934,7 +935,7 @@ class Operations(pyfuse3.Operations):
     # -- file systems and xattrs -----------------------------------------------------------------
     @handler
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        ino = statfs_ino.current()  # first, before any await (see statfs_ino.py)
+        ino = fuseshim.statfs_ino()  # first, before any await (see fuseshim.py)
         node = self.table.get(ino) if ino is not None else None
         if node is None or node.kind is Kind.ROOT:
             return await self._statfs_hosts(list(self.registry.hosts.values()))

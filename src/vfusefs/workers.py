@@ -50,7 +50,8 @@ a 2-vCPU VM (interleaved runs): 90-113 us a read with a worker's pread, 79-95 us
 18-22 us instead of 32-46 us when the backing file is cached.  Only reads up to SPIN_READ_MAX
 wait so: larger ones are readahead, which the kernel sends several at a time and workers serve
 side by side (spinning for each, cold sequential reads of 1 GiB took 0.85-1.06 s instead of
-0.57-0.73 s).
+0.57-0.73 s).  While the loop spins on a miss, the keeper (shim/hop.c) keeps the CPU of the
+process reading awake, so that the reply does not have to wake it from sleep.
 """
 
 from __future__ import annotations
@@ -253,16 +254,17 @@ class HostWorkers:
         raise trio.TooSlowError(f"host {self.name}: native call {_name(fn)} "
                                 f"took longer than {self.op_timeout}s")
 
-    def read_cached(self, fd: int, size: int, off: int) -> tuple[bytes, bool]:
+    def read_cached(self, fd: int, size: int, off: int, tid: int = 0) -> tuple[bytes, bool]:
         """Read from the page cache on the trio thread (see the module's doc): (data, whole);
         unless whole, data is what came within the spin, and a worker reads the rest.  Spins
-        only for reads up to SPIN_READ_MAX and while native calls are fast (as `run` does);
-        the time spent counts in slow_ewma.  OSError if the filesystem refuses RWF_NOWAIT (the
-        caller stops asking for that file)."""
+        only for reads up to SPIN_READ_MAX and while native calls are fast (as `run` does),
+        keeping the CPU of thread tid (the process reading) awake meanwhile; the time spent
+        counts in slow_ewma.  OSError if the filesystem refuses RWF_NOWAIT (the caller stops
+        asking for that file)."""
         if self.slow_ewma >= FAST_WAIT or size > SPIN_READ_MAX:
             return pread_cached(fd, size, off, 0.0)
         start = time.perf_counter()
-        data, whole = pread_cached(fd, size, off, FAST_WAIT)
+        data, whole = pread_cached(fd, size, off, FAST_WAIT, tid)
         # a read that did not come within the spin took longer than it, by an unknown amount
         took = time.perf_counter() - start if whole else 2 * FAST_WAIT
         self.slow_ewma = self.slow_ewma * 0.9 + took * 0.1

@@ -31,9 +31,14 @@
 #include <limits.h>
 #include <linux/futex.h>
 #include <poll.h>
+#include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -97,6 +102,166 @@ static int spin_until(int (*ready)(void *), void *arg, uint64_t spin_ns, unsigne
             sched_yield();
         }
     }
+}
+
+/* The keeper: a thread that keeps the reading process's CPU awake while the loop spins for the
+   pages it asked the device for (pread_cached).  The process sleeps in its read meanwhile, and
+   an idle CPU sleeps too (on a VM it halts, and the host deschedules it); waking it for the
+   reply then costs 10-25 us, which the process waits on top of the device.  While the keeper
+   runs on that CPU, the reply wakes a CPU that is already running, and the process preempts the
+   keeper at once: the keeper has SCHED_IDLE, so it never takes time from any other task.
+
+   The keeper is woken when a read misses (its own wake-up overlaps the device's work), moves
+   to the CPU the reading thread last ran on (/proc/<tid>/stat, read by the keeper, not the
+   loop), and spins there until the loop waits for its next request (poll_fd: the reply has been
+   written), or for `until` at most.  It does nothing if that CPU is the loop's own, which is
+   busy already.  Off until set_keeper(True). */
+static struct {
+    _Atomic int on;          /* futex word: 1 while a read waits for the device */
+    _Atomic uint64_t until;  /* CLOCK_MONOTONIC ns: spin no longer than this */
+    _Atomic int tid;         /* the reading thread */
+    _Atomic int loop_cpu;    /* where the loop spins */
+    _Atomic unsigned reads;  /* reads that asked for it so far */
+    _Atomic int enabled;
+    _Atomic int started;     /* the thread runs (in this process: see keeper_forked) */
+    pthread_mutex_t start;
+} keeper = {.start = PTHREAD_MUTEX_INITIALIZER};
+
+/* The CPU thread tid last ran on (field 39 of /proc/<tid>/stat), or -1. */
+static int last_cpu(int tid)
+{
+    char path[64], buf[1024];
+    snprintf(path, sizeof(path), "/proc/%d/stat", tid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n <= 0)
+        return -1;
+    buf[n] = '\0';
+    char *p = strrchr(buf, ')');  /* the end of comm, which may hold spaces and parentheses */
+    if (p == NULL)
+        return -1;
+    for (int field = 2; *p; p++) {  /* p is in field 2 (comm); count the separators */
+        if (*p == ' ' && ++field == 39)
+            return atoi(p + 1);
+    }
+    return -1;
+}
+
+/* Stop spinning for read number `read`, unless another read asked meanwhile (keep_awake
+   counts it before it sets `on`, so either it sees `on` cleared and wakes us, or we see it). */
+static void keeper_stop(unsigned read)
+{
+    atomic_store(&keeper.on, 0);
+    if (atomic_load(&keeper.reads) != read)
+        atomic_store(&keeper.on, 1);
+}
+
+static void *keeper_main(void *arg)
+{
+    (void)arg;
+    pthread_setname_np(pthread_self(), "vfusefs-keeper");  /* what top -H and tests show */
+    struct sched_param idle = {0};
+    pthread_setschedparam(pthread_self(), SCHED_IDLE, &idle);
+    int pinned = -1;
+    for (;;) {
+        while (!atomic_load(&keeper.on))
+            futex_wait(&keeper.on, 0);
+        unsigned read = atomic_load(&keeper.reads);
+        int cpu = last_cpu(atomic_load(&keeper.tid));
+        if (cpu < 0 || cpu >= CPU_SETSIZE || cpu == atomic_load(&keeper.loop_cpu)) {
+            keeper_stop(read);
+            continue;
+        }
+        if (cpu != pinned) {
+            cpu_set_t set;
+            CPU_ZERO(&set);
+            CPU_SET(cpu, &set);
+            pinned = sched_setaffinity(0, sizeof(set), &set) == 0 ? cpu : -1;
+        }
+        for (unsigned i = 1; atomic_load_explicit(&keeper.on, memory_order_relaxed); i++) {
+            cpu_relax();
+            if (i % 64 == 0) {
+                if (atomic_load(&keeper.reads) != read)
+                    break;  /* another read: look where its thread is */
+                if (now_ns() >= atomic_load(&keeper.until))
+                    keeper_stop(read);
+            }
+        }
+    }
+    return NULL;
+}
+
+static void keeper_forked(void)
+{
+    atomic_store(&keeper.started, 0);  /* the child has no keeper thread */
+    atomic_store(&keeper.on, 0);
+}
+
+/* Start the thread once per process; 0 if it cannot be (then the keeper stays off). */
+static int keeper_start(void)
+{
+    int ok = 1;
+    pthread_mutex_lock(&keeper.start);
+    if (!atomic_load(&keeper.started)) {
+        static int atfork = 0;
+        if (!atfork)
+            atfork = pthread_atfork(NULL, NULL, keeper_forked) == 0;
+        sigset_t all, old;
+        sigfillset(&all);
+        pthread_sigmask(SIG_BLOCK, &all, &old);  /* Python's signals go to its own threads */
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pthread_attr_setstacksize(&attr, 64 << 10);
+        pthread_t t;
+        ok = pthread_create(&t, &attr, keeper_main, NULL) == 0;
+        pthread_attr_destroy(&attr);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        if (ok)
+            atomic_store(&keeper.started, 1);
+        else
+            atomic_store(&keeper.enabled, 0);
+    }
+    pthread_mutex_unlock(&keeper.start);
+    return ok;
+}
+
+/* A read by thread tid misses the page cache: keep its CPU awake for up to ns. */
+static void keep_awake(int tid, uint64_t ns)
+{
+    if (tid <= 0 || !atomic_load_explicit(&keeper.enabled, memory_order_relaxed))
+        return;
+    if (!atomic_load(&keeper.started) && !keeper_start())
+        return;
+    atomic_store(&keeper.loop_cpu, sched_getcpu());
+    atomic_store(&keeper.tid, tid);
+    atomic_store(&keeper.until, now_ns() + ns);
+    atomic_fetch_add(&keeper.reads, 1);
+    if (atomic_exchange(&keeper.on, 1) == 0)
+        futex_wake(&keeper.on);
+}
+
+/* The loop is about to wait for a request: the reply it was spinning for has been written. */
+static inline void keeper_off(void)
+{
+    if (atomic_load_explicit(&keeper.on, memory_order_relaxed)) {
+        atomic_store(&keeper.until, 0);
+        atomic_store(&keeper.on, 0);
+    }
+}
+
+static PyObject *hop_set_keeper(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    int on = PyObject_IsTrue(arg);
+    if (on < 0)
+        return NULL;
+    atomic_store(&keeper.enabled, on);
+    if (!on)
+        keeper_off();
+    Py_RETURN_NONE;
 }
 
 static void lane_wake_worker(Lane *self)
@@ -265,19 +430,21 @@ static PyObject *hop_poll_fd(PyObject *Py_UNUSED(module), PyObject *args)
     uint64_t spin_ns = seconds_to_ns(spin);
     struct pollfd p = {.fd = fd, .events = POLLIN};
     int ready;
+    keeper_off();
     Py_BEGIN_ALLOW_THREADS
     ready = spin_until(readable, &p, spin_ns, 16);  /* each round is a syscall already */
     Py_END_ALLOW_THREADS
     return PyBool_FromLong(ready);
 }
 
-/* pread_cached(fd, size, off, spin) -> (data, whole): read what the page cache holds, never
-   waiting for storage.  Each attempt is a preadv2(RWF_NOWAIT), which copies cached pages or
-   fails with EAGAIN at once; on a miss the kernel has started reading the pages in (the
+/* pread_cached(fd, size, off, spin, tid=0) -> (data, whole): read what the page cache holds,
+   never waiting for storage.  Each attempt is a preadv2(RWF_NOWAIT), which copies cached pages
+   or fails with EAGAIN at once; on a miss the kernel has started reading the pages in (the
    readahead a plain pread would start), so later attempts find them once the device is done.
    Attempts go on, spinning up to spin seconds with the GIL released, until size bytes or end
    of file are read (whole is True), or the spin is over: data is then what came so far, and
-   a worker's pread waits for the rest, which is already on its way.  OSError for any other
+   a worker's pread waits for the rest, which is already on its way.  While it spins, the
+   keeper keeps the CPU of thread tid (the process reading) awake.  OSError for any other
    error (EOPNOTSUPP: the filesystem does not promise not to wait).  Only for fds without
    O_DIRECT: a direct read waits for the device even with RWF_NOWAIT. */
 struct cached_read {
@@ -312,13 +479,17 @@ static int read_more(void *arg)
     return 1;
 }
 
+/* how long the keeper may go on after the spin, for the reply to be written (poll_fd stops it) */
+#define KEEP_AFTER_NS 200000
+
 static PyObject *hop_pread_cached(PyObject *Py_UNUSED(module), PyObject *args)
 {
     int fd;
     Py_ssize_t size;
     long long off;
     double spin;
-    if (!PyArg_ParseTuple(args, "inLd", &fd, &size, &off, &spin))
+    int tid = 0;
+    if (!PyArg_ParseTuple(args, "inLd|i", &fd, &size, &off, &spin, &tid))
         return NULL;
     if (size < 0 || off < 0) {
         PyErr_SetString(PyExc_ValueError, "pread_cached: negative size or offset");
@@ -332,7 +503,11 @@ static PyObject *hop_pread_cached(PyObject *Py_UNUSED(module), PyObject *args)
     uint64_t spin_ns = seconds_to_ns(spin);
     int done;
     Py_BEGIN_ALLOW_THREADS
-    done = spin_until(read_more, &r, spin_ns, 8);  /* each round is a syscall already */
+    done = read_more(&r);
+    if (!done && spin_ns) {
+        keep_awake(tid, spin_ns + KEEP_AFTER_NS);
+        done = spin_until(read_more, &r, spin_ns, 8);  /* each round is a syscall already */
+    }
     Py_END_ALLOW_THREADS
     if (r.err) {
         Py_DECREF(data);
@@ -447,8 +622,11 @@ static PyMethodDef module_methods[] = {
     {"poll_fd", hop_poll_fd, METH_VARARGS,
      "poll_fd(fd, spin) -> bool: wait up to spin seconds (spinning) for fd to be readable"},
     {"pread_cached", hop_pread_cached, METH_VARARGS,
-     "pread_cached(fd, size, off, spin) -> (data, whole): what the page cache holds, spinning "
-     "up to spin seconds for pages being read in; never waits for storage"},
+     "pread_cached(fd, size, off, spin, tid=0) -> (data, whole): what the page cache holds, "
+     "spinning up to spin seconds for pages being read in (keeping tid's CPU awake meanwhile); "
+     "never waits for storage"},
+    {"set_keeper", hop_set_keeper, METH_O,
+     "set_keeper(on): whether pread_cached keeps the reading thread's CPU awake while it spins"},
     {"close_fds", hop_close_fds, METH_O,
      "close_fds(fds) -> None: close every fd in the list, the GIL released once"},
     {NULL, NULL, 0, NULL},

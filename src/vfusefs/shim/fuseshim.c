@@ -1,5 +1,5 @@
 /*
- * statfs_ino: tell vfusefs which inode a statfs request is about.
+ * fuseshim: what pyfuse3 does not tell vfusefs, and one flag it cannot set.
  *
  * The kernel sends FUSE_STATFS with the inode of the path df asked about, and libfuse passes
  * it to the filesystem's statfs(req, ino) callback, but pyfuse3 drops it before calling
@@ -12,14 +12,18 @@
  * handles every request on one thread and vfusefs reads the variable before its handler's
  * first await, so no other request can overwrite it in between.
  *
+ * read is wrapped the same way to store the thread id of the process reading in
+ * vfusefs_read_tid: while a read waits for the device, vfusefs keeps that thread's CPU awake
+ * (the keeper in shim/hop.c).
+ *
  * It also wraps fuse_reply_open() (pyfuse3 binds it here the same way) to set FOPEN_NOFLUSH on
  * files opened read-only: the kernel then does not send a FLUSH request when such a file is
  * closed.  vfusefs has nothing to do on those (flush pushes a handle's writes; posix locks are
  * the kernel's, vfusefs implements none), and one request fewer per read-only open is about a
  * fifth of what reading a small file costs.
  *
- * What it must never do: change any other operation, or anything about statfs but recording,
- * or anything about an open reply but noflush on read-only opens.
+ * What it must never do: change any other operation, or anything about statfs and read but
+ * recording, or anything about an open reply but noflush on read-only opens.
  */
 #define _GNU_SOURCE
 #define FUSE_USE_VERSION 32
@@ -30,8 +34,11 @@
 
 volatile unsigned long long vfusefs_statfs_ino = 0;
 volatile int vfusefs_statfs_hooked = 0;
+volatile int vfusefs_read_tid = 0;
 
+typedef void (*read_fn)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_file_info *);
 static void (*pyfuse3_statfs)(fuse_req_t req, fuse_ino_t ino);
+static read_fn pyfuse3_read;
 static struct fuse_lowlevel_ops ops_copy;
 
 /* libfuse's own definition of a function we wrap, asked for by name (RTLD_NEXT cannot see it
@@ -55,6 +62,13 @@ static void record_statfs(fuse_req_t req, fuse_ino_t ino)
     pyfuse3_statfs(req, ino);
 }
 
+static void record_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                        struct fuse_file_info *fi)
+{
+    vfusefs_read_tid = (int)fuse_req_ctx(req)->pid;
+    pyfuse3_read(req, ino, size, off, fi);
+}
+
 typedef struct fuse_session *(*session_new_fn)(struct fuse_args *, const struct fuse_lowlevel_ops *,
                                                size_t, void *);
 
@@ -71,6 +85,10 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     memcpy(&ops_copy, op, op_size);
     pyfuse3_statfs = op->statfs;
     ops_copy.statfs = record_statfs;
+    if (op->read != NULL) {
+        pyfuse3_read = op->read;
+        ops_copy.read = record_read;
+    }
     vfusefs_statfs_hooked = 1;
     return real(args, &ops_copy, op_size, userdata);
 }
