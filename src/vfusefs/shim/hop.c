@@ -115,7 +115,7 @@ static int spin_until(int (*ready)(void *), void *arg, uint64_t spin_ns, unsigne
    to the CPU the reading thread last ran on (/proc/<tid>/stat, read by the keeper, not the
    loop), and spins there until the loop waits for its next request (poll_fd: the reply has been
    written), or for `until` at most.  It does nothing if that CPU is the loop's own, which is
-   busy already.  Off until set_keeper(True). */
+   busy already, or one it may not run on (the daemon's cpuset).  Off until set_keeper(True). */
 static struct {
     _Atomic int on;          /* futex word: 1 while a read waits for the device */
     _Atomic uint64_t until;  /* CLOCK_MONOTONIC ns: spin no longer than this */
@@ -180,6 +180,10 @@ static void *keeper_main(void *arg)
             CPU_ZERO(&set);
             CPU_SET(cpu, &set);
             pinned = sched_setaffinity(0, sizeof(set), &set) == 0 ? cpu : -1;
+            if (pinned < 0) {  /* e.g. outside the daemon's cpuset: spinning elsewhere is waste */
+                keeper_stop(read);
+                continue;
+            }
         }
         for (unsigned i = 1; atomic_load_explicit(&keeper.on, memory_order_relaxed); i++) {
             cpu_relax();
