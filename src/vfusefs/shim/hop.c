@@ -84,11 +84,10 @@ static void futex_wake(_Atomic int *word)
 
 /* The one spinning policy: call ready(arg) until it says yes or spin_ns passed, relaxing the
    CPU between calls; every `every` rounds check the clock and give the CPU to anything else
-   runnable on it.  Returns 1 if ready.  Call it with the GIL released. */
-static int spin_until(int (*ready)(void *), void *arg, uint64_t spin_ns, unsigned every)
+   runnable on it.  Returns 1 if ready.  Call it with the GIL released.  spin_more is the same
+   for a caller that has just asked ready itself. */
+static int spin_more(int (*ready)(void *), void *arg, uint64_t spin_ns, unsigned every)
 {
-    if (ready(arg))
-        return 1;
     if (spin_ns == 0)
         return 0;
     uint64_t deadline = now_ns() + spin_ns;
@@ -102,6 +101,11 @@ static int spin_until(int (*ready)(void *), void *arg, uint64_t spin_ns, unsigne
             sched_yield();
         }
     }
+}
+
+static int spin_until(int (*ready)(void *), void *arg, uint64_t spin_ns, unsigned every)
+{
+    return ready(arg) || spin_more(ready, arg, spin_ns, every);
 }
 
 /* The keeper: a thread that keeps the reading process's CPU awake while the loop spins for the
@@ -508,9 +512,9 @@ static PyObject *hop_pread_cached(PyObject *Py_UNUSED(module), PyObject *args)
     int done;
     Py_BEGIN_ALLOW_THREADS
     done = read_more(&r);
-    if (!done && spin_ns) {
+    if (!done && spin_ns) {  /* a miss: the pages are on their way */
         keep_awake(tid, spin_ns + KEEP_AFTER_NS);
-        done = spin_until(read_more, &r, spin_ns, 8);  /* each round is a syscall already */
+        done = spin_more(read_more, &r, spin_ns, 8);  /* each round is a syscall already */
     }
     Py_END_ALLOW_THREADS
     if (r.err) {
