@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -50,30 +51,37 @@ def parse_mode(text: str) -> Mode:
     try:
         return MODE_NAMES[text]
     except (KeyError, TypeError):
-        raise BadGrant(f"bad mode {text!r}: use ro, rw or rwd (wd is an alias of rwd)") from None
+        raise BadGrant(f"bad mode {str(text)[:40]!r}: use ro, rw or rwd (wd is an alias of rwd)") from None
 
 
 def canonical_mode(text: str) -> str:
     return parse_mode(text).label
 
 
+# ASCII digits only (str.isdigit also takes "²"), at most 10 of them before the range check
+_ID_RE = re.compile(r"[0-9]{1,10}")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def parse_principal(text: str) -> str:
-    """Validate a principal and return its canonical spelling."""
+    """Validate a principal and return its canonical spelling (control characters, non-ASCII
+    digits and out-of-range ids are refused: what is stored is exactly what matches)."""
     if not isinstance(text, str):
-        raise BadGrant(f"bad principal {text!r}")
+        raise BadGrant(f"bad principal {text!r}: must be a string")
     if text == "*":
         return text
     kind, sep, value = text.partition(":")
     if sep and kind in ("uid", "gid"):
-        if value.isdigit() and int(value) < 2**32:
+        if _ID_RE.fullmatch(value) and int(value) < 2**32:
             return f"{kind}:{int(value)}"
-        raise BadGrant(f"bad principal {text!r}: {kind}: needs a number")
+        raise BadGrant(f"bad principal {text[:80]!r}: {kind}: needs a number below 2^32")
     if sep and kind == "cgroup":
-        if value.startswith("/") and "\n" not in value and "//" not in value and \
-                not any(part in (".", "..") for part in value.split("/")):
+        if value.startswith("/") and not _CONTROL_RE.search(value) and "//" not in value and \
+                len(value) <= 4096 and not any(part in (".", "..") for part in value.split("/")):
             return "cgroup:" + (value.rstrip("/") or "/")
-        raise BadGrant(f"bad principal {text!r}: cgroup: needs an absolute cgroup-v2 path")
-    raise BadGrant(f"bad principal {text!r}: use cgroup:/path, uid:N, gid:N or *")
+        raise BadGrant(f"bad principal {text[:80]!r}: cgroup: needs an absolute cgroup-v2 path "
+                       f"(no control characters, '//', '.' or '..')")
+    raise BadGrant(f"bad principal {text[:80]!r}: use cgroup:/path, uid:N, gid:N or *")
 
 
 @dataclass(frozen=True, eq=False)

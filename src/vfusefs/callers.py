@@ -68,6 +68,10 @@ class CallerCache:
         self._callers[pid] = (now + TTL, uid, gid, caller, admin)
         return caller, admin
 
+    def in_container(self, caller: Caller) -> bool:
+        """Whether caller runs in a container (or we cannot tell where it runs: fail closed)."""
+        return caller.cgroup is None or any(caller.cgroup.startswith(p) for p in self.confined)
+
     def with_groups(self, caller: Caller) -> Caller:
         """The caller with supplementary groups filled in (only needed for gid: grants)."""
         if caller.groups:

@@ -127,6 +127,10 @@ HOST_OPTIONS: tuple[Option, ...] = (
     Option("servers", list, [], True, "storage network endpoints watched for health", item=str),
     Option("op_timeout", (int, float), 30.0, True,
            "seconds before an operation on a stuck host fails with EIO", _positive),
+    Option("allow_privileged", bool, False, True,
+           "let confined callers (containers) create block/char device nodes, set setuid/setgid "
+           "bits on files and set security.capability (off: EPERM; native storage is often "
+           "mounted without nosuid/nodev on hosts that are not this mount)"),
     Option("options", dict, {}, True, "backend-specific options (see the backend's docs)"),
 )
 
@@ -163,6 +167,7 @@ class HostConfig:
     servers: tuple[str, ...]
     op_timeout: float
     options: dict[str, Any] = field(default_factory=dict)
+    allow_privileged: bool = False
 
 
 @dataclass(frozen=True)
@@ -258,7 +263,8 @@ def parse(text: str, path: str = "<config>", check_paths: bool = True) -> Config
         hosts[name] = HostConfig(name=name, backend=values["backend"], path=values["path"],
                                  layout=values["layout"], servers=tuple(values["servers"]),
                                  op_timeout=float(values["op_timeout"]),
-                                 options=dict(values["options"]))
+                                 options=dict(values["options"]),
+                                 allow_privileged=values["allow_privileged"])
     return Config(path=path, daemon=DaemonConfig(**daemon), store_url=store_url, hosts=hosts)
 
 

@@ -43,14 +43,40 @@ def endpoint(fn: Endpoint) -> Endpoint:
     return wrapper
 
 
+MAX_BODY = 1 << 20  # bytes of JSON a control request may carry
+MAX_DEPTH = 8  # nesting of JSON values (a create's grants are three deep)
+
+
+def _depth(value: Any) -> int:
+    """How deeply value nests (iterative: a deep body must not exhaust the Python stack)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_DEPTH:
+            break
+        if isinstance(item, dict):
+            todo.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            todo.extend((v, depth + 1) for v in item)
+    return deepest
+
+
 async def json_body(request: Request, allowed: set[str]) -> dict[str, Any]:
-    raw = await request.body()
+    raw = b""
+    async for part in request.stream():
+        raw += part
+        if len(raw) > MAX_BODY:
+            raise RegistryError(413, "too_large", f"request body is larger than {MAX_BODY} bytes")
     if not raw:
         return {}
     try:
         body = json.loads(raw)
-    except ValueError:
-        raise RegistryError(400, "bad_json", "request body is not valid JSON") from None
+    except (ValueError, RecursionError):
+        raise RegistryError(400, "bad_json", "request body is not valid JSON (or nests too "
+                                             "deeply)") from None
+    if _depth(body) > MAX_DEPTH:
+        raise RegistryError(400, "bad_json", f"request body nests deeper than {MAX_DEPTH} levels")
     if not isinstance(body, dict):
         raise RegistryError(400, "bad_json", "request body must be a JSON object")
     unknown = set(body) - allowed
@@ -101,7 +127,7 @@ def build_app(registry: Registry, token: str | None = None) -> Starlette:
         body = await json_body(request, {"id", "scope", "quota_bytes", "quota_inodes", "grants", "adopt"})
         vf = await registry.create_vfolder(
             h.name, body.get("id"), body.get("scope"), body.get("quota_bytes", 0),
-            body.get("quota_inodes", 0), body.get("grants"), bool(body.get("adopt", False)))
+            body.get("quota_inodes", 0), body.get("grants"), body.get("adopt", False))
         return JSONResponse(vf_json(vf), status_code=201)
 
     @endpoint
@@ -148,13 +174,15 @@ def build_app(registry: Registry, token: str | None = None) -> Starlette:
     @endpoint
     async def grant(request: Request) -> Response:
         p = request.path_params
+        # the principal as sent: the route's pattern stops at a newline and lets one trail
+        principal = request.scope["path"].partition("/grants/")[2]
         if request.method == "DELETE":
-            vf = await registry.set_grant(p["host"], p["id"], p["principal"], None)
+            vf = await registry.set_grant(p["host"], p["id"], principal, None)
             return JSONResponse(vf_json(vf))
         body = await json_body(request, {"mode"})
         if "mode" not in body:
             raise RegistryError(400, "bad_grant", "body needs {\"mode\": \"ro|rw|rwd\"}")
-        vf = await registry.set_grant(p["host"], p["id"], p["principal"], body["mode"])
+        vf = await registry.set_grant(p["host"], p["id"], principal, body["mode"])
         return JSONResponse(vf_json(vf))
 
     @endpoint

@@ -165,6 +165,10 @@ async def purge_trash_periodically(registry: Registry) -> None:
     while True:
         try:
             await registry.purge_trash()
+        except StoppedError:
+            # stopping (the store's or a host's threads are gone): what is left stays queued in
+            # the store, and the next start goes on with it
+            return
         except Exception:
             log.exception("trash purge failed")
         with trio.move_on_after(TRASH_PURGE_INTERVAL):

@@ -32,7 +32,7 @@ class Kind(enum.Enum):
 
 class Node:
     __slots__ = ("ino", "kind", "fd", "key", "nlookup", "vf", "host", "parent", "name", "xattrs",
-                 "xattrs_until", "st", "st_until", "lock", "alloc")
+                 "xattrs_until", "st", "st_until", "lock", "alloc", "opens", "orphan")
 
     def __init__(self, ino: int, kind: Kind, fd: int = -1, key: tuple | None = None,
                  vf: "Vfolder | None" = None, host: "Host | None" = None) -> None:
@@ -52,6 +52,8 @@ class Node:
         self.st_until = 0.0  # st was taken after our last change to the node: valid until then
         self.lock: Any = None  # serializes changes whose allocated-bytes delta we measure
         self.alloc: int | None = None  # allocated bytes the quota ledger holds for this inode
+        self.opens = 0  # open file handles (FileHandle) on it
+        self.orphan = False  # its last name went while open: charged until the last close
 
     @property
     def pinned(self) -> bool:
@@ -69,6 +71,9 @@ class InodeTable:
         self.root = Node(ROOT_INODE, Kind.ROOT)
         self.by_ino[ROOT_INODE] = self.root
         self.native_fds = 0  # O_PATH fds held for NATIVE nodes
+        # NATIVE nodes the kernel has forgotten that stay while their allocation is watched
+        # (Vfolder.recent): their fds count in native_fds
+        self.lingering: dict[int, Node] = {}
         self._age: collections.deque[int] = collections.deque()  # NATIVE inos, oldest first
 
     def __len__(self) -> int:
@@ -113,6 +118,13 @@ class InodeTable:
     def find(self, vf: "Vfolder", st: Any) -> Node | None:
         return self.by_key.get((vf.id, st.st_dev, st.st_ino))
 
+    def unlinger(self, node: Node) -> int:
+        """A lingering node's watch has ended: drop it; its fd to close, or -1 if it was not
+        lingering (the kernel knows it again)."""
+        if self.lingering.pop(node.ino, None) is None:
+            return -1
+        return self.remove(node)
+
     def remove(self, node: Node) -> int:
         """Drop a node; returns its fd for the caller to close on a worker thread."""
         if self.by_ino.pop(node.ino, None) is not None and node.kind is Kind.NATIVE and node.fd >= 0:
@@ -132,14 +144,17 @@ class InodeTable:
             return self.remove(node)
         return -1
 
-    def detach(self, vf: "Vfolder") -> None:
+    def detach(self, vf: "Vfolder") -> list[int]:
         """A vfolder stops being served (deleted, or its host removed by a reload): its nodes stay
         until the kernel forgets them, but lookups must never find them again.  Keys hold the
         vfolder id, so a vfolder served again under the same id (its host added back) would
-        otherwise get the old, dead nodes for its inodes."""
+        otherwise get the old, dead nodes for its inodes.  Returns the fds of its lingering
+        nodes, to close."""
         for node in self.of_vfolder(vf):
             if node.key is not None and self.by_key.get(node.key) is node:
                 del self.by_key[node.key]
+        fds = [self.unlinger(node) for node in list(self.lingering.values()) if node.vf is vf]
+        return [fd for fd in fds if fd >= 0]
 
     def of_vfolder(self, vf: "Vfolder") -> Iterator[Node]:
         return (n for n in list(self.by_ino.values()) if n.vf is vf)

@@ -30,6 +30,8 @@ BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1
 DENIAL_REASONS = {errno.EACCES: "no_access", errno.EROFS: "read_only", errno.EPERM: "no_delete",
                   errno.EDQUOT: "quota"}
 READ_ONLY_TREE = "read_only_tree"  # writes to the virtual root and host directories
+PRIVILEGED = "privileged"  # device nodes, set-ID bits, file capabilities from containers
+FOREIGN_LINK = "foreign_link"  # a file with hard links outside its vfolder
 
 
 class OpStat:

@@ -209,6 +209,16 @@ def open_data(fd: int, flags: int) -> int:
                          & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW)))
 
 
+def open_stat(fd: int, flags: int) -> tuple[int, os.stat_result]:
+    """open_data, and the stat of what was opened (its link count as of the open)."""
+    datafd = open_data(fd, flags)
+    try:
+        return datafd, os.fstat(datafd)
+    except BaseException:
+        os.close(datafd)
+        raise
+
+
 def open_truncating(fd: int, flags: int) -> tuple[int, os.stat_result, int]:
     """open_data with O_TRUNC: also returns the stat after and the change in allocated bytes
     (the kernel forgets the file's size and times, and the freed blocks leave the quota)."""
@@ -321,16 +331,79 @@ def rename(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int) -> 
         freed_bytes, freed_inodes = 0, 0
     else:
         freed_bytes, freed_inodes = removed(victim)
-    return victim, old_st, new_st, moved, freed_bytes + after - before, freed_inodes
+    made = 1 if flags & RENAME_WHITEOUT else 0  # the whiteout left at old is a new inode
+    return victim, old_st, new_st, moved, freed_bytes + after - before, freed_inodes + made
 
 
 def read(datafd: int, size: int, off: int) -> bytes:
     return os.pread(datafd, size, off)
 
 
-def write(datafd: int, buf: bytes | mmap.mmap, off: int) -> tuple[int, os.stat_result, int]:
-    """Returns bytes written, the new stat and the change in allocated bytes."""
+BLOCK = 4096  # allocation unit assumed for quota reservations (commits use real st_blocks)
+
+
+class NeedsRoom(Exception):
+    """A write found more of its range unallocated than the room reserved for it (holes where
+    the stat on the event loop said the file was whole): reserve `nbytes`, and ask again."""
+
+    def __init__(self, nbytes: int) -> None:
+        super().__init__(nbytes)
+        self.nbytes = nbytes
+
+
+def write_bound(st: os.stat_result | None, off: int, size: int) -> int:
+    """A guess, from a stat, of the most bytes a write of size at off can allocate: the blocks
+    it touches, less those below the end of a file whose blocks cover its size (then probably
+    no holes: an overwrite in place allocates nothing).  `write` checks the guess."""
+    start, end = off // BLOCK * BLOCK, -(-(off + size) // BLOCK) * BLOCK
+    if st is not None:
+        size_end = -(-st.st_size // BLOCK) * BLOCK
+        if st.st_blocks * 512 >= size_end:
+            start = max(start, size_end)
+    return max(0, end - start)
+
+
+def _holes(fd: int, lo: int, hi: int, size: int) -> int:
+    """Bytes of [lo, hi) (block-aligned, below end of file) that are holes (SEEK_HOLE/DATA)."""
+    holes, pos = 0, lo
+    while pos < hi:
+        try:
+            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+        except OSError:  # no SEEK_HOLE here, or truncated meanwhile: assume all of it new
+            return hi - pos + holes
+        if hole >= min(hi, size):  # at most the virtual hole at the end of file
+            break
+        try:
+            data = os.lseek(fd, hole, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after it
+            data = hi
+        hole_end = min(-(-data // BLOCK) * BLOCK, hi)
+        holes += hole_end - hole // BLOCK * BLOCK
+        pos = hole_end
+    return holes
+
+
+def _growth(fd: int, st: os.stat_result, off: int, size: int) -> int:
+    """The most bytes a write of size at off can allocate, exactly: the blocks it touches past
+    the end of file, and the holes it fills below it."""
+    start, end = off // BLOCK * BLOCK, -(-(off + size) // BLOCK) * BLOCK
+    size_end = -(-st.st_size // BLOCK) * BLOCK
+    past_end = max(0, end - max(start, size_end))
+    below = min(end, size_end)
+    return past_end + (_holes(fd, start, below, st.st_size) if start < below else 0)
+
+
+def write(datafd: int, buf: bytes | mmap.mmap, off: int,
+          reserved: int = -1) -> tuple[int, os.stat_result, int]:
+    """Returns bytes written, the new stat and the change in allocated bytes.  With reserved
+    (the quota room held for it) less than the blocks the write touches, the range is checked
+    for holes first (NeedsRoom if they need more): a file's blocks may cover its size and still
+    have holes (an xattr block, blocks preallocated past its end)."""
     before = os.fstat(datafd)
+    if 0 <= reserved < -(-(off + len(buf)) // BLOCK) * BLOCK - off // BLOCK * BLOCK:
+        need = _growth(datafd, before, off, len(buf))
+        if need > reserved:
+            raise NeedsRoom(need)
     n = os.pwrite(datafd, buf, off)
     after = os.fstat(datafd)
     return n, after, _alloc(after) - _alloc(before)
@@ -346,12 +419,13 @@ def read_direct(datafd: int, size: int, off: int) -> bytes:
         return buf[:os.preadv(datafd, [buf], off)]
 
 
-def write_direct(datafd: int, buf: bytes, off: int) -> tuple[int, os.stat_result, int]:
+def write_direct(datafd: int, buf: bytes, off: int,
+                 reserved: int = -1) -> tuple[int, os.stat_result, int]:
     if not buf:
-        return write(datafd, buf, off)
+        return write(datafd, buf, off, reserved)
     with mmap.mmap(-1, len(buf)) as aligned:
         aligned[:] = buf
-        return write(datafd, aligned, off)
+        return write(datafd, aligned, off, reserved)
 
 
 def fallocate(datafd: int, mode: int, off: int, length: int) -> None:
@@ -422,15 +496,25 @@ def allocation(fd: int, dev: int, ino: int) -> tuple[int, int] | None:
     return (_alloc(st), st.st_nlink) if (st.st_dev, st.st_ino) == (dev, ino) else None
 
 
-def scan(root_fd: int, progress: Any = None) -> tuple[int, int]:
+class Scan(NamedTuple):
+    """What a walk of a vfolder's tree found."""
+
+    bytes: int  # allocated, as du -s counts them (the root directory's own blocks included)
+    inodes: int  # below the root, hard links once
+    # inodes other than directories with more than one link: (st_dev, st_ino) -> (st_nlink,
+    # names in the tree), so a file with names outside the vfolder can be told apart
+    links: dict[tuple[int, int], tuple[int, int]]
+
+
+def scan(root_fd: int, progress: Any = None) -> Scan:
     """Walk a vfolder's native tree: allocated bytes (du -s) and inodes below the root.
 
-    Hard links count once, as du counts them.  Never follows symlinks and never leaves the
+    Hard links count once, as du counts them, and are counted per inode (`Scan.links`).  Never follows symlinks and never leaves the
     tree: every directory is opened relative to its parent with O_NOFOLLOW.  Depth first, with
     one fd per level (never one per sibling), so a wide tree cannot run out of fds; a directory
     that cannot be opened fails the scan rather than being left out of the count.
     """
-    seen: set[tuple[int, int]] = set()
+    links: dict[tuple[int, int], tuple[int, int]] = {}
     total, inodes = _alloc(os.fstat(root_fd)), 0
 
     def entries(dfd: int) -> list[str]:
@@ -443,11 +527,12 @@ def scan(root_fd: int, progress: Any = None) -> tuple[int, int]:
                     st = dent.stat(follow_symlinks=False)
                 except FileNotFoundError:
                     continue
-                key = (st.st_dev, st.st_ino)
-                if key in seen:
-                    continue
                 if st.st_nlink > 1 and not stat_mod.S_ISDIR(st.st_mode):
-                    seen.add(key)
+                    key = (st.st_dev, st.st_ino)
+                    names = links.get(key, (0, 0))[1] + 1
+                    links[key] = (st.st_nlink, names)
+                    if names > 1:
+                        continue
                 total += _alloc(st)
                 inodes += 1
                 if progress is not None:
@@ -476,7 +561,7 @@ def scan(root_fd: int, progress: Any = None) -> tuple[int, int]:
     finally:
         for dfd, _ in stack:
             os.close(dfd)
-    return total, inodes
+    return Scan(total, inodes, links)
 
 
 # -- directories ----------------------------------------------------------------------------------

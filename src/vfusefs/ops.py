@@ -35,7 +35,7 @@ from vfusefs.access import Caller, Mode, Need
 from vfusefs.callers import CallerCache
 from vfusefs.config import DaemonConfig
 from vfusefs.errors import handler
-from vfusefs.metrics import DENIAL_REASONS, READ_ONLY_TREE, OpStat
+from vfusefs.metrics import DENIAL_REASONS, FOREIGN_LINK, PRIVILEGED, READ_ONLY_TREE, OpStat
 from vfusefs.inodes import ROOT_INODE, InodeTable, Kind, Node
 from vfusefs.quota import QuotaExceeded, parse_count, parse_size
 from vfusefs.registry import Host, Registry, Vfolder
@@ -47,9 +47,20 @@ FH_OPS = frozenset({"read", "write", "flush", "fsync", "release", "readdir", "re
                     "fsyncdir"})
 READDIR_CHUNK = 256  # native entries read (and stat'ed) per worker hop
 FD_WAIT = 0.05  # seconds without a FORGET after which a listing at the fd limit stops waiting
-BLOCK = 4096  # allocation unit assumed for quota reservations (commits use real st_blocks)
+BLOCK = native.BLOCK
 RECONCILE_WINDOW = 60.0  # seconds a changed file is watched (> the kernel's 30 s writeback)
 XATTR_PREFIX = b"user.vfusefs."
+CAPABILITY_XATTR = b"security.capability"  # file capabilities: privilege, like a setuid bit
+SET_ID = stat_mod.S_ISUID | stat_mod.S_ISGID
+
+
+def plants_privilege(mode: int) -> bool:
+    """A device node, or a set-user/group-ID bit on anything but a directory (set-group-ID on a
+    directory only passes its group on: no privilege)."""
+    kind = stat_mod.S_IFMT(mode)
+    if kind in (stat_mod.S_IFCHR, stat_mod.S_IFBLK):
+        return True
+    return bool(mode & stat_mod.S_ISUID or mode & stat_mod.S_ISGID and kind != stat_mod.S_IFDIR)
 
 
 UNCHECKED = Caller(0, 0, 0, "/")  # the caller of every request when checks are off (bench only)
@@ -167,6 +178,8 @@ class Operations(pyfuse3.Operations):
         self.handles[fh] = h
         if h.node.vf is not None:
             h.node.vf.handles += 1
+        if isinstance(h, FileHandle):
+            h.node.opens += 1
         return fh
 
     def _drop_fh(self, fh: int) -> FileHandle | DirHandle:
@@ -229,6 +242,62 @@ class Operations(pyfuse3.Operations):
 
     def _visible(self, caller: Caller, admin: bool, vf: Vfolder) -> bool:
         return self._mode(caller, admin, vf) is not Mode.NONE
+
+    def _no_plants(self, ctx: pyfuse3.RequestContext, node: Node) -> None:
+        """SPEC §3: what a container makes must not carry privilege on native storage, which
+        other hosts and nodes may mount without nosuid/nodev.  EPERM for a confined caller
+        unless the host allows it (allow_privileged); admins and host users are unaffected
+        (the kernel already holds those to their own capabilities)."""
+        host = node.host
+        if host is not None and host.config.allow_privileged or not self.checks:
+            return
+        caller, admin = self._caller(ctx)
+        if not admin and self.callers.in_container(caller):
+            raise self._deny(node, errno.EPERM, PRIVILEGED)
+
+    # -- hard links -----------------------------------------------------------------------------
+    async def _own_links(self, node: Node) -> None:
+        """SPEC §3: no native hard link lets a caller out.  A file whose link count says it has
+        names the vfolder does not hold (`ln /elsewhere/secret <native dir>/x` on the native side)
+        is not opened, read, written or changed through the vfolder: EACCES.  Costs nothing
+        for files with one link; the names of multiply linked files are counted by a walk of
+        the vfolder when a link count is new (Registry.count_links), and links and removals
+        made through vfusefs keep that count."""
+        if node.kind is not Kind.NATIVE or node.vf is None:
+            return
+        vf = node.vf
+        if self._links_whole(vf, await self._stat(node)):
+            return
+        st = await self._run(node, native.fstat, node.fd)  # the remembered stat may be old
+        self._fresh(node, st)
+        if self._links_whole(vf, st):
+            return
+        known = vf.links.get((st.st_dev, st.st_ino))
+        if known is None or known[0] != st.st_nlink:  # not counted at this link count yet
+            await self.registry.count_links(vf)
+            st = await self._run(node, native.fstat, node.fd)
+            self._fresh(node, st)
+            if self._links_whole(vf, st):
+                return
+        raise self._deny(node, errno.EACCES, FOREIGN_LINK)
+
+    @staticmethod
+    def _links_whole(vf: Vfolder, st: os.stat_result) -> bool:
+        """Whether every link of st is a name in vf, as far as vf.links knows."""
+        if st.st_nlink <= 1 or stat_mod.S_ISDIR(st.st_mode):
+            return True
+        known = vf.links.get((st.st_dev, st.st_ino))
+        return known is not None and known[0] == st.st_nlink and known[1] >= st.st_nlink
+
+    @staticmethod
+    def _link_removed(vf: Vfolder | None, victim: os.stat_result | None) -> None:
+        """One of victim's names went through vfusefs: keep the count of its names."""
+        if vf is None or victim is None or victim.st_nlink <= 1 or stat_mod.S_ISDIR(victim.st_mode):
+            return
+        key = (victim.st_dev, victim.st_ino)
+        known = vf.links.pop(key, None)
+        if known is not None and known[0] == victim.st_nlink and victim.st_nlink > 2:
+            vf.links[key] = (known[0] - 1, known[1] - 1)
 
     # -- attributes -----------------------------------------------------------------------------
     def _fresh(self, node: Node, st: os.stat_result) -> None:
@@ -336,34 +405,31 @@ class Operations(pyfuse3.Operations):
         if vf is not None and node.kind is Kind.NATIVE:
             vf.recent[node.ino] = (node, time.monotonic() + RECONCILE_WINDOW)
 
-    def _refund(self, parent: Node, victim: os.stat_result | None, freed: int, inodes: int) -> int:
-        """What removing victim's last link frees in the ledger: what the ledger holds for it
-        (node.alloc), which may differ from its stat if the native fs settled it meanwhile."""
-        if victim is None or not inodes or parent.vf is None:
-            return freed
-        node = self.table.find(parent.vf, victim)
-        if node is None or node.alloc is None:
-            return freed
-        held = node.alloc
-        node.alloc = None
-        parent.vf.recent.pop(node.ino, None)
-        return freed + victim.st_blocks * 512 - held
+    def _victim_correction(self, vf: Vfolder | None, victim: os.stat_result | None,
+                           inodes: int) -> tuple[int, int]:
+        """What to add to the refund of a removed last link taken from its stat (its blocks and
+        one inode): the ledger may hold another figure for it (node.alloc: the native fs settled
+        it since), and a file still open keeps its blocks, and its charge, until the last close
+        (the temporary-file pattern; see release)."""
+        if victim is None or not inodes or vf is None:
+            return 0, 0
+        node = self.table.find(vf, victim)
+        if node is None:
+            return 0, 0
+        alloc = victim.st_blocks * 512
+        if node.opens:
+            node.orphan = True
+            if node.alloc is None:
+                node.alloc = alloc
+            return alloc, -inodes  # nothing freed yet
+        held, node.alloc = node.alloc, None
+        vf.recent.pop(node.ino, None)
+        return (alloc - held if held is not None else 0), 0
 
     def _release(self, node: Node, nbytes: int, inodes: int) -> None:
         """Apply a change that needs no check (what an unlink freed)."""
         if node.vf is not None and (nbytes or inodes):
             self.ledger.apply(node.vf.quota_keys, nbytes, inodes)
-
-    @staticmethod
-    def _write_bound(st: os.stat_result | None, off: int, size: int) -> int:
-        """Most bytes a write of size at off can allocate: the blocks it touches, less those
-        of a fully allocated file below its end (an overwrite in place allocates nothing)."""
-        start, end = off // BLOCK * BLOCK, -(-(off + size) // BLOCK) * BLOCK
-        if st is not None:
-            size_end = -(-st.st_size // BLOCK) * BLOCK
-            if st.st_blocks * 512 >= size_end:
-                start = max(start, size_end)
-        return max(0, end - start)
 
     def _adopt(self, parent: Node, name: bytes, entry: native.Entry) -> Node | None:
         """The node for a native inode just reached (None if a lost race needs a fresh fd)."""
@@ -371,6 +437,7 @@ class Operations(pyfuse3.Operations):
         assert vf is not None
         node = self.table.find(vf, entry.st)
         if node is not None:
+            self.table.lingering.pop(node.ino, None)  # the kernel knows it again
             if entry.fd is not None:
                 node.host.workers.close_soon([entry.fd])  # type: ignore[union-attr]
             if node.kind is Kind.NATIVE:
@@ -445,12 +512,15 @@ class Operations(pyfuse3.Operations):
 
     async def keep_fd_budget(self) -> None:
         """After a burst (an untar, an ls -lR) ends, keep asking until the budget holds again.
-        Also closes the fds batched for closing, should the FUSE loop not have (fuseloop.py)."""
+        Also closes the fds batched for closing, should the FUSE loop not have (fuseloop.py),
+        and, past the budget, the fds of forgotten files still watched (after one last look)."""
         while True:
             await trio.sleep(0.5)
             workers.flush_closes()
             if self.table.native_fds > self.fd_low + (self.fd_high - self.fd_low) // 2:
                 self._prune()
+            if self.table.lingering and self._fds_held() > self.fd_high:
+                await self.registry.settle_lingering()
 
     async def _reach(self, parent: Node, name: bytes, entry: native.Entry) -> Node:
         node = self._adopt(parent, name, entry)
@@ -517,6 +587,14 @@ class Operations(pyfuse3.Operations):
             if node is None:
                 continue
             host = node.host
+            vf = node.vf
+            if vf is not None and node.ino in vf.recent and node.nlookup <= count \
+                    and node.kind is Kind.NATIVE:
+                # changed lately: the native fs may still settle its blocks (delayed allocation),
+                # so its fd stays until its watch ends (Registry.reconcile drops it then)
+                node.nlookup = 0
+                self.table.lingering[node.ino] = node
+                continue
             fd = self.table.forget(ino, count)
             if fd >= 0 and host is not None:
                 closing.setdefault(host, []).append(fd)
@@ -536,6 +614,7 @@ class Operations(pyfuse3.Operations):
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
         self._allow(ctx, node, Need.WRITE)
+        await self._own_links(node)
         if self._setattr_is_noop(node, attr, fields):
             # after an unlink the kernel "sets" ctime and the mtime it already has: nothing to do
             # natively (no syscall sets ctime); answer uncached so the next stat asks us
@@ -543,6 +622,11 @@ class Operations(pyfuse3.Operations):
             a = self._attrs(node, node.st)
             a.attr_timeout = 0
             return a
+        if fields.update_mode and attr.st_mode & SET_ID:
+            old_mode = (await self._stat(node)).st_mode
+            # only bits it adds: a chmod u+w of a set-ID file an admin made still works
+            if plants_privilege(stat_mod.S_IFMT(old_mode) | attr.st_mode & ~old_mode):
+                self._no_plants(ctx, node)
         h = self.handles.get(fh) if fh is not None else None
         datafd = h.fd if isinstance(h, FileHandle) else None
         # a truncate allocates nothing (the new range is a hole): reserve 0, charge what changed
@@ -574,6 +658,7 @@ class Operations(pyfuse3.Operations):
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._node(inode)
         self._allow(ctx, node, Need.READ)
+        await self._own_links(node)
         return await self._run(node, native.readlink, node.fd)  # type: ignore[no-any-return]
 
     # -- making and removing names ----------------------------------------------------------------
@@ -592,6 +677,8 @@ class Operations(pyfuse3.Operations):
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self._mkparent(parent_inode, ctx)
+        if plants_privilege(mode):
+            self._no_plants(ctx, parent)
         made = await self._charged(parent, BLOCK, 1, _counted(native.mknod), parent.fd, name,
                                    mode & ~ctx.umask, rdev, ctx.uid, ctx.gid)
         return await self._made(parent, name, made)
@@ -627,10 +714,12 @@ class Operations(pyfuse3.Operations):
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
         parent = self._node(new_parent_inode)
-        self._same_vfolder(node, parent)
+        vf = self._same_vfolder(node, parent)
         self._allow(ctx, parent, Need.WRITE)
+        await self._own_links(node)
         st, parent_st, _, _ = await self._charged(parent, BLOCK, 0, _counted(native.link, 0),
                                                   node.fd, parent.fd, new_name)
+        vf.links[(st.st_dev, st.st_ino)] = (st.st_nlink, st.st_nlink)  # every name is ours
         self._fresh(parent, parent_st)
         return self._entry(node, st)
 
@@ -640,7 +729,9 @@ class Operations(pyfuse3.Operations):
         self._allow(ctx, parent, Need.DELETE)
         victim, parent_st, freed, inodes = await self._run(parent, _locked, self._locks((parent,)),
                                                            native.unlink, parent.fd, name)
-        self._release(parent, self._refund(parent, victim, freed, inodes), inodes)
+        self._link_removed(parent.vf, victim)
+        more_bytes, more_inodes = self._victim_correction(parent.vf, victim, inodes)
+        self._release(parent, freed + more_bytes, inodes + more_inodes)
         self._fresh(parent, parent_st)
         self._stale(victim, parent.vf)  # its link count dropped; other links may remain
 
@@ -664,21 +755,28 @@ class Operations(pyfuse3.Operations):
         exchange = bool(flags & pyfuse3.RENAME_EXCHANGE)
         code = access.check(mode, Need.DELETE if exchange else Need.WRITE)
         if code:
-            raise fail(code)
+            raise self._deny(old, code)
         # rw may rename but not replace: ask the kernel for NOREPLACE so no race can slip one in
         forbid_replace = mode == Mode.RW and not flags & pyfuse3.RENAME_NOREPLACE
+        # RENAME_WHITEOUT leaves a new inode (a 0:0 char device, for overlayfs) at the old name:
+        # charged like a create, and refused like one at the inode limit
+        whiteout = 1 if flags & native.RENAME_WHITEOUT else 0
         try:
             # the target directory may grow by a block; a replaced last link frees its bytes
             victim, old_st, new_st, moved, _, freed_inodes = await self._charged(
-                old, BLOCK, 0, native.rename, old.fd, name_old, new.fd, name_new,
+                old, BLOCK, whiteout, native.rename, old.fd, name_old, new.fd, name_new,
                 flags | (native.RENAME_NOREPLACE if forbid_replace else 0), lock=(old, new))
         except FileExistsError:
-            raise fail(errno.EPERM if forbid_replace else errno.EEXIST) from None
+            if forbid_replace:
+                raise self._deny(old, errno.EPERM) from None
+            raise fail(errno.EEXIST) from None
         self._fresh(old, old_st)
         self._fresh(new, new_st)
         self._stale(victim, new.vf)
         # rename charged what a replaced last link's stat said; the ledger may hold other for it
-        self._release(new, self._refund(new, victim, 0, freed_inodes), 0)
+        if not exchange:
+            self._link_removed(vf, victim)
+        self._release(new, *self._victim_correction(vf, victim, freed_inodes - whiteout))
         self._stale(moved, new.vf)  # its ctime changed
         if moved is not None and stat_mod.S_ISDIR(moved.st_mode):
             node = self.table.find(vf, moved)
@@ -703,13 +801,20 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         writes = self._writes(flags)
         caller, admin = self._allow(ctx, node, Need.WRITE if writes else Need.READ)
+        await self._own_links(node)  # before anything changes (O_TRUNC); again below
         if flags & os.O_TRUNC:  # a change like a truncate: new size and times, blocks freed
             self._watch(node)
             fd, st, _, _ = await self._charged(node, 0, 0, _tracked(node, native.open_truncating),
                                                node.fd, self._open_flags(flags))
-            self._fresh(node, st)
         else:
-            fd = await self._run(node, native.open_data, node.fd, self._open_flags(flags))
+            fd, st = await self._run(node, native.open_stat, node.fd, self._open_flags(flags))
+        self._fresh(node, st)
+        if st.st_nlink > 1:  # a link made natively since the stat the first check used
+            try:
+                await self._own_links(node)
+            except BaseException:
+                node.host.workers.close_soon([fd])  # type: ignore[union-attr]
+                raise
         fh = self._new_fh(FileHandle(fd, node, caller, admin, writes, flags))
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
@@ -718,12 +823,17 @@ class Operations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self._mkparent(parent_inode, ctx)
         caller, admin = self._caller(ctx)
-        fd, entry, parent_st, _, _ = await self._charged(
+        if plants_privilege(stat_mod.S_IFREG | mode):
+            self._no_plants(ctx, parent)
+        fd, entry, parent_st, _, made = await self._charged(
             parent, BLOCK, 1, native.create, parent.fd, name, self._open_flags(flags),
             mode & ~ctx.umask & 0o7777, ctx.uid, ctx.gid)
         self._fresh(parent, parent_st)
         try:
             node = await self._reach(parent, name, entry)
+            if not made:  # it was there (made natively since the kernel last looked)
+                self._fresh(node, entry.st)
+                await self._own_links(node)
         except BaseException:
             parent.host.workers.close_soon([fd])  # type: ignore[union-attr]
             raise
@@ -764,11 +874,16 @@ class Operations(pyfuse3.Operations):
         h = self._file(fh)
         self._recheck(h, Need.WRITE)
         h.dirty = True
-        bound = self._write_bound(h.node.st, off, len(buf))
+        bound = native.write_bound(h.node.st, off, len(buf))
         self._watch(h.node)
-        write = native.write_direct if h.direct else native.write
-        written, st, _, _ = await self._charged(h.node, bound, 0, _tracked(h.node, write),
-                                                h.fd, buf, off)
+        write = _tracked(h.node, native.write_direct if h.direct else native.write)
+        while True:
+            try:
+                written, st, _, _ = await self._charged(h.node, bound, 0, write, h.fd, buf, off,
+                                                        bound)
+                break
+            except native.NeedsRoom as more:  # it fills holes the stat did not show
+                bound = more.nbytes
         self._fresh(h.node, st)
         h.node.host.bytes_written += written  # type: ignore[union-attr]
         return written  # type: ignore[no-any-return]
@@ -776,6 +891,7 @@ class Operations(pyfuse3.Operations):
     @handler
     async def flush(self, fh: int) -> None:
         h = self._file(fh)
+        self._recheck(h, Need.READ)
         if h.dirty:  # nothing of ours to push to native storage otherwise
             h.dirty = False
             if h.node.host.flush_needed:  # type: ignore[union-attr]
@@ -784,13 +900,21 @@ class Operations(pyfuse3.Operations):
     @handler
     async def fsync(self, fh: int, datasync: bool) -> None:
         h = self._file(fh)
+        self._recheck(h, Need.READ)
         await self._run(h.node, native.fsync, h.fd, datasync)
 
     @handler
     async def release(self, fh: int) -> None:
         h = self._drop_fh(fh)
         assert isinstance(h, FileHandle)
-        h.node.host.workers.close_soon([h.fd])  # type: ignore[union-attr]
+        node = h.node
+        node.host.workers.close_soon([h.fd])  # type: ignore[union-attr]
+        node.opens -= 1
+        if node.orphan and not node.opens and node.vf is not None and not node.vf.deleted:
+            node.orphan = False  # its last name went before: now it is freed
+            self._release(node, -(node.alloc or 0), -1)
+            node.alloc = None
+            node.vf.recent.pop(node.ino, None)
 
     # -- directories ----------------------------------------------------------------------------
     @handler
@@ -929,6 +1053,7 @@ class Operations(pyfuse3.Operations):
     @handler
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         h = self._dir(fh)
+        self._recheck(h, Need.READ)
         if h.stream is not None:
             await self._run(h.node, native.fsync, h.stream.fd, datasync)
 
@@ -986,13 +1111,14 @@ class Operations(pyfuse3.Operations):
         out.f_files, out.f_ffree, out.f_favail = files, ffree, ffree
         return out
 
-    def _xattr_node(self, inode: int, ctx: pyfuse3.RequestContext, need: Need) -> Node:
+    async def _xattr_node(self, inode: int, ctx: pyfuse3.RequestContext, need: Need) -> Node:
         node = self._node(inode)
         if node.vf is None:
             if need is not Need.READ:
                 raise fail(errno.EPERM)
             raise fail(pyfuse3.ENOATTR)
         self._allow(ctx, node, need)
+        await self._own_links(node)
         return node
 
     @handler
@@ -1006,6 +1132,7 @@ class Operations(pyfuse3.Operations):
         self._allow(ctx, node, Need.READ)
         if self._absent_xattr(node, name):
             raise fail(pyfuse3.ENOATTR)
+        await self._own_links(node)
         return await self._run(node, native.getxattr, node.fd, name)  # type: ignore[no-any-return]
 
     @handler
@@ -1014,6 +1141,7 @@ class Operations(pyfuse3.Operations):
         if node.vf is None:
             return list(self._virtual_xattrs(node, ctx))
         self._allow(ctx, node, Need.READ)
+        await self._own_links(node)
         names = [os.fsencode(n) for n in await self._run(node, native.listxattr, node.fd)]
         if node.kind is Kind.VFROOT:
             names = [n for n in names if not n.startswith(XATTR_PREFIX)]
@@ -1024,7 +1152,9 @@ class Operations(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         if name.startswith(XATTR_PREFIX):
             return await self._set_limit(self._node(inode), name, value, ctx)
-        node = self._xattr_node(inode, ctx, Need.WRITE)
+        node = await self._xattr_node(inode, ctx, Need.WRITE)
+        if name == CAPABILITY_XATTR:
+            self._no_plants(ctx, node)
         self._watch(node)
         await self._charged(node, -(-(len(name) + len(value)) // BLOCK) * BLOCK, 0,
                             _tracked(node, native.setxattr), node.fd, name, value, 0)
@@ -1036,7 +1166,7 @@ class Operations(pyfuse3.Operations):
         if name.startswith(XATTR_PREFIX):
             self._node(inode)
             raise fail(errno.EPERM)
-        node = self._xattr_node(inode, ctx, Need.WRITE)
+        node = await self._xattr_node(inode, ctx, Need.WRITE)
         self._watch(node)
         await self._charged(node, 0, 0, _tracked(node, native.removexattr), node.fd, name)
         self._xattr_changed(node, name, False)

@@ -115,10 +115,10 @@ class QuotaLedger:
         acc.used_bytes, acc.used_inodes, acc.dirty = nbytes, inodes, True
 
 
-SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgtpe]?)(?:i?b)?\s*$", re.IGNORECASE)
+SIZE_RE = re.compile(r" *([0-9]{1,19}) *([kmgtpe]?)(?:i?b)? *", re.IGNORECASE)
 SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
               "e": 1 << 60}
-COUNT_RE = re.compile(r"^\s*(\d+)\s*([km]?)\s*$", re.IGNORECASE)
+COUNT_RE = re.compile(r" *([0-9]{1,19}) *([km]?) *", re.IGNORECASE)
 COUNT_UNITS = {"": 1, "k": 1000, "m": 1000_000}  # counts take decimal thousands
 
 
@@ -127,12 +127,15 @@ def _parse_limit(text: str | bytes | int, pattern: re.Pattern[str], units: dict[
     if isinstance(text, int) and not isinstance(text, bool):
         if text < 0:
             raise ValueError("a limit cannot be negative")
+        if text >= 1 << 63:
+            raise ValueError(f"limit {text} is too large (at most 2^63 - 1)")
         return text
     if isinstance(text, bytes):
         text = text.decode("ascii", errors="replace")
-    m = pattern.match(text) if isinstance(text, str) else None
+    # at most 19 digits: int() of thousands of digits is slow (and refused past 4300)
+    m = pattern.fullmatch(text) if isinstance(text, str) and len(text) <= 40 else None
     if not m:
-        raise ValueError(f"bad limit {text!r}: {usage}")
+        raise ValueError(f"bad limit {str(text)[:40]!r}: {usage}")
     value = int(m.group(1)) * units[m.group(2).lower()]
     if value >= 1 << 63:
         raise ValueError(f"limit {text!r} is too large")

@@ -8,12 +8,14 @@ HTTP-like status and a one-line message.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator
 
 import pyfuse3
 import trio
@@ -50,6 +52,10 @@ class Vfolder:
     recent: dict[int, tuple[Node, float]] = field(default_factory=dict)
     handles: int = 0  # open file and directory handles: "in use"
     deleted: bool = False
+    # files with more than one link: (st_dev, st_ino) -> (st_nlink, names in the vfolder), from
+    # the last scan and kept up to date by links and removals through vfusefs (see HardLinks)
+    links: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
+    links_scan: trio.Event | None = None  # set when the scan counting links in flight ends
 
     @property
     def grants(self) -> dict[str, str]:
@@ -93,23 +99,36 @@ class Host:
                 "vfolders": len(self.vfolders)}
 
 
-def canonical_uuid(text: str) -> str:
-    try:
-        return str(uuid.UUID(text))
-    except (ValueError, TypeError, AttributeError):
-        raise RegistryError(400, "bad_id", f"bad vfolder id {text!r}: expected a UUID") from None
+# the hyphenated form only (either case): uuid.UUID() also takes braces, "urn:uuid:", no
+# hyphens and trailing whitespace, which would turn a typo into a different, valid id
+UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
-def parse_scope(text: str | None) -> str:
-    if not text:
+def strict_uuid(text: Any) -> str | None:
+    """text as a canonical (lowercase, hyphenated) UUID, or None if it is not one."""
+    if isinstance(text, str) and UUID_RE.fullmatch(text):
+        return text.lower()
+    return None
+
+
+def canonical_uuid(text: Any) -> str:
+    vfid = strict_uuid(text)
+    if vfid is None:
+        raise RegistryError(400, "bad_id", f"bad vfolder id {str(text)[:80]!r}: expected a UUID "
+                                           f"like 6f1c2a3e-0000-4000-8000-00000000d3e0")
+    return vfid
+
+
+def parse_scope(text: Any) -> str:
+    if text is None or text == "":
         return ""
-    kind, sep, value = text.partition(":")
-    if sep and kind in ("user", "project"):
-        try:
-            return f"{kind}:{uuid.UUID(value)}"
-        except ValueError:
-            pass
-    raise RegistryError(400, "bad_scope", f"bad scope {text!r}: use user:<uuid> or project:<uuid>")
+    if isinstance(text, str):
+        kind, sep, value = text.partition(":")
+        scope_id = strict_uuid(value)
+        if sep and kind in ("user", "project") and scope_id is not None:
+            return f"{kind}:{scope_id}"
+    raise RegistryError(400, "bad_scope", f"bad scope {str(text)[:80]!r}: use user:<uuid> or "
+                                          f"project:<uuid>")
 
 
 class Registry:
@@ -133,6 +152,7 @@ class Registry:
         # vfolders whose usage stays untrusted until a rescan finishes: while any is left, a
         # stop is not "clean" and the next start recounts
         self.untrusted: set[str] = set()
+        self._id_locks: dict[str, trio.Lock] = {}  # see _lifecycle
     # -- start-up -------------------------------------------------------------------------------
     async def load(self) -> None:
         for hc in self.config.hosts.values():
@@ -162,6 +182,17 @@ class Registry:
         """Serve a vfolder from the store on host; None (logged) if its directory is missing."""
         try:
             vf = await self._attach(host, rec)
+        except FileNotFoundError:
+            moved = await host.workers.run(host.backend.find_in_trash, rec.id)
+            if moved is None:
+                raise
+            # a delete that stopped (a crash) between moving the data and the store: finish it
+            await self.store_workers.run(self.store.delete_vfolder, rec.id,
+                                         TrashRecord(moved, host.name, rec.id, time.time()))
+            self.trash_waiting.set()
+            log.info("vfolder %s: finished its deletion (data already in %s)", rec.id, moved,
+                     extra={"host": host.name, "vfolder": rec.id})
+            return None
         except OSError as exc:
             log.error("vfolder %s: native directory %s cannot be opened (%s): not served",
                       rec.id, rec.native_path, exc.strerror,
@@ -269,7 +300,9 @@ class Registry:
         if vf.root is not None:
             vf.root.kind = Kind.NATIVE  # no longer pinned: dropped once the kernel forgets it
             self.table.native_fds += 1
-        self.table.detach(vf)
+        fds = self.table.detach(vf)
+        if fds:
+            vf.host.workers.close_soon(fds)
 
     async def _add_host_live(self, hc: HostConfig) -> None:
         host = self._add_host(hc)
@@ -307,29 +340,65 @@ class Registry:
             raise RegistryError(404, "no_such_vfolder", f"no vfolder {vfid} on host {host!r}") from None
 
     # -- changes --------------------------------------------------------------------------------
-    async def create_vfolder(self, host_name: str, vfid: str | None = None, scope: str | None = None,
-                             quota_bytes: int = 0, quota_inodes: int = 0,
-                             grants: list[dict[str, str]] | None = None, adopt: bool = False) -> Vfolder:
+    @contextlib.asynccontextmanager
+    async def _lifecycle(self, vfid: str) -> AsyncIterator[None]:
+        """Serialize changes to one vfolder id (create, delete, grants, limits): each reads the
+        state, awaits native storage and the store, then writes; interleaved, a delete could
+        remove the store record of a create that came after it."""
+        lock = self._id_locks.setdefault(vfid, trio.Lock())
+        async with lock:
+            try:
+                yield
+            finally:
+                if not lock.statistics().tasks_waiting:
+                    self._id_locks.pop(vfid, None)
+
+    async def create_vfolder(self, host_name: str, vfid: Any = None, scope: Any = None,
+                             quota_bytes: Any = 0, quota_inodes: Any = 0,
+                             grants: Any = None, adopt: Any = False) -> Vfolder:
+        # everything is validated before anything is changed: a refused create leaves nothing
         host = self.host(host_name)
-        vfid = canonical_uuid(vfid) if vfid else str(uuid.uuid4())
+        vfid = str(uuid.uuid4()) if vfid is None else canonical_uuid(vfid)
         scope = parse_scope(scope)
-        grant_map = parse_grants(grants or [])
+        grant_map = parse_grants([] if grants is None else grants)
         quota_bytes, quota_inodes = (v or 0 for v in parse_limits(quota_bytes, quota_inodes))
-        if vfid in self.vfolders:
-            raise RegistryError(409, "exists", f"vfolder {vfid} already exists")
+        if not isinstance(adopt, bool):
+            raise RegistryError(400, "bad_adopt", "adopt must be true or false")
         try:
             path = host.backend.native_path(uuid.UUID(vfid), scope)
-            await host.workers.run(host.backend.create_vfolder, path, adopt)
         except BackendError as exc:
-            raise RegistryError(409, "backend", str(exc)) from None
-        rec = VfolderRecord(id=vfid, host=host.name, native_path=path, scope=scope,
-                            quota_bytes=quota_bytes, quota_inodes=quota_inodes, grants=grant_map)
-        await self.store_workers.run(self.store.put_vfolder, rec)
-        vf = await self._attach(host, rec)
-        if adopt:
-            self.start_rescan(vf)
-        else:
-            self.set_usage(vf, *await host.workers.run(native.scan, vf.root.fd))  # type: ignore[union-attr]
+            raise RegistryError(400, "bad_scope", str(exc)) from None
+        async with self._lifecycle(vfid):
+            if vfid in self.vfolders or await self.store_workers.run(self.store.has_vfolder, vfid):
+                raise RegistryError(409, "exists", f"vfolder {vfid} already exists")
+            try:
+                made = await host.workers.run(host.backend.create_vfolder, path, adopt)
+            except BackendError as exc:
+                raise RegistryError(409, "backend", str(exc)) from None
+            rec = VfolderRecord(id=vfid, host=host.name, native_path=path, scope=scope,
+                                quota_bytes=quota_bytes, quota_inodes=quota_inodes,
+                                grants=grant_map)
+            try:
+                await self.store_workers.run(self.store.put_vfolder, rec)
+                vf = None
+                try:
+                    vf = await self._attach(host, rec)
+                    if not adopt:  # an empty directory: its own blocks
+                        found = await host.workers.run(native.scan, vf.root.fd)  # type: ignore[union-attr]
+                        self.set_usage(vf, found.bytes, found.inodes)
+                except BaseException:
+                    if vf is not None:
+                        self._stop_serving(vf)
+                    with trio.CancelScope(shield=True):
+                        await self.store_workers.run(self.store.delete_vfolder, vfid, None)
+                    raise
+            except BaseException:
+                if made:  # only what this create made: an adopted directory stays
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(host.backend.remove_new_vfolder, path)
+                raise
+            if adopt:
+                self.start_rescan(vf)
         log.info("vfolder %s created on host %s at %s", vfid, host.name, path,
                  extra={"host": host.name, "vfolder": vfid})
         return vf
@@ -345,10 +414,43 @@ class Registry:
         self.ledger.apply(vf.quota_keys, drift, 0)
         now = time.monotonic()
         for node in gone:
-            vf.recent.pop(node.ino, None)
-        for ino, (node, until) in list(vf.recent.items()):
+            self._unwatch(vf, node)
+        for node, until in list(vf.recent.values()):
             if until < now:
-                del vf.recent[ino]
+                self._unwatch(vf, node)
+
+    def _unwatch(self, vf: Vfolder, node: Node) -> None:
+        vf.recent.pop(node.ino, None)
+        fd = self.table.unlinger(node)
+        if fd >= 0:
+            vf.host.workers.close_soon([fd])
+
+    async def settle_lingering(self) -> None:
+        """Past the fd budget: give up watching forgotten files, after one last look."""
+        for vf in {node.vf for node in self.table.lingering.values()}:
+            if vf is None or vf.deleted:
+                continue
+            await self.reconcile(vf)
+            for node in [n for n in self.table.lingering.values() if n.vf is vf]:
+                self._unwatch(vf, node)
+
+    async def count_links(self, vf: Vfolder) -> None:
+        """Count the names of every multiply linked file in the vfolder (a walk of its tree),
+        for a file whose link count the last count does not explain.  Concurrent callers share
+        one walk; bounded by the host's op_timeout (EIO)."""
+        if vf.links_scan is not None:
+            await vf.links_scan.wait()
+            return
+        vf.links_scan = done = trio.Event()
+        try:
+            assert vf.root is not None
+            with trio.fail_after(vf.host.config.op_timeout):
+                found = await trio.to_thread.run_sync(native.scan, vf.root.fd,
+                                                      abandon_on_cancel=True)
+            vf.links = found.links
+        finally:
+            vf.links_scan = None
+            done.set()
 
     def set_usage(self, vf: Vfolder, nbytes: int, inodes: int) -> None:
         """Set a vfolder's usage (load, rescan), moving its scope's total by the difference."""
@@ -359,8 +461,11 @@ class Registry:
 
     async def set_limits(self, host_name: str, vfid: str, quota_bytes: Any = None,
                          quota_inodes: Any = None) -> Vfolder:
-        vf = self.vfolder(host_name, vfid)
         qb, qi = parse_limits(quota_bytes, quota_inodes)
+        async with self._lifecycle(self.vfolder(host_name, vfid).id):
+            return await self._set_limits(self.vfolder(host_name, vfid), qb, qi)
+
+    async def _set_limits(self, vf: Vfolder, qb: int | None, qi: int | None) -> Vfolder:
         rec = VfolderRecord(**{**vf.record.__dict__,
                                "quota_bytes": vf.record.quota_bytes if qb is None else qb,
                                "quota_inodes": vf.record.quota_inodes if qi is None else qi})
@@ -429,7 +534,7 @@ class Registry:
 
         try:
             assert vf.root is not None
-            nbytes, inodes = await trio.to_thread.run_sync(native.scan, vf.root.fd, progress,
+            nbytes, inodes, links = await trio.to_thread.run_sync(native.scan, vf.root.fd, progress,
                                                            abandon_on_cancel=True)
         except Exception as exc:
             task.state, task.error = "failed", str(exc)
@@ -437,15 +542,18 @@ class Registry:
                         extra={"host": vf.host.name, "vfolder": vf.id})
         else:
             if not vf.deleted:
-                for node, _ in vf.recent.values():  # the scan saw their current allocation
+                for node, _ in list(vf.recent.values()):  # the scan saw their allocation
                     node.alloc = None
-                vf.recent.clear()
+                    self._unwatch(vf, node)
+                for node in self.table.of_vfolder(vf):
+                    node.orphan = False  # nameless: not counted by the scan, nothing to refund
                 old = self.ledger.account(vf.quota_keys[0])
                 if (old.used_bytes, old.used_inodes) != (nbytes, inodes):
                     log.info("rescan of vfolder %s: usage %d -> %d bytes, %d -> %d inodes", vf.id,
                              old.used_bytes, nbytes, old.used_inodes, inodes,
                              extra={"host": vf.host.name, "vfolder": vf.id})
                 self.set_usage(vf, nbytes, inodes)
+                vf.links = links
                 self.untrusted.discard(vf.id)
             task.entries, task.bytes, task.state = inodes, nbytes, "done"
         task.finished = time.time()
@@ -455,7 +563,11 @@ class Registry:
                     del self.tasks[key]
 
     async def delete_vfolder(self, host_name: str, vfid: str, force: bool = False) -> str:
-        vf = self.vfolder(host_name, vfid)
+        async with self._lifecycle(self.vfolder(host_name, vfid).id):
+            return await self._delete_vfolder(host_name, vfid, force)
+
+    async def _delete_vfolder(self, host_name: str, vfid: str, force: bool) -> str:
+        vf = self.vfolder(host_name, vfid)  # again: it may have gone while we waited
         if vf.handles and not force:
             raise RegistryError(409, "in_use", f"vfolder {vf.id} is in use ({vf.handles} open "
                                                f"handles); add force=1 to delete anyway")
@@ -466,6 +578,12 @@ class Registry:
         try:
             moved = await host.workers.run(host.backend.delete_vfolder, vf.record.native_path, vf.id)
         except OSError as exc:
+            # nothing moved: serve it again, as it was (its usage is recounted)
+            again = await self._attach_stored(host, vf.record, {})
+            if again is not None:
+                self.untrusted.add(again.id)
+                if self.nursery is not None:
+                    self.start_rescan(again)
             raise RegistryError(409, "backend", f"cannot move {vf.record.native_path} to trash: "
                                                 f"{exc.strerror}") from None
         trash = TrashRecord(moved, host.name, vf.id, time.time()) if moved else None
@@ -476,6 +594,10 @@ class Registry:
         return moved
 
     async def set_grant(self, host_name: str, vfid: str, principal: str, mode: str | None) -> Vfolder:
+        async with self._lifecycle(self.vfolder(host_name, vfid).id):
+            return await self._set_grant(host_name, vfid, principal, mode)
+
+    async def _set_grant(self, host_name: str, vfid: str, principal: str, mode: str | None) -> Vfolder:
         vf = self.vfolder(host_name, vfid)
         try:
             principal = access.parse_principal(principal)
@@ -522,7 +644,9 @@ class Registry:
             if host is None:
                 continue
             try:
-                await trio.to_thread.run_sync(host.backend.purge, rec.path)
+                # a stop does not wait for a big purge: it is queued still, and the next start
+                # goes on where this one was interrupted
+                await trio.to_thread.run_sync(host.backend.purge, rec.path, abandon_on_cancel=True)
             except (OSError, BackendError) as exc:
                 log.warning("purging %s failed: %s", rec.path, exc)
                 continue

@@ -96,6 +96,9 @@ class SqliteStore:
                               quota_inodes=r[5], grants=json.loads(r[6]), created=r[7])
                 for r in rows]
 
+    def has_vfolder(self, vfid: str) -> bool:
+        return bool(self._run("SELECT 1 FROM vfolders WHERE id = ?", (vfid,)))
+
     def put_vfolder(self, rec: VfolderRecord) -> None:
         self._run("INSERT OR REPLACE INTO vfolders VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                   (rec.id, rec.host, rec.native_path, rec.scope, rec.quota_bytes, rec.quota_inodes,

@@ -56,15 +56,26 @@ class Backend:
         return os.path.join(self.host.path, TRASH_DIR)
 
     # -- vfolder lifecycle ----------------------------------------------------------------------
-    def create_vfolder(self, path: str, adopt: bool = False) -> None:
+    def create_vfolder(self, path: str, adopt: bool = False) -> bool:
+        """Make the vfolder's directory (or, with adopt, use the one there); True if made."""
         if os.path.lexists(path) and not adopt:
-            raise BackendError(f"native directory {path} already exists (pass adopt to use it)")
+            raise BackendError(f"native directory {path} already exists (adopt it with --adopt)")
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
         try:
             os.mkdir(path, 0o755)
+            return True
         except FileExistsError:
             if not os.path.isdir(path) or os.path.islink(path):
                 raise BackendError(f"native path {path} exists and is not a directory") from None
+            return False
+
+    def remove_new_vfolder(self, path: str) -> None:
+        """Undo create_vfolder after a later step failed: the directory is still empty (nothing
+        could reach it before it was served)."""
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:
+            pass
 
     def delete_vfolder(self, path: str, vfid: str) -> str:
         """Move the vfolder's data into the host's trash (a rename) and return where it went."""
@@ -75,6 +86,14 @@ class Backend:
             os.rename(path, target)
             return target
         return ""
+
+    def find_in_trash(self, vfid: str) -> str | None:
+        """Where delete_vfolder moved vfid's data, if it is still in the trash."""
+        try:
+            names = sorted(n for n in os.listdir(self.trash_dir()) if n.startswith(vfid + "."))
+        except FileNotFoundError:
+            return None
+        return os.path.join(self.trash_dir(), names[-1]) if names else None
 
     def purge(self, trash_path: str) -> None:
         """Remove trashed data for good (slow; runs in the background)."""
