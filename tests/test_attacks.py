@@ -395,3 +395,59 @@ def test_random_control_bodies_never_break_the_api(daemon: Daemon) -> None:
     daemon.start()
     assert {v["id"] for v in daemon.api("GET", "/v1/hosts/local/vfolders").json()} == served
     assert native_dirs(daemon) == served
+
+
+MAPPER = r"""
+import errno, mmap, os, sys
+fd = os.open("shared", os.O_RDWR)
+m = mmap.mmap(fd, 8192, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+print("ready", flush=True)
+for line in sys.stdin:
+    off, byte = line.split()
+    m[int(off)] = ord(byte)
+    try:
+        m.flush()
+        print("ok", flush=True)
+    except OSError as e:
+        print(errno.errorcode[e.errno], flush=True)
+"""
+
+
+def test_a_narrowed_caller_cannot_write_through_a_shared_mapping(daemon: Daemon) -> None:
+    a, b = Container(), Container()
+    try:
+        vf = daemon.vfolder(grants=[{"principal": f"cgroup:{a.cgroup}", "mode": "rw"},
+                                    {"principal": f"cgroup:{b.cgroup}", "mode": "rw"}])
+        (vf / "shared").write_bytes(b"." * 8192)
+        native = native_of(daemon, vf)
+        procs = [subprocess.Popen(c.wrap(vf, [sys.executable, "-c", MAPPER]), stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True) for c in (a, b)]
+        try:
+            def ask(p: subprocess.Popen[str], line: str) -> str:
+                assert p.stdin is not None and p.stdout is not None
+                p.stdin.write(line + "\n")
+                p.stdin.flush()
+                return p.stdout.readline().strip()
+
+            for p in procs:
+                assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+            assert ask(procs[0], "0 a") == "ok" and ask(procs[1], "1 b") == "ok"
+            assert (native / "shared").read_bytes()[:2] == b"ab"
+            grant(daemon, vf, f"cgroup:{a.cgroup}", "ro")
+            # A's page is written back through whichever writable handle the kernel picks
+            assert ask(procs[0], "4096 A") != "ok"
+            assert (native / "shared").read_bytes()[4096] == ord(".")
+            # once A has let go of the file, B's mapping writes again
+            procs[0].kill()
+            procs[0].wait()
+            deadline = time.monotonic() + 10
+            while ask(procs[1], "2 c") != "ok" and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert (native / "shared").read_bytes()[:3] == b"abc"
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
+    finally:
+        a.close()
+        b.close()

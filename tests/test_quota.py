@@ -193,6 +193,7 @@ def test_edquot_bypass_attempts(daemon: Daemon, world_dir: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         assert exc.value.errno == errno.EDQUOT
+        m.close()  # the mapping holds the file (and its blocks) until it is unmapped
     assert over_by() <= 0
     os.unlink(vf / "mapped")
     # O_APPEND from many processes at once

@@ -1,5 +1,5 @@
 """What pyfuse3 does not tell a handler: which inode a statfs request is about, and which thread
-is reading (see shim/fuseshim.c).
+is reading, whether a write comes from the page cache (see shim/fuseshim.c).
 
 `load()` must run before pyfuse3 is imported (the package's __init__ calls it): the shim then
 wraps fuse_session_new.  `statfs_ino()` returns the inode of the statfs request being handled,
@@ -17,11 +17,12 @@ import sys
 
 _ino: ctypes.c_ulonglong | None = None
 _tid: ctypes.c_int | None = None
+_cached: ctypes.c_int | None = None
 _hooked: ctypes.c_int | None = None
 
 
 def load() -> None:
-    global _ino, _tid, _hooked
+    global _ino, _tid, _cached, _hooked
     if "pyfuse3" in sys.modules or _ino is not None:
         return  # too late to interpose, or done already
     here = os.path.dirname(__file__)
@@ -32,6 +33,7 @@ def load() -> None:
             continue
         _ino = ctypes.c_ulonglong.in_dll(lib, "vfusefs_statfs_ino")
         _tid = ctypes.c_int.in_dll(lib, "vfusefs_read_tid")
+        _cached = ctypes.c_int.in_dll(lib, "vfusefs_write_cached")
         _hooked = ctypes.c_int.in_dll(lib, "vfusefs_statfs_hooked")
         return
 
@@ -48,3 +50,9 @@ def statfs_ino() -> int | None:
 def read_tid() -> int:
     """The thread id of the process whose read is being handled; 0 if unknown."""
     return int(_tid.value) if _tid is not None else 0
+
+
+def write_cached() -> bool:
+    """Whether the write being handled is the kernel writing back its cached pages (a shared
+    writable mapping): its handle is not necessarily the one whose caller dirtied them."""
+    return bool(_cached.value) if _cached is not None else False

@@ -203,15 +203,16 @@ def _reopen_path(datafd: int) -> Entry:
         raise
 
 
-def open_data(fd: int, flags: int) -> int:
+def _reopen(fd: int, flags: int) -> int:
     # O_NOFOLLOW was for the kernel's walk; here it would refuse the /proc magic link itself
     return NewFd(os.open(proc(fd), (flags | os.O_CLOEXEC)
                          & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW)))
 
 
-def open_stat(fd: int, flags: int) -> tuple[int, os.stat_result]:
-    """open_data, and the stat of what was opened (its link count as of the open)."""
-    datafd = open_data(fd, flags)
+def open_data(fd: int, flags: int) -> tuple[int, os.stat_result]:
+    """A data fd for the inode fd holds, and the stat of what was opened (its link count as
+    of the open)."""
+    datafd = _reopen(fd, flags)
     try:
         return datafd, os.fstat(datafd)
     except BaseException:
@@ -220,10 +221,10 @@ def open_stat(fd: int, flags: int) -> tuple[int, os.stat_result]:
 
 
 def open_truncating(fd: int, flags: int) -> tuple[int, os.stat_result, int]:
-    """open_data with O_TRUNC: also returns the stat after and the change in allocated bytes
-    (the kernel forgets the file's size and times, and the freed blocks leave the quota)."""
+    """open_data with O_TRUNC: also returns the change in allocated bytes (the kernel forgets
+    the file's size and times, and the freed blocks leave the quota)."""
     before = os.fstat(fd)
-    datafd = open_data(fd, flags)
+    datafd = _reopen(fd, flags)
     try:
         after = os.fstat(datafd)
     except BaseException:

@@ -807,7 +807,7 @@ class Operations(pyfuse3.Operations):
             fd, st, _, _ = await self._charged(node, 0, 0, _tracked(node, native.open_truncating),
                                                node.fd, self._open_flags(flags))
         else:
-            fd, st = await self._run(node, native.open_stat, node.fd, self._open_flags(flags))
+            fd, st = await self._run(node, native.open_data, node.fd, self._open_flags(flags))
         self._fresh(node, st)
         if st.st_nlink > 1:  # a link made natively since the stat the first check used
             try:
@@ -871,8 +871,11 @@ class Operations(pyfuse3.Operations):
 
     @handler
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        cached = fuseshim.write_cached()  # first, before any await (see fuseshim.py)
         h = self._file(fh)
         self._recheck(h, Need.WRITE)
+        if cached and h.node.opens > 1:
+            self._no_narrowed_writer(h)
         h.dirty = True
         bound = native.write_bound(h.node.st, off, len(buf))
         self._watch(h.node)
@@ -887,6 +890,22 @@ class Operations(pyfuse3.Operations):
         self._fresh(h.node, st)
         h.node.host.bytes_written += written  # type: ignore[union-attr]
         return written  # type: ignore[no-any-return]
+
+    def _no_narrowed_writer(self, h: FileHandle) -> None:
+        """The kernel writes back a shared writable mapping's pages through any writable handle
+        of the file, so a caller whose grant was narrowed could still have its writes land
+        through another caller's handle.  While such a caller holds the file open (or mapped)
+        for writing, pages written back from the cache are refused for everyone (EROFS; msync
+        and fsync report it), since the kernel does not say who dirtied them."""
+        vf = h.node.vf
+        if vf is None:
+            return
+        for other in self.handles.values():
+            if other is not h and other.node is h.node and isinstance(other, FileHandle) \
+                    and other.writable:
+                code = access.check(self._mode(other.caller, other.admin, vf), Need.WRITE)
+                if code:
+                    raise self._deny(h.node, code)
 
     @handler
     async def flush(self, fh: int) -> None:

@@ -367,7 +367,7 @@ class Registry:
         try:
             path = host.backend.native_path(uuid.UUID(vfid), scope)
         except BackendError as exc:
-            raise RegistryError(400, "bad_scope", str(exc)) from None
+            raise RegistryError(409, "backend", str(exc)) from None
         async with self._lifecycle(vfid):
             if vfid in self.vfolders or await self.store_workers.run(self.store.has_vfolder, vfid):
                 raise RegistryError(409, "exists", f"vfolder {vfid} already exists")

@@ -16,14 +16,19 @@
  * vfusefs_read_tid: while a read waits for the device, vfusefs keeps that thread's CPU awake
  * (the keeper in shim/hop.c).
  *
+ * write_buf is wrapped to store whether a write is the kernel writing back pages of its cache
+ * (fi->writepage: a shared writable mapping, or the write-back cache) in
+ * vfusefs_write_cached: such a write carries whichever writable handle the kernel picked, not
+ * necessarily the one of whoever dirtied the pages (ops.write decides with it).
+ *
  * It also wraps fuse_reply_open() (pyfuse3 binds it here the same way) to set FOPEN_NOFLUSH on
  * files opened read-only: the kernel then does not send a FLUSH request when such a file is
  * closed.  vfusefs has nothing to do on those (flush pushes a handle's writes; posix locks are
  * the kernel's, vfusefs implements none), and one request fewer per read-only open is about a
  * fifth of what reading a small file costs.
  *
- * What it must never do: change any other operation, or anything about statfs and read but
- * recording, or anything about an open reply but noflush on read-only opens.
+ * What it must never do: change any other operation, or anything about statfs, read and
+ * write_buf but recording, or anything about an open reply but noflush on read-only opens.
  */
 #define _GNU_SOURCE
 #define FUSE_USE_VERSION 32
@@ -35,10 +40,14 @@
 volatile unsigned long long vfusefs_statfs_ino = 0;
 volatile int vfusefs_statfs_hooked = 0;
 volatile int vfusefs_read_tid = 0;
+volatile int vfusefs_write_cached = 0;
 
 typedef void (*read_fn)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_file_info *);
 static void (*pyfuse3_statfs)(fuse_req_t req, fuse_ino_t ino);
 static read_fn pyfuse3_read;
+typedef void (*write_buf_fn)(fuse_req_t, fuse_ino_t, struct fuse_bufvec *, off_t,
+                             struct fuse_file_info *);
+static write_buf_fn pyfuse3_write_buf;
 static struct fuse_lowlevel_ops ops_copy;
 
 /* libfuse's own definition of a function we wrap, asked for by name (RTLD_NEXT cannot see it
@@ -69,6 +78,13 @@ static void record_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     pyfuse3_read(req, ino, size, off, fi);
 }
 
+static void record_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *bufv, off_t off,
+                             struct fuse_file_info *fi)
+{
+    vfusefs_write_cached = fi != NULL && fi->writepage;
+    pyfuse3_write_buf(req, ino, bufv, off, fi);
+}
+
 typedef struct fuse_session *(*session_new_fn)(struct fuse_args *, const struct fuse_lowlevel_ops *,
                                                size_t, void *);
 
@@ -88,6 +104,10 @@ struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_
     if (op->read != NULL) {
         pyfuse3_read = op->read;
         ops_copy.read = record_read;
+    }
+    if (op->write_buf != NULL) {
+        pyfuse3_write_buf = op->write_buf;
+        ops_copy.write_buf = record_write_buf;
     }
     vfusefs_statfs_hooked = 1;
     return real(args, &ops_copy, op_size, userdata);
