@@ -68,7 +68,7 @@ def test_opened_finds_the_fds_a_late_result_holds(tmp_path: Path) -> None:
         (tmp_path / "f").touch()
         entry = native.open_path(dirfd, b"f")
         stream = native.DirStream(dirfd)
-        data = native.open_data(entry.fd, os.O_RDONLY)
+        data, _ = native.open_data(entry.fd, os.O_RDONLY)  # the fd and its stat
         try:
             assert isinstance(entry.fd, native.NewFd)
             late = [(b"f", entry), (data, os.fstat(dirfd), 7), (stream, os.fstat(dirfd))]
