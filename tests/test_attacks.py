@@ -286,6 +286,17 @@ def native_dirs(d: Daemon) -> set[str]:
     return {n for n in os.listdir(d.hosts["local"]["path"]) if not n.startswith(".")}
 
 
+def store_and_native_agree_across_a_restart(d: Daemon) -> None:
+    """Every served vfolder has its directory and every directory its vfolder, before and
+    after a restart (nothing vanished from the store, nothing left orphaned)."""
+    served = {v["id"] for v in d.api("GET", "/v1/hosts/local/vfolders").json()}
+    assert native_dirs(d) == served
+    d.stop()
+    d.start()
+    assert {v["id"] for v in d.api("GET", "/v1/hosts/local/vfolders").json()} == served
+    assert native_dirs(d) == served
+
+
 def test_control_api_refuses_bad_input_and_changes_nothing(daemon: Daemon) -> None:
     for body, code in BAD_BODIES:
         r = daemon.api("POST", "/v1/hosts/local/vfolders", body)
@@ -331,12 +342,7 @@ def test_concurrent_creates_and_deletes_of_one_id_stay_consistent(daemon: Daemon
     for t in threads:
         t.join()
     assert set(statuses) <= {200, 201, 404, 409}, sorted(set(statuses))
-    served = {v["id"] for v in daemon.api("GET", "/v1/hosts/local/vfolders").json()}
-    assert native_dirs(daemon) == served
-    daemon.stop()
-    daemon.start()
-    assert {v["id"] for v in daemon.api("GET", "/v1/hosts/local/vfolders").json()} == served
-    assert native_dirs(daemon) == served
+    store_and_native_agree_across_a_restart(daemon)
 
 
 def test_a_stop_during_a_purge_is_quiet_and_the_purge_resumes(daemon: Daemon) -> None:
@@ -392,12 +398,7 @@ def test_random_control_bodies_never_break_the_api(daemon: Daemon) -> None:
                 assert set(r.json()) == {"error", "message"} and "\n" not in r.json()["message"]
 
     attempt()
-    served = {v["id"] for v in daemon.api("GET", "/v1/hosts/local/vfolders").json()}
-    assert native_dirs(daemon) == served
-    daemon.stop()
-    daemon.start()
-    assert {v["id"] for v in daemon.api("GET", "/v1/hosts/local/vfolders").json()} == served
-    assert native_dirs(daemon) == served
+    store_and_native_agree_across_a_restart(daemon)
 
 
 MAPPER = r"""

@@ -510,8 +510,9 @@ class Scan(NamedTuple):
 def scan(root_fd: int, progress: Any = None) -> Scan:
     """Walk a vfolder's native tree: allocated bytes (du -s) and inodes below the root.
 
-    Hard links count once, as du counts them, and are counted per inode (`Scan.links`).  Never follows symlinks and never leaves the
-    tree: every directory is opened relative to its parent with O_NOFOLLOW.  Depth first, with
+    Hard links count once, as du counts them, and their names per inode (`Scan.links`).  Never
+    follows symlinks and never leaves the tree: every directory is opened relative to its
+    parent with O_NOFOLLOW.  Depth first, with
     one fd per level (never one per sibling), so a wide tree cannot run out of fds; a directory
     that cannot be opened fails the scan rather than being left out of the count.
     """

@@ -801,15 +801,15 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         writes = self._writes(flags)
         caller, admin = self._allow(ctx, node, Need.WRITE if writes else Need.READ)
-        await self._own_links(node)  # before anything changes (O_TRUNC); again below
         if flags & os.O_TRUNC:  # a change like a truncate: new size and times, blocks freed
+            await self._own_links(node)  # before it changes anything; again below
             self._watch(node)
             fd, st, _, _ = await self._charged(node, 0, 0, _tracked(node, native.open_truncating),
                                                node.fd, self._open_flags(flags))
         else:
             fd, st = await self._run(node, native.open_data, node.fd, self._open_flags(flags))
         self._fresh(node, st)
-        if st.st_nlink > 1:  # a link made natively since the stat the first check used
+        if st.st_nlink > 1:  # as of the open: a link made natively a moment ago counts
             try:
                 await self._own_links(node)
             except BaseException:

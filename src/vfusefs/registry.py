@@ -53,7 +53,7 @@ class Vfolder:
     handles: int = 0  # open file and directory handles: "in use"
     deleted: bool = False
     # files with more than one link: (st_dev, st_ino) -> (st_nlink, names in the vfolder), from
-    # the last scan and kept up to date by links and removals through vfusefs (see HardLinks)
+    # the last scan, kept up to date by links and removals through vfusefs (Operations._own_links)
     links: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
     links_scan: trio.Event | None = None  # set when the scan counting links in flight ends
 
