@@ -31,6 +31,10 @@ _renameat2 = _libc.renameat2
 _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_sync_file_range = _libc.sync_file_range
+_sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+# SYNC_FILE_RANGE_WAIT_BEFORE | _WRITE | _WAIT_AFTER: start writeback of every dirty page, wait
+_SYNC_WHOLE_RANGE = 1 | 2 | 4
 
 
 def proc(fd: int) -> str:
@@ -497,6 +501,23 @@ def allocation(fd: int, dev: int, ino: int) -> tuple[int, int] | None:
     return (_alloc(st), st.st_nlink) if (st.st_dev, st.st_ino) == (dev, ino) else None
 
 
+def write_back(fd: int, dev: int, ino: int) -> None:
+    """Make the native fs allocate what it still defers for a regular file (delayed allocation
+    settles st_blocks, extent blocks included, at writeback): write its dirty pages back now and
+    wait.  fd is the file's O_PATH fd; data only, no journal commit (not fsync).  Quietly does
+    nothing when the fd no longer refers to (dev, ino) or the file cannot be opened."""
+    try:
+        data = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NOATIME | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        st = os.fstat(data)
+        if (st.st_dev, st.st_ino) == (dev, ino) and stat_mod.S_ISREG(st.st_mode):
+            _sync_file_range(data, 0, 0, _SYNC_WHOLE_RANGE)
+    finally:
+        os.close(data)
+
+
 class Scan(NamedTuple):
     """What a walk of a vfolder's tree found."""
 
@@ -505,9 +526,12 @@ class Scan(NamedTuple):
     # inodes other than directories with more than one link: (st_dev, st_ino) -> (st_nlink,
     # names in the tree), so a file with names outside the vfolder can be told apart
     links: dict[tuple[int, int], tuple[int, int]]
+    # allocated bytes of the inodes asked for (`watched`) that the walk met
+    seen: dict[tuple[int, int], int]
 
 
-def scan(root_fd: int, progress: Any = None) -> Scan:
+def scan(root_fd: int, progress: Any = None,
+         watched: "frozenset[tuple[int, int]]" = frozenset()) -> Scan:
     """Walk a vfolder's native tree: allocated bytes (du -s) and inodes below the root.
 
     Hard links count once, as du counts them, and their names per inode (`Scan.links`).  Never
@@ -517,6 +541,7 @@ def scan(root_fd: int, progress: Any = None) -> Scan:
     that cannot be opened fails the scan rather than being left out of the count.
     """
     links: dict[tuple[int, int], tuple[int, int]] = {}
+    seen: dict[tuple[int, int], int] = {}
     total, inodes = _alloc(os.fstat(root_fd)), 0
 
     def entries(dfd: int) -> list[str]:
@@ -537,6 +562,8 @@ def scan(root_fd: int, progress: Any = None) -> Scan:
                         continue
                 total += _alloc(st)
                 inodes += 1
+                if watched and (st.st_dev, st.st_ino) in watched:
+                    seen[(st.st_dev, st.st_ino)] = _alloc(st)
                 if progress is not None:
                     progress(inodes, total)
                 if stat_mod.S_ISDIR(st.st_mode):
@@ -563,7 +590,7 @@ def scan(root_fd: int, progress: Any = None) -> Scan:
     finally:
         for dfd, _ in stack:
             os.close(dfd)
-    return Scan(total, inodes, links)
+    return Scan(total, inodes, links, seen)
 
 
 # -- directories ----------------------------------------------------------------------------------

@@ -378,12 +378,13 @@ class Operations(pyfuse3.Operations):
             res = self.ledger.reserve(vf.quota_keys, nbytes, inodes)
         except QuotaExceeded:
             raise self._deny(node, errno.EDQUOT) from None
-        try:
-            result = await self._run(node, _locked, self._locks(lock or (node,)), fn, *args)
-        except BaseException:
-            self.ledger.refund(res)
-            raise
-        self.ledger.commit(res, result[-2], result[-1])
+        with changing(vf):
+            try:
+                result = await self._run(node, _locked, self._locks(lock or (node,)), fn, *args)
+            except BaseException:
+                self.ledger.refund(res)
+                raise
+            self.ledger.commit(res, result[-2], result[-1])
         return result
 
     @staticmethod
@@ -727,11 +728,12 @@ class Operations(pyfuse3.Operations):
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._node(parent_inode)
         self._allow(ctx, parent, Need.DELETE)
-        victim, parent_st, freed, inodes = await self._run(parent, _locked, self._locks((parent,)),
-                                                           native.unlink, parent.fd, name)
-        self._link_removed(parent.vf, victim)
-        more_bytes, more_inodes = self._victim_correction(parent.vf, victim, inodes)
-        self._release(parent, freed + more_bytes, inodes + more_inodes)
+        with changing(parent.vf):
+            victim, parent_st, freed, inodes = await self._run(
+                parent, _locked, self._locks((parent,)), native.unlink, parent.fd, name)
+            self._link_removed(parent.vf, victim)
+            more_bytes, more_inodes = self._victim_correction(parent.vf, victim, inodes)
+            self._release(parent, freed + more_bytes, inodes + more_inodes)
         self._fresh(parent, parent_st)
         self._stale(victim, parent.vf)  # its link count dropped; other links may remain
 
@@ -739,9 +741,10 @@ class Operations(pyfuse3.Operations):
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent = self._node(parent_inode)
         self._allow(ctx, parent, Need.DELETE)
-        parent_st, freed, inodes = await self._run(parent, _locked, self._locks((parent,)),
-                                                   native.rmdir, parent.fd, name)
-        self._release(parent, freed, inodes)
+        with changing(parent.vf):
+            parent_st, freed, inodes = await self._run(parent, _locked, self._locks((parent,)),
+                                                       native.rmdir, parent.fd, name)
+            self._release(parent, freed, inodes)
         self._fresh(parent, parent_st)
 
     @handler
@@ -931,6 +934,7 @@ class Operations(pyfuse3.Operations):
         node.opens -= 1
         if node.orphan and not node.opens and node.vf is not None and not node.vf.deleted:
             node.orphan = False  # its last name went before: now it is freed
+            node.vf.changes += 1
             self._release(node, -(node.alloc or 0), -1)
             node.alloc = None
             node.vf.recent.pop(node.ino, None)
@@ -1253,6 +1257,21 @@ def _locked(locks: list[threading.Lock], fn: Any, *args: Any) -> Any:
     finally:
         for lock in reversed(locks):
             lock.release()
+
+
+@contextlib.contextmanager
+def changing(vf: Vfolder | None) -> Iterator[None]:
+    """Mark a change through vfusefs that may move vf's usage, from before its native call
+    until its charge or refund is applied (see Vfolder.changes)."""
+    if vf is None:
+        yield
+        return
+    vf.changes += 1
+    vf.changing += 1
+    try:
+        yield
+    finally:
+        vf.changing -= 1
 
 
 def _counted(fn: Any, inodes: int = 1) -> Any:

@@ -56,6 +56,10 @@ class Vfolder:
     # the last scan, kept up to date by links and removals through vfusefs (Operations._own_links)
     links: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
     links_scan: trio.Event | None = None  # set when the scan counting links in flight ends
+    # changes through vfusefs that may move usage: begun so far, and in flight now (a rescan's
+    # count is taken only from a walk that none overlapped: Registry._rescan)
+    changes: int = 0
+    changing: int = 0
 
     @property
     def grants(self) -> dict[str, str]:
@@ -101,6 +105,8 @@ class Host:
 
 # the hyphenated form only (either case): uuid.UUID() also takes braces, "urn:uuid:", no
 # hyphens and trailing whitespace, which would turn a typo into a different, valid id
+RESCAN_TRIES = 3  # walks a rescan makes of a vfolder that changes through vfusefs meanwhile
+RESCAN_RETRY = 1.0  # seconds between them
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
@@ -426,13 +432,18 @@ class Registry:
             vf.host.workers.close_soon([fd])
 
     async def settle_lingering(self) -> None:
-        """Past the fd budget: give up watching forgotten files, after one last look."""
+        """Past the fd budget: give up watching forgotten files, after one last look.  They are
+        written back first, so that the look sees what the native fs would otherwise allocate
+        after it (no watch would see that, and usage would drift from du)."""
         for vf in {node.vf for node in self.table.lingering.values()}:
             if vf is None or vf.deleted:
                 continue
+            nodes = [n for n in self.table.lingering.values() if n.vf is vf]
+            await vf.host.workers.run(_write_back, nodes)
             await self.reconcile(vf)
-            for node in [n for n in self.table.lingering.values() if n.vf is vf]:
-                self._unwatch(vf, node)
+            for node in nodes:  # not those forgotten meanwhile: they were not written back
+                if self.table.lingering.get(node.ino) is node:
+                    self._unwatch(vf, node)
 
     async def count_links(self, vf: Vfolder) -> None:
         """Count the names of every multiply linked file in the vfolder (a walk of its tree),
@@ -529,38 +540,64 @@ class Registry:
         return task
 
     async def _rescan(self, vf: Vfolder, task: "Task") -> None:
+        """Recount vf from its native tree.  The count replaces usage only if no change through
+        vfusefs overlapped the walk (what such a change did may be in it or not); a busy vfolder
+        is walked again, RESCAN_TRIES times in all, and keeps its usage if it never held still,
+        unless its usage cannot be trusted at all (after an unclean stop): then the last count
+        is taken as the best there is, and the next rescan corrects it."""
         def progress(entries: int, nbytes: int) -> None:
             task.entries, task.bytes = entries, nbytes
 
         try:
             assert vf.root is not None
-            nbytes, inodes, links = await trio.to_thread.run_sync(native.scan, vf.root.fd, progress,
-                                                           abandon_on_cancel=True)
+            for attempt in range(RESCAN_TRIES):
+                before = vf.changes if not vf.changing else None
+                watched = {node.ino: node for node, _ in vf.recent.values() if node.key is not None}
+                found = await trio.to_thread.run_sync(
+                    native.scan, vf.root.fd, progress,
+                    frozenset(n.key[1:] for n in watched.values() if n.key), abandon_on_cancel=True)
+                quiet = before is not None and vf.changes == before
+                if quiet or vf.deleted:
+                    break
+                if attempt + 1 < RESCAN_TRIES:
+                    await trio.sleep(RESCAN_RETRY)
         except Exception as exc:
             task.state, task.error = "failed", str(exc)
             log.warning("rescan of vfolder %s failed: %s", vf.id, exc,
                         extra={"host": vf.host.name, "vfolder": vf.id})
         else:
-            if not vf.deleted:
-                for node, _ in list(vf.recent.values()):  # the scan saw their allocation
-                    node.alloc = None
-                    self._unwatch(vf, node)
-                for node in self.table.of_vfolder(vf):
-                    node.orphan = False  # nameless: not counted by the scan, nothing to refund
-                old = self.ledger.account(vf.quota_keys[0])
-                if (old.used_bytes, old.used_inodes) != (nbytes, inodes):
-                    log.info("rescan of vfolder %s: usage %d -> %d bytes, %d -> %d inodes", vf.id,
-                             old.used_bytes, nbytes, old.used_inodes, inodes,
-                             extra={"host": vf.host.name, "vfolder": vf.id})
-                self.set_usage(vf, nbytes, inodes)
-                vf.links = links
-                self.untrusted.discard(vf.id)
-            task.entries, task.bytes, task.state = inodes, nbytes, "done"
+            trusted = vf.id not in self.untrusted
+            if not vf.deleted and (quiet or not trusted):
+                self._take_count(vf, found, watched)
+                task.applied = True
+            elif not vf.deleted:
+                log.info("rescan of vfolder %s: changed through vfusefs during each of %d walks; "
+                         "usage kept", vf.id, RESCAN_TRIES,
+                         extra={"host": vf.host.name, "vfolder": vf.id})
+            task.entries, task.bytes, task.state = found.inodes, found.bytes, "done"
         task.finished = time.time()
         if len(self.tasks) > 1000:  # keep the most recent ones
             for key in list(self.tasks)[:-500]:
                 if self.tasks[key].state != "running":
                     del self.tasks[key]
+
+    def _take_count(self, vf: Vfolder, found: native.Scan, watched: dict[int, Node]) -> None:
+        """A rescan's count becomes vf's usage.  Files still watched go on being watched from
+        what the walk saw of them, so what the native fs settles after it is charged too."""
+        for node in watched.values():
+            node.alloc = found.seen.get(node.key[1:]) if node.key else None
+            if node.alloc is None:  # the walk did not meet it: no longer in the tree
+                self._unwatch(vf, node)
+        for node in self.table.of_vfolder(vf):
+            node.orphan = False  # nameless: not counted by the scan, nothing to refund
+        old = self.ledger.account(vf.quota_keys[0])
+        if (old.used_bytes, old.used_inodes) != (found.bytes, found.inodes):
+            log.info("rescan of vfolder %s: usage %d -> %d bytes, %d -> %d inodes", vf.id,
+                     old.used_bytes, found.bytes, old.used_inodes, found.inodes,
+                     extra={"host": vf.host.name, "vfolder": vf.id})
+        self.set_usage(vf, found.bytes, found.inodes)
+        vf.links = found.links
+        self.untrusted.discard(vf.id)
 
     async def delete_vfolder(self, host_name: str, vfid: str, force: bool = False) -> str:
         async with self._lifecycle(self.vfolder(host_name, vfid).id):
@@ -664,6 +701,7 @@ class Task:
     entries: int = 0
     bytes: int = 0
     error: str = ""
+    applied: bool = False  # a rescan's count became the vfolder's usage (see Registry._rescan)
     started: float = field(default_factory=time.time)
     finished: float | None = None
 
@@ -711,6 +749,14 @@ def _reconcile(nodes: list[Node]) -> tuple[int, list[Node]]:
             drift += got[0] - node.alloc
             node.alloc = got[0]
     return drift, gone
+
+
+def _write_back(nodes: list[Node]) -> None:
+    """Worker side of settle_lingering: each file's dirty pages written back, under its lock."""
+    for node in nodes:
+        with node.lock:
+            if node.fd >= 0 and node.key is not None:
+                native.write_back(node.fd, node.key[1], node.key[2])
 
 
 def _attach_fields(hc: HostConfig) -> tuple[Any, ...]:
