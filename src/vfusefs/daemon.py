@@ -42,6 +42,7 @@ from vfusefs.workers import StoppedError
 log = logging.getLogger(__name__)
 TRASH_PURGE_INTERVAL = 60.0
 USAGE_FLUSH_INTERVAL = 5.0
+STORE_FOLLOW_INTERVAL = 0.5  # seconds between reads of the store's change feed
 
 
 class StartupError(Exception):
@@ -398,6 +399,7 @@ class Service:
             nursery.start_soon(ops.keep_fd_budget)
             nursery.start_soon(self.flush_usage_periodically)
             nursery.start_soon(self.rescan_periodically)
+            nursery.start_soon(self.follow_store)
             await pyfuse3.main(min_tasks=1, max_tasks=d.max_tasks)
             log.info("FUSE loop ended: no more requests are served")
             await registry.mark_clean()  # usage persisted: the next start may trust it
@@ -459,6 +461,28 @@ class Service:
             except Exception:
                 log.exception("persisting usage failed")
             self.update_status()
+
+    async def follow_store(self) -> None:
+        """Apply the store's change feed every STORE_FOLLOW_INTERVAL seconds (so a change by
+        another writer reaches this node within one second); a store error is logged once
+        until it recovers."""
+        registry = self.registry
+        assert registry is not None
+        failing = False
+        while True:
+            await trio.sleep(STORE_FOLLOW_INTERVAL)
+            try:
+                await registry.apply_changes()
+            except StoppedError:
+                return
+            except StoreError as exc:
+                if not failing:
+                    log.warning("store change feed: %s (retrying)", exc)
+                failing = True
+                continue
+            if failing:
+                log.info("store change feed: reading again")
+            failing = False
 
     async def rescan_periodically(self) -> None:
         """Recount every vfolder every scan_interval seconds (read live: SIGHUP may change it)."""

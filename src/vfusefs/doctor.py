@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pathlib
 import resource
 import shutil
 import socket
@@ -22,6 +23,7 @@ from vfusefs import config as config_mod
 from vfusefs import mounts
 from vfusefs.backends import BackendError, load_backend
 from vfusefs.config import Config, ConfigError
+from vfusefs.store import StoreError, sqlite_path
 
 PROBE_SECONDS = 5.0
 
@@ -170,16 +172,18 @@ def check_state(cfg: Config) -> list[Check]:
                          "created at start" if ok else f"cannot be created under {parent}",
                          "" if ok else f"mkdir -p {sd}"))
     url = cfg.store_url
-    if not url.startswith("sqlite:///"):
+    try:
+        path = sqlite_path(url)
+    except StoreError:
         out.append(Check("store", "fail", f"{url}: only sqlite:/// is supported by this version",
                          "use the embedded default (leave store.url unset)"))
         return out
-    path = url[len("sqlite://"):]
     if not os.path.exists(path):
         out.append(Check(f"store {path}", "ok", "does not exist yet: created at start"))
         return out
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=PROBE_SECONDS)
+        db = sqlite3.connect(f"{pathlib.Path(path).as_uri()}?mode=ro", uri=True,
+                             timeout=PROBE_SECONDS)
         try:
             (n,) = db.execute("SELECT count(*) FROM vfolders").fetchone()
         finally:

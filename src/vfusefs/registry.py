@@ -25,7 +25,7 @@ from vfusefs.quota import QuotaLedger, parse_count, parse_size
 from vfusefs.backends import Backend, BackendError, load_backend
 from vfusefs.config import Config, HostConfig
 from vfusefs.inodes import InodeTable, Kind, Node
-from vfusefs.store import SqliteStore, TrashRecord, VfolderRecord
+from vfusefs.store import Store, TrashRecord, VfolderRecord, node_name
 from vfusefs.workers import HostWorkers
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class Vfolder:
     # count is taken only from a walk that none overlapped: Registry._rescan)
     changes: int = 0
     changing: int = 0
+    stored: tuple[int, int] = (0, 0)  # usage as the store holds it (the last flush or recount)
 
     @property
     def grants(self) -> dict[str, str]:
@@ -107,6 +108,7 @@ class Host:
 # hyphens and trailing whitespace, which would turn a typo into a different, valid id
 RESCAN_TRIES = 3  # walks a rescan makes of a vfolder that changes through vfusefs meanwhile
 RESCAN_RETRY = 1.0  # seconds between them
+TRASH_CLAIM = 3600.0  # seconds a node holds a trash entry it purges (then another may take it)
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
@@ -138,10 +140,12 @@ def parse_scope(text: Any) -> str:
 
 
 class Registry:
-    def __init__(self, config: Config, store: SqliteStore, table: InodeTable,
+    def __init__(self, config: Config, store: Store, table: InodeTable,
                  token: trio.lowlevel.TrioToken) -> None:
         self.config = config
         self.store = store
+        self.node = node_name()  # this daemon's name in shared state
+        self.seen_change = 0  # the last change-feed entry applied (follow_store)
         self.table = table
         self.token = token
         self.hosts: dict[str, Host] = {}
@@ -167,8 +171,9 @@ class Registry:
         for scope, (qb, qi) in (await self.store_workers.run(self.store.scopes)).items():
             acc = self.ledger.account(f"scope:{scope}")
             acc.limit_bytes, acc.limit_inodes = qb, qi
-        clean = await self.store_workers.run(self.store.get_meta, "clean") == "1"
-        await self.store_workers.run(self.store.set_meta, "clean", "0")
+        self.seen_change = await self.store_workers.run(self.store.last_change)
+        clean = await self.store_workers.run(self.store.clean, self.node)
+        await self.store_workers.run(self.store.set_clean, self.node, False)
         records = await self.store_workers.run(self.store.vfolders)
         if not clean and records:
             log.warning("the last stop was not clean: usage will be recounted by a rescan")
@@ -206,6 +211,7 @@ class Registry:
             return None
         if rec.id in usage:
             self.set_usage(vf, *usage[rec.id])
+            vf.stored = usage[rec.id]
         return vf
 
     def _add_host(self, hc: HostConfig) -> Host:
@@ -391,7 +397,10 @@ class Registry:
                     vf = await self._attach(host, rec)
                     if not adopt:  # an empty directory: its own blocks
                         found = await host.workers.run(native.scan, vf.root.fd)  # type: ignore[union-attr]
+                        await self.store_workers.run(self.store.set_usage, vf.id, found.bytes,
+                                                     found.inodes)
                         self.set_usage(vf, found.bytes, found.inodes)
+                        vf.stored = (found.bytes, found.inodes)
                 except BaseException:
                     if vf is not None:
                         self._stop_serving(vf)
@@ -508,15 +517,27 @@ class Registry:
         return self.scope_info(scope)
 
     async def flush_usage(self) -> None:
-        """Persist usage that changed since the last flush."""
+        """Persist what usage changed by since the last flush, as this node's deltas (another
+        node's flush adds its own and never overwrites these)."""
         rows = []
         for vf in self.vfolders.values():
             acc = self.ledger.account(vf.quota_keys[0])
             if acc.dirty:
                 acc.dirty = False
-                rows.append((vf.id, acc.used_bytes, acc.used_inodes))
+                dbytes, dinodes = acc.used_bytes - vf.stored[0], acc.used_inodes - vf.stored[1]
+                if dbytes or dinodes:
+                    rows.append((vf.id, dbytes, dinodes))
+                    vf.stored = (acc.used_bytes, acc.used_inodes)
         if rows:
-            await self.store_workers.run(self.store.put_usage, rows)
+            try:
+                await self.store_workers.run(self.store.add_usage, self.node, rows)
+            except BaseException:
+                for vfid, dbytes, dinodes in rows:  # not stored: the next flush sends them again
+                    vf2 = self.vfolders.get(vfid)
+                    if vf2 is not None:
+                        vf2.stored = (vf2.stored[0] - dbytes, vf2.stored[1] - dinodes)
+                        self.ledger.account(vf2.quota_keys[0]).dirty = True
+                raise
 
     async def mark_clean(self) -> None:
         """Persist usage and, if every vfolder's usage is trusted, say the next start may use it."""
@@ -525,7 +546,7 @@ class Registry:
             log.warning("stopping before the recount of %d vfolder(s) finished: the next start "
                         "recounts again", len(self.untrusted & set(self.vfolders)))
             return
-        await self.store_workers.run(self.store.set_meta, "clean", "1")
+        await self.store_workers.run(self.store.set_clean, self.node, True)
 
     def start_rescan(self, vf: Vfolder) -> "Task":
         """Recount a vfolder's usage from its native tree in the background (one at a time)."""
@@ -568,8 +589,17 @@ class Registry:
         else:
             trusted = vf.id not in self.untrusted
             if not vf.deleted and (quiet or not trusted):
-                self._take_count(vf, found, watched)
+                before_stored = vf.stored
+                self._take_count(vf, found, watched)  # at once: nothing may change in between
                 task.applied = True
+                try:
+                    await self.store_workers.run(self.store.set_usage, vf.id, found.bytes,
+                                                 found.inodes)
+                except Exception as exc:  # the store keeps the old figure: flush the difference
+                    vf.stored = before_stored
+                    self.ledger.account(vf.quota_keys[0]).dirty = True
+                    log.warning("rescan of vfolder %s: count not stored: %s", vf.id, exc,
+                                extra={"host": vf.host.name, "vfolder": vf.id})
             elif not vf.deleted:
                 log.info("rescan of vfolder %s: changed through vfusefs during each of %d walks; "
                          "usage kept", vf.id, RESCAN_TRIES,
@@ -596,6 +626,7 @@ class Registry:
                      old.used_bytes, found.bytes, old.used_inodes, found.inodes,
                      extra={"host": vf.host.name, "vfolder": vf.id})
         self.set_usage(vf, found.bytes, found.inodes)
+        vf.stored = (found.bytes, found.inodes)
         vf.links = found.links
         self.untrusted.discard(vf.id)
 
@@ -676,10 +707,13 @@ class Registry:
 
     async def purge_trash(self) -> None:
         """Remove trashed vfolder data for good, oldest first (runs in the background)."""
-        for rec in list(await self.store_workers.run(lambda: list(self.store.trash()))):
+        for rec in await self.store_workers.run(self.store.trash):
             host = self.hosts.get(rec.host)
             if host is None:
                 continue
+            if not await self.store_workers.run(self.store.claim_trash, rec.path, self.node,
+                                                TRASH_CLAIM):
+                continue  # another node is purging it
             try:
                 # a stop does not wait for a big purge: it is queued still, and the next start
                 # goes on where this one was interrupted
@@ -689,6 +723,78 @@ class Registry:
                 continue
             await self.store_workers.run(self.store.trash_purged, rec.path)
             log.info("purged trashed data of vfolder %s (%s)", rec.vfolder, rec.path)
+
+
+    # -- the store's change feed -----------------------------------------------------------------
+    async def apply_changes(self) -> int:
+        """Bring memory and the kernel's caches up to what the store's change feed says changed
+        since the last look: vfolders created, deleted or changed (grants, limits) by another
+        writer, scope limits.  Changes made here come back through the feed too and are no-ops.
+        Returns how many entries were read."""
+        changes = await self.store_workers.run(self.store.changes, self.seen_change)
+        if not changes:
+            return 0
+        vfids: dict[str, None] = {}
+        scopes: dict[str, None] = {}
+        for ch in changes:
+            if ch.kind == "all":  # fell behind what the feed keeps: compare everything
+                vfids.update(dict.fromkeys(self.vfolders))
+                vfids.update((r.id, None) for r in await self.store_workers.run(self.store.vfolders))
+                scopes.update(dict.fromkeys(await self.store_workers.run(self.store.scopes)))
+            elif ch.kind == "vfolder":
+                vfids[ch.key] = None
+            elif ch.kind == "scope":
+                scopes[ch.key] = None
+        for vfid in vfids:
+            async with self._lifecycle(vfid):
+                await self._follow_vfolder(vfid)
+        if scopes:
+            limits = await self.store_workers.run(self.store.scopes)
+            for scope in scopes:
+                acc = self.ledger.account(f"scope:{scope}")
+                acc.limit_bytes, acc.limit_inodes = limits.get(scope, (0, 0))
+        self.seen_change = changes[-1].seq
+        return len(changes)
+
+    async def _follow_vfolder(self, vfid: str) -> None:
+        rec = await self.store_workers.run(self.store.vfolder, vfid)
+        vf = self.vfolders.get(vfid)
+        if vf is not None and rec == vf.record:
+            return
+        if vf is not None and (rec is None or (rec.host, rec.native_path, rec.scope) !=
+                               (vf.record.host, vf.record.native_path, vf.record.scope)):
+            # deleted elsewhere (its data is the deleter's to move), or moved: stop serving it
+            self._stop_serving(vf)
+            self._invalidate_entry(vf.host, vf.id)
+            log.info("vfolder %s %s in the store by another writer: no longer served here",
+                     vfid, "deleted" if rec is None else "moved",
+                     extra={"host": vf.host.name, "vfolder": vfid})
+            vf = None
+        if rec is None:
+            return
+        if vf is None:
+            host = self.hosts.get(rec.host)
+            if host is None:
+                return  # a host this node does not serve
+            usage = await self.store_workers.run(self.store.usage)
+            vf = await self._attach_stored(host, rec, usage)
+            if vf is None:
+                return
+            self._invalidate_entry(host, vfid)  # the kernel may remember it as absent
+            if rec.id not in usage and self.nursery is not None:
+                self.untrusted.add(vf.id)
+                self.start_rescan(vf)
+            log.info("vfolder %s appeared in the store: served", vfid,
+                     extra={"host": host.name, "vfolder": vfid})
+            return
+        old, vf.record = vf.record, rec
+        acc = self.ledger.account(vf.quota_keys[0])
+        acc.limit_bytes, acc.limit_inodes = rec.quota_bytes, rec.quota_inodes
+        if rec.grants != old.grants:
+            vf.modes = {}
+            await self._grants_changed(vf)
+        log.info("vfolder %s changed in the store: grants and limits applied", vfid,
+                 extra={"host": vf.host.name, "vfolder": vfid})
 
 
 @dataclass

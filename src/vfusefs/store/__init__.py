@@ -1,0 +1,122 @@
+"""The durable state every node shares: vfolders, their grants, limits, scopes, usage and trash.
+
+`Store` is the contract; `sqlite` is the embedded single-node store, and a Redis store (many
+nodes) implements the same protocol.  Stores are blocking and are only ever called from the
+registry's store thread (`trio.to_thread`), never from the FUSE event loop.  The registry keeps
+what the request path needs in memory and follows the store's change feed (`Store.changes`), so
+a grant or limit another writer changed reaches it the same way as its own.
+
+Usage is kept as a base (the last recount) plus one delta per node, so no node's flush can
+overwrite another's.  Nothing here knows about FUSE, trio or native storage.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+__all__ = ["Change", "Store", "StoreError", "TrashRecord", "VfolderRecord", "open_store",
+           "sqlite_path"]
+
+
+class StoreError(Exception):
+    """The store could not be read or written."""
+
+
+@dataclass
+class VfolderRecord:
+    id: str
+    host: str
+    native_path: str  # absolute native directory
+    scope: str = ""
+    quota_bytes: int = 0
+    quota_inodes: int = 0
+    grants: dict[str, str] = field(default_factory=dict)  # principal -> mode
+    created: float = field(default_factory=time.time)
+
+
+@dataclass
+class TrashRecord:
+    path: str
+    host: str
+    vfolder: str
+    deleted: float
+
+
+class Change(NamedTuple):
+    """One entry of the change feed: what changed (`vfolder` or `scope`) and its key (the
+    vfolder id or the scope name); read the store for what it is now.  Kind `all`: the reader
+    fell behind what the feed keeps and must compare everything."""
+
+    seq: int
+    kind: str
+    key: str
+
+
+class Store(Protocol):
+    """What the registry needs of durable state.  Every method may raise StoreError."""
+
+    kind: str  # "sqlite", "redis"
+
+    def ping(self) -> None: ...
+    def close(self) -> None: ...
+
+    # vfolders (a put or delete also appends to the change feed)
+    def vfolders(self) -> list[VfolderRecord]: ...
+    def vfolder(self, vfid: str) -> VfolderRecord | None: ...
+    def has_vfolder(self, vfid: str) -> bool: ...
+    def put_vfolder(self, rec: VfolderRecord) -> None: ...
+    def delete_vfolder(self, vfid: str, trash: TrashRecord | None) -> None:
+        """Forget a vfolder (and its usage) and queue its moved data for purging, at once."""
+
+    # usage: base + every node's delta
+    def usage(self) -> dict[str, tuple[int, int]]: ...
+    def add_usage(self, node: str, deltas: list[tuple[str, int, int]]) -> None:
+        """Add (vfolder, bytes, inodes) deltas to node's share of usage."""
+    def set_usage(self, vfid: str, nbytes: int, inodes: int) -> None:
+        """A recount: the base becomes this and every node's delta for it is dropped."""
+
+    # scopes (a put appends to the change feed)
+    def scopes(self) -> dict[str, tuple[int, int]]: ...
+    def put_scope(self, scope: str, quota_bytes: int, quota_inodes: int) -> None: ...
+
+    # a node's clean flag: its last stop flushed everything it knew
+    def clean(self, node: str) -> bool: ...
+    def set_clean(self, node: str, clean: bool) -> None: ...
+
+    # the trash queue: a purge claims an entry first, so two nodes never purge one path
+    def trash(self) -> list[TrashRecord]: ...
+    def claim_trash(self, path: str, node: str, seconds: float) -> bool:
+        """Take path for purging for `seconds` (False: another node holds it)."""
+    def trash_purged(self, path: str) -> None: ...
+
+    # the change feed
+    def last_change(self) -> int: ...
+    def changes(self, since: int) -> list[Change]:
+        """Changes after seq `since`, oldest first (at most a few thousand at a time)."""
+
+
+def sqlite_path(url: str) -> str:
+    """The absolute file path of a `sqlite:///abs/path` URL (`sqlite:////abs/path`, the
+    SQLAlchemy spelling, is the same file); StoreError for anything else."""
+    if not url.startswith("sqlite://"):
+        raise StoreError(f"store url {url!r}: not a sqlite:/// URL")
+    path = url[len("sqlite://"):]
+    if not path.startswith("/"):
+        raise StoreError(f"store url {url!r}: the path must be absolute (sqlite:///var/lib/...)")
+    return "/" + path.lstrip("/")
+
+
+def open_store(url: str) -> Store:
+    if url.startswith("sqlite:"):
+        from vfusefs.store.sqlite import SqliteStore
+
+        return SqliteStore(sqlite_path(url))
+    raise StoreError(f"store url {url!r}: only sqlite:/// is supported by this version")
+
+
+def node_name() -> str:
+    """This node's name in shared state (usage deltas, clean flags, trash claims)."""
+    return os.uname().nodename

@@ -1,0 +1,236 @@
+"""The Store contract (vfusefs.store.Store), run against every store; then the daemon following
+the change feed of a store another writer changes.
+
+`store_pair` gives two handles on one store, as two nodes (or a node and an admin tool) would
+have: what one writes, the other must read, and see in the change feed.  A Redis store joins
+the `STORES` list and must pass the same tests.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from conftest import Daemon
+from test_access_mount import Container, container  # noqa: F401 (fixture)
+from vfusefs.store import Store, StoreError, TrashRecord, VfolderRecord, open_store, sqlite_path
+
+Factory = Callable[[], Store]
+
+
+def sqlite_stores(tmp_path: Path) -> Factory:
+    url = f"sqlite://{tmp_path}/state.db"
+    return lambda: open_store(url)
+
+
+STORES = {"sqlite": sqlite_stores}
+
+
+@pytest.fixture(params=sorted(STORES))
+def store_pair(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Store, Store]]:
+    factory = STORES[request.param](tmp_path)
+    a, b = factory(), factory()
+    yield a, b
+    a.close()
+    b.close()
+
+
+def record(**kw: object) -> VfolderRecord:
+    vfid = str(uuid.uuid4())
+    return VfolderRecord(**{"id": vfid, "host": "local", "native_path": f"/srv/{vfid}", **kw})  # type: ignore[arg-type]
+
+
+def test_vfolders_round_trip_between_handles(store_pair: tuple[Store, Store]) -> None:
+    a, b = store_pair
+    r1 = record(scope=f"user:{uuid.uuid4()}", quota_bytes=10, quota_inodes=2,
+                grants={"*": "ro", "uid:1000": "rwd"}, created=1.0)
+    r2 = record(created=2.0)
+    a.put_vfolder(r1)
+    a.put_vfolder(r2)
+    assert b.vfolders() == [r1, r2]  # oldest first
+    assert b.vfolder(r1.id) == r1 and b.vfolder(str(uuid.uuid4())) is None
+    assert b.has_vfolder(r2.id) and not b.has_vfolder(str(uuid.uuid4()))
+    r1.grants["cgroup:/docker/x"] = "rw"
+    b.put_vfolder(r1)
+    assert a.vfolder(r1.id) == r1
+
+
+def test_a_delete_forgets_usage_and_queues_trash_at_once(store_pair: tuple[Store, Store]) -> None:
+    a, b = store_pair
+    r = record()
+    a.put_vfolder(r)
+    a.add_usage("n1", [(r.id, 4096, 1)])
+    a.delete_vfolder(r.id, TrashRecord(f"/srv/.trash/{r.id}", "local", r.id, 5.0))
+    assert b.vfolder(r.id) is None and r.id not in b.usage()
+    assert b.trash() == [TrashRecord(f"/srv/.trash/{r.id}", "local", r.id, 5.0)]
+    b.delete_vfolder(str(uuid.uuid4()), None)  # nothing there: no error, no trash
+
+
+def test_usage_is_a_base_plus_one_delta_per_node(store_pair: tuple[Store, Store]) -> None:
+    a, b = store_pair
+    r = record()
+    a.put_vfolder(r)
+    a.add_usage("n1", [(r.id, 1000, 2)])
+    b.add_usage("n2", [(r.id, 500, 1)])
+    a.add_usage("n1", [(r.id, -200, -1)])
+    assert a.usage()[r.id] == b.usage()[r.id] == (1300, 2)  # no flush overwrote another's
+    b.set_usage(r.id, 8192, 3)  # a recount replaces the base and drops every delta
+    assert a.usage()[r.id] == (8192, 3)
+    a.add_usage("n1", [(r.id, 4096, 1)])
+    assert b.usage()[r.id] == (12288, 4)
+    a.add_usage("n1", [])  # nothing to add
+
+
+def test_the_change_feed_reports_every_writer(store_pair: tuple[Store, Store]) -> None:
+    a, b = store_pair
+    start = b.last_change()
+    r = record()
+    a.put_vfolder(r)
+    a.put_scope("user:" + str(uuid.uuid4()), 100, 0)
+    a.delete_vfolder(r.id, None)
+    a.add_usage("n1", [(r.id, 1, 1)])  # usage is not a feed change: it moves every second
+    got = b.changes(start)
+    assert [(c.kind, c.key) for c in got] == [("vfolder", r.id), ("scope", got[1].key),
+                                              ("vfolder", r.id)]
+    assert [c.seq for c in got] == sorted(c.seq for c in got) and got[0].seq > start
+    assert b.changes(got[-1].seq) == [] and b.last_change() == got[-1].seq
+    assert b.changes(got[0].seq) == got[1:]
+
+
+def test_scopes_round_trip(store_pair: tuple[Store, Store]) -> None:
+    a, b = store_pair
+    scope = f"project:{uuid.uuid4()}"
+    a.put_scope(scope, 1 << 30, 1000)
+    assert b.scopes()[scope] == (1 << 30, 1000)
+    b.put_scope(scope, 0, 5)
+    assert a.scopes()[scope] == (0, 5)
+
+
+def test_clean_flags_are_per_node(store_pair: tuple[Store, Store]) -> None:
+    a, b = store_pair
+    assert not a.clean("n1")  # never said: not clean
+    a.set_clean("n1", True)
+    b.set_clean("n2", False)
+    assert b.clean("n1") and not a.clean("n2")
+    b.set_clean("n1", False)
+    assert not a.clean("n1")
+
+
+def test_trash_is_claimed_by_one_node_at_a_time(store_pair: tuple[Store, Store]) -> None:
+    a, b = store_pair
+    r = record()
+    a.put_vfolder(r)
+    a.delete_vfolder(r.id, TrashRecord("/srv/.trash/x", "local", r.id, 1.0))
+    assert a.claim_trash("/srv/.trash/x", "n1", 60)
+    assert not b.claim_trash("/srv/.trash/x", "n2", 60)  # n1 holds it
+    assert a.claim_trash("/srv/.trash/x", "n1", 0.2)  # the holder may renew
+    time.sleep(0.3)
+    assert b.claim_trash("/srv/.trash/x", "n2", 60)  # expired: another node takes it over
+    assert not a.claim_trash("/nope", "n1", 60)  # nothing queued there
+    b.trash_purged("/srv/.trash/x")
+    assert a.trash() == []
+
+
+# -- the SQLite store's own --------------------------------------------------------------------
+def test_sqlite_urls() -> None:
+    assert sqlite_path("sqlite:///var/lib/vfusefs/state.db") == "/var/lib/vfusefs/state.db"
+    assert sqlite_path("sqlite:////var/lib/vfusefs/state.db") == "/var/lib/vfusefs/state.db"
+    for bad in ("sqlite://state.db", "sqlite:relative.db", "redis://x"):
+        with pytest.raises(StoreError):
+            sqlite_path(bad)
+    with pytest.raises(StoreError, match="only sqlite"):
+        open_store("postgres://x")
+
+
+def test_an_unusable_sqlite_file_is_one_store_error(tmp_path: Path) -> None:
+    (tmp_path / "state.db").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError, match="cannot open store"):
+        open_store(f"sqlite://{tmp_path}/state.db")
+
+
+def test_a_schema_1_file_is_upgraded_in_place(tmp_path: Path) -> None:
+    """A state.db written before per-node usage keeps its vfolders, usage and trash; its global
+    clean flag is dropped (the next start recounts once)."""
+    path = tmp_path / "state.db"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE vfolders (id TEXT PRIMARY KEY, host TEXT NOT NULL, native_path TEXT NOT NULL,
+            scope TEXT NOT NULL DEFAULT '', quota_bytes INTEGER NOT NULL DEFAULT 0,
+            quota_inodes INTEGER NOT NULL DEFAULT 0, grants TEXT NOT NULL DEFAULT '{}',
+            created REAL NOT NULL);
+        CREATE TABLE trash (path TEXT PRIMARY KEY, host TEXT NOT NULL, vfolder TEXT NOT NULL,
+            deleted REAL NOT NULL);
+        CREATE TABLE usage (vfolder TEXT PRIMARY KEY, bytes INTEGER NOT NULL,
+            inodes INTEGER NOT NULL, scanned REAL);
+        CREATE TABLE scopes (scope TEXT PRIMARY KEY, quota_bytes INTEGER NOT NULL DEFAULT 0,
+            quota_inodes INTEGER NOT NULL DEFAULT 0);
+        INSERT INTO meta VALUES ('schema', '1'), ('clean', '1');
+        INSERT INTO vfolders VALUES ('6f1c2a3e-0000-4000-8000-000000000001', 'local', '/srv/a',
+            '', 5, 0, '{"*": "rw"}', 1.0);
+        INSERT INTO usage VALUES ('6f1c2a3e-0000-4000-8000-000000000001', 4096, 1, NULL);
+        INSERT INTO trash VALUES ('/srv/.trash/b', 'local', 'b', 2.0);
+    """)
+    db.commit()
+    db.close()
+    s = open_store(f"sqlite://{path}")
+    try:
+        (rec,) = s.vfolders()
+        assert (rec.quota_bytes, rec.grants) == (5, {"*": "rw"})
+        assert s.usage() == {rec.id: (4096, 1)}
+        assert [t.path for t in s.trash()] == ["/srv/.trash/b"]
+        assert s.claim_trash("/srv/.trash/b", "n1", 60)
+        assert not s.clean("anything")
+        s.add_usage("n1", [(rec.id, 4096, 1)])
+        assert s.usage() == {rec.id: (8192, 2)}
+    finally:
+        s.close()
+
+
+# -- the daemon follows the feed ---------------------------------------------------------------
+def wait_for(cond: Callable[[], bool], seconds: float = 3.0) -> float:
+    start = time.monotonic()
+    while not cond():
+        assert time.monotonic() - start < seconds, "not within the time allowed"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+@pytest.mark.mount
+def test_another_writers_changes_reach_the_mount(daemon: Daemon, container: Container) -> None:
+    """Grants, limits and vfolders changed in the store by another writer (here a second handle
+    on the daemon's SQLite file, as a Redis store's other nodes will be) reach callers within
+    one second, through the same path as a change made through this daemon's API."""
+    who = f"cgroup:{container.cgroup}"
+    vf = daemon.vfolder(grants=[{"principal": who, "mode": "rw"}])
+    assert container.sh(vf, "echo a > f").returncode == 0
+    other = open_store(f"sqlite://{daemon.state}/state.db")
+    try:
+        rec = other.vfolder(vf.name)
+        assert rec is not None
+        rec.grants[who] = "ro"
+        rec.quota_inodes = 7
+        other.put_vfolder(rec)
+        took = wait_for(lambda: container.sh(vf, "echo b > g").returncode != 0)
+        assert container.sh(vf, "cat f").stdout == "a\n"  # still readable: ro
+        assert daemon.api("GET", f"/v1/hosts/local/vfolders/{vf.name}").json()["quota_inodes"] == 7
+        # a vfolder created by another writer, its directory made by it, appears
+        new = record(native_path=str(Path(daemon.hosts["local"]["path"]) / str(uuid.uuid4())),
+                     grants={who: "rwd"})
+        new.id = Path(new.native_path).name
+        Path(new.native_path).mkdir()
+        other.put_vfolder(new)
+        wait_for(lambda: container.sh(daemon.mnt / "local" / new.id, "echo c > h").returncode == 0)
+        # and one it deletes disappears
+        other.delete_vfolder(vf.name, None)
+        wait_for(lambda: not (daemon.mnt / "local" / vf.name).exists())
+        assert daemon.api("GET", f"/v1/hosts/local/vfolders/{vf.name}").status_code == 404
+    finally:
+        other.close()
+    print(f"grant change reached the container in {took:.2f} s")
+    assert took < 1.5
