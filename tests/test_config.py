@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import VFUSEFS
-from vfusefs import config
+from vfusefs import backends, config
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -65,12 +65,17 @@ def test_missing_file_and_unknown_backend(tmp_path: Path) -> None:
     p = write(tmp_path, f'[daemon]\nmountpoint = "{tmp_path}/m"\nstate_dir = "{tmp_path}/s"\n'
                         f'control_socket = "{tmp_path}/s/c.sock"\nmetrics_listen = ""\n'
                         f'[hosts.a]\npath = "{tmp_path}/n"\nbackend = "netapp9000"\n')
-    r = subprocess.run([VFUSEFS, "serve", "--config", str(p)], capture_output=True, text=True)
-    assert r.returncode == 2 and "hosts.a.backend" in r.stderr and "netapp9000" in r.stderr
-    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    for cmd in ("serve", "check-config"):  # both must agree
+        r = subprocess.run([VFUSEFS, cmd, "--config", str(p)], capture_output=True, text=True)
+        assert r.returncode == 2 and "hosts.a.backend" in r.stderr and "netapp9000" in r.stderr
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     p = write(tmp_path, p.read_text().replace('backend = "netapp9000"', 'options = { turbo = true }'))
-    r = subprocess.run([VFUSEFS, "serve", "--config", str(p)], capture_output=True, text=True)
-    assert r.returncode == 2 and "hosts.a.options.turbo" in r.stderr and r.stderr.count("\n") == 1
+    for cmd in ("serve", "check-config"):
+        r = subprocess.run([VFUSEFS, cmd, "--config", str(p)], capture_output=True, text=True)
+        assert r.returncode == 2 and "hosts.a.options.turbo" in r.stderr and r.stderr.count("\n") == 1
+    p = write(tmp_path, p.read_text().replace("options = { turbo = true }", ""))
+    r = subprocess.run([VFUSEFS, "check-config", "--config", str(p)], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.endswith(": ok (1 host(s))\n"), r.stderr
 
 
 def test_check_config_and_reference() -> None:
@@ -82,3 +87,4 @@ def test_check_config_and_reference() -> None:
 def test_docs_config_md_is_current() -> None:
     doc = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
     assert config.options_markdown() in doc, "docs/config.md is stale: regenerate with vfusefs config-doc"
+    assert backends.options_markdown() in doc, "docs/config.md is stale: regenerate with vfusefs config-doc"

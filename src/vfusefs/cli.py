@@ -142,6 +142,10 @@ def check_config(ctx: click.Context, config_path: str | None) -> None:
     """Validate the configuration file and exit (0 if good, 2 if not)."""
     try:
         cfg = config_mod.load(config_path or ctx.find_root().obj.get("config"))
+        from vfusefs.backends import load_backend
+
+        for hc in cfg.hosts.values():  # what serve checks: the backend exists, its options fit
+            load_backend(hc)
     except config_mod.ConfigError as exc:
         click.echo(f"vfusefs: {exc}", err=True)
         sys.exit(2)
@@ -386,8 +390,13 @@ def doctor(ctx: click.Context, config_path: str | None, as_json: bool) -> None:
 
 @cli.command("config-doc")
 def config_doc() -> None:
-    """Print the configuration reference (every option, its default and meaning)."""
+    """Print the configuration reference (every option, its default and meaning; then every
+    installed backend's capabilities and options)."""
+    from vfusefs import backends
+
     click.echo(config_mod.options_markdown(), nl=False)
+    click.echo()
+    click.echo(backends.options_markdown(), nl=False)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ class Mount(NamedTuple):
     point: str
     dev: str  # "major:minor"
     fstype: str
+    source: str = ""  # "10.0.0.5:/export", "/dev/sda1", ...
 
 
 def _unescape(field: str) -> str:
@@ -38,7 +39,9 @@ def table() -> Iterator[Mount]:
     for line in lines:
         fields = line.split()
         try:
-            yield Mount(_unescape(fields[4]), fields[2], fields[fields.index("-") + 1])
+            dash = fields.index("-")
+            yield Mount(_unescape(fields[4]), fields[2], fields[dash + 1],
+                        _unescape(fields[dash + 2]) if len(fields) > dash + 2 else "")
         except (IndexError, ValueError):
             continue
 
@@ -53,15 +56,36 @@ def mount_at(path: str) -> Mount | None:
     return found
 
 
-def fs_type(path: str) -> str:
-    """Filesystem type holding path: that of the longest mount point that is a prefix of it."""
+def mount_of(path: str) -> Mount | None:
+    """The mount holding path: that of the longest mount point that is a prefix of it."""
     real = os.path.realpath(path)
-    best, kind = "", "?"
+    best: Mount | None = None
     for m in table():
         if (real == m.point or real.startswith(m.point.rstrip("/") + "/")) \
-                and len(m.point) >= len(best):
-            best, kind = m.point, m.fstype
-    return kind
+                and (best is None or len(m.point) >= len(best.point)):
+            best = m
+    return best
+
+
+def fs_type(path: str) -> str:
+    """Filesystem type holding path ("?" if the mount table cannot tell)."""
+    m = mount_of(path)
+    return m.fstype if m is not None else "?"
+
+
+def source_server(source: str) -> str:
+    """The (first) server of a network mount's source: "10.0.0.5:/export" -> "10.0.0.5",
+    "[fd00::5]:/x" -> "fd00::5", "mon1:6789,mon2:6789:/" -> "mon1", "10.0.0.1@tcp:/lustre" ->
+    "10.0.0.1"; "" when the source names no server."""
+    head, sep, _ = source.partition(":/")
+    if not sep or not head:
+        return ""
+    first = head.split(",")[0].partition("@")[0]  # the first of several; Lustre's "@tcp" off
+    if first.startswith("["):
+        return first[1:].partition("]")[0]
+    if first.count(":") == 1:  # host:port (more colons: a bare IPv6 address)
+        first = first.partition(":")[0]
+    return first
 
 
 def umount(mountpoint: str, lazy: bool) -> None:

@@ -84,7 +84,8 @@ class Host:
     name: str
     config: HostConfig
     backend: Backend
-    workers: HostWorkers
+    workers: HostWorkers  # the lanes serving FUSE requests
+    admin: HostWorkers  # backend calls (create, delete, quotas...): never on the lanes
     node: Node | None = None
     vfolders: dict[str, Vfolder] = field(default_factory=dict)
     health: str = "ok"
@@ -101,13 +102,15 @@ class Host:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "backend": self.config.backend, "path": self.config.path,
                 "layout": self.config.layout, "health": self.health, "fs_type": self.fs_type,
-                "vfolders": len(self.vfolders)}
+                "vfolders": len(self.vfolders),
+                "capabilities": self.backend.describe()["capabilities"]}
 
 
 # the hyphenated form only (either case): uuid.UUID() also takes braces, "urn:uuid:", no
 # hyphens and trailing whitespace, which would turn a typo into a different, valid id
 RESCAN_TRIES = 3  # walks a rescan makes of a vfolder that changes through vfusefs meanwhile
 RESCAN_RETRY = 1.0  # seconds between them
+ADMIN_THREADS = 2  # per host, for backend calls
 TRASH_CLAIM = 3600.0  # seconds a node holds a trash entry it purges (then another may take it)
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
@@ -194,7 +197,7 @@ class Registry:
         try:
             vf = await self._attach(host, rec)
         except FileNotFoundError:
-            moved = await host.workers.run(host.backend.find_in_trash, rec.id)
+            moved = await host.admin.run(host.backend.find_in_trash, rec.id)
             if moved is None:
                 raise
             # a delete that stopped (a crash) between moving the data and the store: finish it
@@ -226,14 +229,16 @@ class Registry:
                     workers.close_soon([item])
 
         workers.on_abandoned = close_opened
-        host = Host(hc.name, hc, backend, workers)
+        admin = HostWorkers(f"{hc.name}-admin", ADMIN_THREADS, hc.op_timeout, self.token)
+        admin.on_abandoned = close_opened
+        host = Host(hc.name, hc, backend, workers, admin)
         host.node = self.table.new_virtual(Kind.HOST, host)
         self.hosts[hc.name] = host
         return host
 
     async def _probe_fs(self, host: Host) -> None:
         try:
-            host.fs_type = await host.workers.run(mounts.fs_type, host.config.path)
+            host.fs_type = await host.admin.run(mounts.fs_type, host.config.path)
         except (OSError, trio.TooSlowError) as exc:
             log.warning("host %s: cannot tell the filesystem type of %s: %s", host.name,
                         host.config.path, exc, extra={"host": host.name})
@@ -245,7 +250,7 @@ class Registry:
         vf.quota_keys = (f"vf:{rec.id}",) + ((f"scope:{rec.scope}",) if rec.scope else ())
         acc = self.ledger.account(vf.quota_keys[0])
         acc.limit_bytes, acc.limit_inodes = rec.quota_bytes, rec.quota_inodes
-        fd, st = await host.workers.run(_open_dir, rec.native_path)
+        fd, st = await host.admin.run(_open_dir, rec.native_path)
         vf.root = self.table.add(Kind.VFROOT, fd, st, vf, parent=host.node.ino if host.node else 1)
         host.vfolders[vf.id] = vf
         self.vfolders[vf.id] = vf
@@ -254,6 +259,7 @@ class Registry:
     def close(self) -> None:
         for host in self.hosts.values():
             host.workers.stop()
+            host.admin.stop()
         self.store_workers.stop()
 
     # -- reload (SIGHUP) ------------------------------------------------------------------------
@@ -279,7 +285,7 @@ class Registry:
                 continue
             elif _attach_fields(old.config) == _attach_fields(hc):
                 old.config = hc
-                old.workers.op_timeout = hc.op_timeout
+                old.workers.op_timeout = old.admin.op_timeout = hc.op_timeout
                 changes.append(f"host {name}: op_timeout {hc.op_timeout}s, servers "
                                f"{list(hc.servers)}")
             else:
@@ -297,6 +303,7 @@ class Registry:
         for vf in list(host.vfolders.values()):
             self._stop_serving(vf)
         host.workers.stop()  # queued calls finish; later ones fail, closes run inline
+        host.admin.stop()
         if self.mounted:
             pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name.encode(), ignore_enoent=True)
 
@@ -384,7 +391,7 @@ class Registry:
             if vfid in self.vfolders or await self.store_workers.run(self.store.has_vfolder, vfid):
                 raise RegistryError(409, "exists", f"vfolder {vfid} already exists")
             try:
-                made = await host.workers.run(host.backend.create_vfolder, path, adopt)
+                made = await host.admin.run(host.backend.create_vfolder, path, adopt)
             except BackendError as exc:
                 raise RegistryError(409, "backend", str(exc)) from None
             rec = VfolderRecord(id=vfid, host=host.name, native_path=path, scope=scope,
@@ -396,7 +403,7 @@ class Registry:
                 try:
                     vf = await self._attach(host, rec)
                     if not adopt:  # an empty directory: its own blocks
-                        found = await host.workers.run(native.scan, vf.root.fd)  # type: ignore[union-attr]
+                        found = await host.admin.run(native.scan, vf.root.fd)  # type: ignore[union-attr]
                         await self.store_workers.run(self.store.set_usage, vf.id, found.bytes,
                                                      found.inodes)
                         self.set_usage(vf, found.bytes, found.inodes)
@@ -448,7 +455,7 @@ class Registry:
             if vf is None or vf.deleted:
                 continue
             nodes = [n for n in self.table.lingering.values() if n.vf is vf]
-            await vf.host.workers.run(_write_back, nodes)
+            await vf.host.admin.run(_write_back, nodes)
             await self.reconcile(vf)
             for node in nodes:  # not those forgotten meanwhile: they were not written back
                 if self.table.lingering.get(node.ino) is node:
@@ -644,7 +651,7 @@ class Registry:
         self._stop_serving(vf)
         self._invalidate_entry(host, vf.id)
         try:
-            moved = await host.workers.run(host.backend.delete_vfolder, vf.record.native_path, vf.id)
+            moved = await host.admin.run(host.backend.delete_vfolder, vf.record.native_path, vf.id)
         except OSError as exc:
             # nothing moved: serve it again, as it was (its usage is recounted)
             again = await self._attach_stored(host, vf.record, {})

@@ -1,9 +1,13 @@
 """Storage backends: how a host's vfolders are created, deleted and measured on native storage.
 
-A backend is small: it never sees FUSE requests.  The data path (`ops.py`) works on the native
-directory itself; a backend only manages vfolder directories and, where the storage has them,
-native quotas, fast usage and health.  Backends are found through the entry-point group
-`vfusefs.backends`; each declares `known_options`, and an unknown option is a config error.
+A backend is small: it never sees FUSE requests.  The data path works on the native directory
+itself; a backend only manages vfolder directories and, where the storage has them, native
+quotas, fast usage, clones, snapshots and what to watch for health.  What a backend can do is
+declared once (`capabilities`), and so are its options (`options`: type, default and doc, shown
+in docs/config.md; an unknown option is a config error).  Every method is blocking and runs on
+the host's admin threads, never on the lanes that serve FUSE requests.  Backends are found
+through the entry-point group `vfusefs.backends`; `tests/test_backends.py` is the contract every
+backend runs.
 """
 
 from __future__ import annotations
@@ -12,34 +16,83 @@ import os
 import shutil
 import time
 import uuid
+from dataclasses import asdict, dataclass
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
+from vfusefs import mounts
 from vfusefs.config import ConfigError, HostConfig
 
 TRASH_DIR = ".vfusefs-trash"
+NETWORK_FS_TYPES = frozenset({"nfs", "nfs4", "ceph", "fuse.ceph-fuse", "cifs", "smb3", "lustre",
+                              "glusterfs", "fuse.glusterfs", "gpfs", "wekafs"})
 
 
 class BackendError(Exception):
     """A backend operation failed; the message is for the operator."""
 
 
+class NotSupported(BackendError):
+    """The backend does not have this capability (see Backend.capabilities)."""
+
+
+@dataclass(frozen=True)
+class BackendOption:
+    """One key of `[hosts.X.options]`: its type, default (None: required) and doc line.
+    Secrets are never inline: they are `*_file` keys naming a file."""
+
+    key: str
+    kind: type
+    default: Any
+    doc: str
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do beyond plain directories (shown in GET /v1/hosts/{host})."""
+
+    native_quota: bool = False  # set_native_quota pushes limits down to the storage
+    fast_usage: bool = False  # native_usage answers without walking the tree
+    clone: str | None = None  # "snapshot" (O(1)), "reflink", "copy"; None: not yet
+    snapshots: bool = False  # snapshot()
+    health_targets: bool = True  # health_targets() names servers to watch
+
+
 class Backend:
-    """The contract every backend implements (blocking methods run in worker threads)."""
+    """The contract every backend implements.
+
+    Required: the layout and lifecycle methods below (the base class has them for plain
+    directories).  Optional, per `capabilities`: `set_native_quota`, `native_usage`, `clone`,
+    `snapshot`; the base class raises NotSupported.
+    """
 
     name: ClassVar[str] = "?"
-    known_options: ClassVar[dict[str, type]] = {}
+    options: ClassVar[tuple[BackendOption, ...]] = ()
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     def __init__(self, host: HostConfig) -> None:
         self.host = host
-        for key, value in host.options.items():
-            if key not in self.known_options:
-                known = ", ".join(sorted(self.known_options)) or "none"
+        self.config = self.parse_options(host)
+
+    @classmethod
+    def parse_options(cls, host: HostConfig) -> dict[str, Any]:
+        """host.options checked against `options`, defaults filled in (ConfigError if not)."""
+        declared = {o.key: o for o in cls.options}
+        for key in host.options:
+            if key not in declared:
+                known = ", ".join(sorted(declared)) or "none"
                 raise ConfigError(f"hosts.{host.name}.options.{key}: unknown option for backend "
-                                  f"{self.name!r} (known: {known})")
-            kind = self.known_options[key]
-            if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-                raise ConfigError(f"hosts.{host.name}.options.{key}: must be {kind.__name__}")
+                                  f"{cls.name!r} (known: {known})")
+        out = {}
+        for opt in cls.options:
+            value = host.options.get(opt.key, opt.default)
+            if value is None:
+                raise ConfigError(f"hosts.{host.name}.options.{opt.key}: required by backend "
+                                  f"{cls.name!r} ({opt.doc})")
+            if not isinstance(value, opt.kind) or isinstance(value, bool) and opt.kind is not bool:
+                raise ConfigError(f"hosts.{host.name}.options.{opt.key}: must be {opt.kind.__name__}")
+            out[opt.key] = value
+        return out
 
     # -- layout ---------------------------------------------------------------------------------
     def native_path(self, vfid: uuid.UUID, scope: str) -> str:
@@ -101,13 +154,63 @@ class Backend:
         if os.path.lexists(trash_path):
             raise BackendError(f"could not remove all of {trash_path}")
 
+    # -- optional capabilities ------------------------------------------------------------------
+    def set_native_quota(self, path: str, quota_bytes: int, quota_inodes: int) -> None:
+        """Push a vfolder's limits (0: none) down to the storage."""
+        raise NotSupported(f"backend {self.name!r} has no native quota")
+
+    def native_usage(self, path: str) -> tuple[int, int]:
+        """(bytes, inodes) of a vfolder as the storage counts them, without a walk."""
+        raise NotSupported(f"backend {self.name!r} has no fast usage")
+
+    def clone(self, src: str, dst: str, snapshot: str | None = None) -> None:
+        """Make dst a copy of src (or of its snapshot), by `capabilities.clone`."""
+        raise NotSupported(f"backend {self.name!r} cannot clone yet")
+
+    def snapshot(self, path: str, name: str) -> str:
+        """Take a read-only snapshot of a vfolder; returns where it is."""
+        raise NotSupported(f"backend {self.name!r} has no snapshots")
+
     # -- health ---------------------------------------------------------------------------------
     def probe(self) -> str:
         """'ok', 'degraded' or 'down' (blocking; the daemon bounds it with op_timeout)."""
         return "ok" if os.path.isdir(self.host.path) else "down"
 
+    def health_targets(self) -> list[str]:
+        """Storage servers whose network path decides the host's health: `servers` if given,
+        else the server of the network filesystem holding the host's path (from the mount
+        table; none for local storage)."""
+        if self.host.servers:
+            return list(self.host.servers)
+        m = mounts.mount_of(self.host.path)
+        if m is None or m.fstype not in NETWORK_FS_TYPES:
+            return []
+        server = mounts.source_server(m.source)
+        return [server] if server else []
+
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "path": self.host.path, "layout": self.host.layout}
+        return {"backend": self.name, "path": self.host.path, "layout": self.host.layout,
+                "capabilities": asdict(self.capabilities)}
+
+
+def installed() -> dict[str, type[Backend]]:
+    """Every backend installed (entry-point group vfusefs.backends), by name."""
+    return {ep.name: ep.load() for ep in entry_points(group="vfusefs.backends")}
+
+
+def options_markdown() -> str:
+    """The backends' reference for docs/config.md: capabilities and `[hosts.NAME.options]`."""
+    lines = ["| backend | native quota | fast usage | clone | snapshots | options |",
+             "|---|---|---|---|---|---|"]
+    for name, cls in sorted(installed().items()):
+        c = cls.capabilities
+        opts = "<br>".join(
+            f"`{o.key}` ({o.kind.__name__}, {'required' if o.default is None else repr(o.default)}):"
+            f" {o.doc}" for o in cls.options) or "none"
+        lines.append(f"| `{name}` | {'yes' if c.native_quota else 'no'} | "
+                     f"{'yes' if c.fast_usage else 'no'} | {c.clone or 'not yet'} | "
+                     f"{'yes' if c.snapshots else 'no'} | {opts} |")
+    return "\n".join(lines) + "\n"
 
 
 def load_backend(host: HostConfig) -> Backend:

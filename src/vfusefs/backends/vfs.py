@@ -1,14 +1,14 @@
 """The built-in `vfs` backend: vfolders are plain directories under the host's native path.
 
-It has no native quota, so vfusefs's own accounting is the only enforcement; everything it needs
-is in the `Backend` base class.
+Any mounted directory will do (NFS, SMB, ext4...).  It has no native quota and no fast usage, so
+vfusefs's own accounting is the only enforcement and rescans walk the tree; everything it needs
+is in the `Backend` base class.  Clones (reflink where the filesystem has it, else a copy) come
+with issue 22.
 """
 
-from typing import ClassVar
-
-from vfusefs.backends import Backend
+from vfusefs.backends import Backend, Capabilities
 
 
 class VfsBackend(Backend):
     name = "vfs"
-    known_options: ClassVar[dict[str, type]] = {}
+    capabilities = Capabilities(clone=None)
