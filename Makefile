@@ -4,20 +4,31 @@
 PYTHON ?= python3
 VENV   ?= .venv
 DEMO   ?= $(CURDIR)/demo
-APT_PACKAGES = fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv redis-server \
-               btrfs-progs xfsprogs attr bindfs psmisc util-linux iproute2 procps
+# what a node needs to run the daemon (make run, make install) ...
+NODE_PACKAGES = fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr util-linux
+# ... and what the test suite adds: peers to compare with, real storage, tools it drives
+TEST_PACKAGES = redis-server btrfs-progs xfsprogs bindfs psmisc iproute2 procps
 DEMO_ID = 6f1c2a3e-0000-4000-8000-00000000d3e0
 
+# make install [DESTDIR=/tmp/pkgroot] [PREFIX=...]: DESTDIR stages the files for a package
+# (no packages installed, no systemctl); the venv is rewritten to run from PREFIX
 PREFIX ?= /opt/vfusefs
 BINDIR ?= /usr/local/bin
 ETCDIR ?= /etc/vfusefs
 UNITDIR ?= /etc/systemd/system
 
-.PHONY: run test deps venv bench clean install
+.PHONY: run test deps test-deps venv bench clean install
+
+define apt_install
+	@if command -v apt-get >/dev/null && ! dpkg -s $(1) >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1); fi
+endef
 
 deps:
-	@if command -v apt-get >/dev/null && ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); fi
+	$(call apt_install,$(NODE_PACKAGES))
+
+test-deps: deps
+	$(call apt_install,$(TEST_PACKAGES))
 
 $(VENV)/.installed: setup.cfg setup.py pyproject.toml $(wildcard src/vfusefs/shim/*.c)
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +48,7 @@ run: venv
 	   echo "demo vfolder: /mnt/vfroot/local/$(DEMO_ID)" ) & \
 	exec $(VENV)/bin/vfusefs serve --config $(DEMO)/vfusefs.toml
 
-test: venv
+test: test-deps venv
 	$(VENV)/bin/mypy src/
 	$(VENV)/bin/python -m pytest -q tests
 
@@ -45,16 +56,20 @@ bench: venv
 	$(VENV)/bin/python bench/run.py
 
 # a node install: the daemon in its own venv, the unit, and an example config if none exists
-install: deps
-	$(PYTHON) -m venv $(PREFIX)
-	$(PREFIX)/bin/pip install -q --upgrade pip
-	$(PREFIX)/bin/pip install -q .
-	install -d $(BINDIR) $(UNITDIR) $(ETCDIR)
-	ln -sf $(PREFIX)/bin/vfusefs $(BINDIR)/vfusefs
-	test -f $(ETCDIR)/vfusefs.toml || install -m 0644 examples/vfs.toml $(ETCDIR)/vfusefs.toml
+install: $(if $(DESTDIR),,deps)
+	$(PYTHON) -m venv $(DESTDIR)$(PREFIX)
+	$(DESTDIR)$(PREFIX)/bin/pip install -q --upgrade pip
+	$(DESTDIR)$(PREFIX)/bin/pip install -q .
+	@if [ -n "$(DESTDIR)" ]; then \
+		grep -rlI -- "$(DESTDIR)$(PREFIX)" $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/pyvenv.cfg \
+			| xargs -r sed -i "s|$(DESTDIR)$(PREFIX)|$(PREFIX)|g"; fi
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(ETCDIR)
+	ln -sf $(PREFIX)/bin/vfusefs $(DESTDIR)$(BINDIR)/vfusefs
+	test -f $(DESTDIR)$(ETCDIR)/vfusefs.toml || install -m 0644 examples/vfs.toml $(DESTDIR)$(ETCDIR)/vfusefs.toml
 	sed -e 's|/usr/local/bin/vfusefs|$(BINDIR)/vfusefs|; s|/etc/vfusefs/vfusefs.toml|$(ETCDIR)/vfusefs.toml|' \
-		systemd/vfusefs.service > $(UNITDIR)/vfusefs.service
-	@systemctl daemon-reload 2>/dev/null || echo "(systemd is not running here: no daemon-reload)"
+		systemd/vfusefs.service > $(DESTDIR)$(UNITDIR)/vfusefs.service
+	@if [ -z "$(DESTDIR)" ]; then systemctl daemon-reload 2>/dev/null || \
+		echo "(systemd is not running here: no daemon-reload)"; fi
 	@echo "next: edit $(ETCDIR)/vfusefs.toml, run 'vfusefs doctor', then 'systemctl enable --now vfusefs'"
 
 clean:

@@ -38,10 +38,11 @@ class Stress:
         self.top, self.rng = top, rng
         self.held: list[int] = []  # fds kept open across other operations
 
-    def path(self, kind: str = "f") -> Path:
-        """A random name, sometimes one level down, sometimes in another process's tree."""
+    def path(self, kind: str = "f", own: bool = False) -> Path:
+        """A random name, sometimes one level down, sometimes in the tree all processes share
+        (DIR's parent) unless `own`."""
         r = self.rng
-        base = self.top if r.random() < 0.9 else self.top.parent
+        base = self.top if own or r.random() < 0.9 else self.top.parent
         sub = base / f"d{r.randrange(6)}" if r.random() < 0.5 else base
         return sub / f"{kind}{r.randrange(40)}"
 
@@ -99,7 +100,9 @@ class Stress:
         os.setxattr(self.path(), f"user.s{self.rng.randrange(3)}", self.data(3000) or b"x")
 
     def mapwrite(self) -> None:
-        fd = os.open(self.path(), os.O_RDWR)
+        # in this process's own tree: a file another process truncates under a mapping would
+        # kill this one with SIGBUS, as it would natively
+        fd = os.open(self.path(own=True), os.O_RDWR)
         try:
             size = os.fstat(fd).st_size
             if size:

@@ -243,10 +243,12 @@ def test_grant_api_and_cli(daemon: Daemon) -> None:
     daemon.cli("revoke", "local", vf.name, "gid:100")
     info = json.loads(daemon.cli("vfolder", "info", "local", vf.name, "--json").stdout)
     assert {"principal": "gid:100", "mode": "ro"} not in info["grants"]
-    for args in (("grant", "local", vf.name, "bogus", "rw"), ("grant", "local", vf.name, "uid:1", "rx"),
-                 ("revoke", "local", vf.name, "uid:77")):
+    # a bad principal or mode is a usage error (2); a grant that is not there, a failure (1)
+    for args, code in ((("grant", "local", vf.name, "bogus", "rw"), 2),
+                       (("grant", "local", vf.name, "uid:1", "rx"), 2),
+                       (("revoke", "local", vf.name, "uid:77"), 1)):
         r = daemon.cli(*args, check=False)
-        assert r.returncode == 1 and r.stderr.count("\n") == 1 and r.stderr.startswith("vfusefs: ")
+        assert r.returncode == code and r.stderr.count("\n") == 1 and r.stderr.startswith("vfusefs: ")
     # grants survive a restart
     daemon.stop()
     daemon.start()

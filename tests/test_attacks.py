@@ -345,7 +345,8 @@ def test_concurrent_creates_and_deletes_of_one_id_stay_consistent(daemon: Daemon
     store_and_native_agree_across_a_restart(daemon)
 
 
-def test_a_stop_during_a_purge_is_quiet_and_the_purge_resumes(daemon: Daemon) -> None:
+def test_a_stop_during_a_purge_is_quiet_and_the_purge_resumes(world_dir: Path) -> None:
+    daemon = Daemon(world_dir, daemon_opts={"trash_retention": 0}).start()
     vf = daemon.vfolder()
     native = native_of(daemon, vf)
     for i in range(60):
@@ -366,6 +367,7 @@ def test_a_stop_during_a_purge_is_quiet_and_the_purge_resumes(daemon: Daemon) ->
             break
         time.sleep(0.05)
     assert not os.path.exists(trash)
+    assert daemon.stop() == 0
 
 
 def test_random_control_bodies_never_break_the_api(daemon: Daemon) -> None:

@@ -79,11 +79,43 @@ def test_vfolder_lifecycle(daemon: Daemon) -> None:
     assert not os.path.exists(vf["native_path"])
     assert os.listdir(daemon.mnt / "local") == []
     assert not os.path.exists(vf["path"])
-    deadline = time.monotonic() + 10
-    while os.path.exists(trash) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not os.path.exists(trash), "trash was not purged in the background"
     assert daemon.api("GET", f"/v1/hosts/local/vfolders/{vfid}").status_code == 404
+    # kept in the trash for trash_retention (24 h by default), and restorable as it was
+    time.sleep(0.5)
+    assert Path(trash, "keep").read_text() == "x"
+    (listed,) = json.loads(daemon.cli("vfolder", "trash", "local", "--json").stdout)
+    assert listed["id"] == vfid and listed["restorable"]
+    assert listed["purge_after"] - listed["deleted"] == 86400
+    assert vfid in daemon.cli("vfolder", "trash", "local").stdout
+    restored = json.loads(daemon.cli("vfolder", "restore", "local", vfid, "--json").stdout)
+    assert restored["grants"] == vf["grants"] and restored["native_path"] == vf["native_path"]
+    assert Path(vf["path"], "keep").read_text() == "x" and not os.path.exists(trash)
+    deadline = time.monotonic() + 10
+    while daemon.api("GET", f"/v1/hosts/local/vfolders/{vfid}").json()["usage_inodes"] != 1:
+        assert time.monotonic() < deadline, "the restored vfolder was not recounted"
+        time.sleep(0.1)
+    r = daemon.cli("vfolder", "restore", "local", vfid, check=False)  # it is back: nothing to do
+    assert r.returncode == 1 and "exists" in r.stderr
+    r = daemon.cli("vfolder", "restore", "local", str(uuid.uuid4()), check=False)
+    assert r.returncode == 1 and "not in the trash" in r.stderr and "vfolder trash" in r.stderr
+
+
+def test_trash_retention_zero_purges_at_once(world_dir: Path) -> None:
+    d = Daemon(world_dir, daemon_opts={"trash_retention": 0})
+    d.start()
+    try:
+        vf = d.vfolder()
+        (vf / "f").write_text("x")
+        trash = d.api("DELETE", f"/v1/hosts/local/vfolders/{vf.name}").json()["trash"]
+        deadline = time.monotonic() + 10
+        while os.path.exists(trash) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not os.path.exists(trash), "trash was not purged in the background"
+        assert d.api("GET", "/v1/hosts/local/trash").json() == []
+        r = d.api("POST", f"/v1/hosts/local/vfolders/{vf.name}/restore")
+        assert r.status_code == 404 and r.json()["error"] == "not_in_trash"
+    finally:
+        assert d.stop() == 0
 
 
 def test_cli_errors_are_one_line(daemon: Daemon) -> None:
@@ -97,6 +129,59 @@ def test_cli_errors_are_one_line(daemon: Daemon) -> None:
         assert "Traceback" not in r.stderr
     r = subprocess.run([VFUSEFS, "--socket", "/nonexistent.sock", "status"], capture_output=True, text=True)
     assert r.returncode == 1 and "cannot reach the daemon" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_cli_for_people_and_for_scripts(daemon: Daemon) -> None:
+    vfid = str(uuid.uuid4())
+    daemon.api("POST", "/v1/hosts/local/vfolders", {"id": vfid, "quota_bytes": "10G"})
+    (Path(daemon.api("GET", f"/v1/hosts/local/vfolders/{vfid}").json()["path"]) / "f") \
+        .write_bytes(b"x" * 3_000_000)
+    # --json before the command or after it, on every command
+    assert json.loads(daemon.cli("--json", "status").stdout)["vfolders"] == 1
+    assert json.loads(daemon.cli("--json", "vfolder", "ls").stdout)[0]["id"] == vfid
+    assert json.loads(daemon.cli("check-config", "--json").stdout)["ok"] is True
+    assert any(o["key"] == "daemon.trash_retention"
+               for o in json.loads(daemon.cli("--json", "config-doc").stdout))
+    # sizes for people: 10G, 2.9M, '-' for unlimited
+    table = daemon.cli("vfolder", "ls").stdout
+    assert " 10G " in table and " 2.9M " in table, table
+    quota = daemon.cli("vfolder", "quota", "local", vfid).stdout
+    assert " - " in quota and " 10G " in quota, quota  # no inode limit
+    assert "10G (10737418240 bytes)" in daemon.cli("vfolder", "info", "local", vfid).stdout
+    # usage errors exit 2, other failures 1; hints name CLI flags
+    for args in (["grant", "local", vfid, "uid:1000", "write"], ["vfolder", "info", "local", "nope"],
+                 ["vfolder", "quota", "local", vfid, "--bytes", "lots"],
+                 ["scope", "team:x", "--bytes", "1G"], ["vfolder", "create", "local", "--id", "x"],
+                 ["vfolder", "create", "local", "--grant", "bogus"], ["--nosuchflag", "status"]):
+        r = daemon.cli(*args, check=False)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, (args, r.returncode, r.stderr)
+    r = daemon.cli("vfolder", "info", "local", str(uuid.uuid4()), check=False)
+    assert r.returncode == 1
+    held = open(Path(daemon.mnt, "local", vfid, "f"))
+    r = daemon.cli("vfolder", "rm", "local", vfid, check=False)
+    held.close()
+    assert r.returncode == 1 and "add --force to delete anyway" in r.stderr and "force=1" not in r.stderr
+    other = str(uuid.uuid4())
+    os.mkdir(Path(daemon.hosts["local"]["path"]) / other)
+    r = daemon.cli("vfolder", "create", "local", "--id", other, check=False)
+    assert r.returncode == 1 and "add --adopt" in r.stderr, r.stderr
+    # bare groups print their usage, cleanly
+    for args in ([], ["vfolder"]):
+        r = subprocess.run([VFUSEFS, *args], capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr.startswith("Usage: vfusefs"), r.stderr
+        assert "see --help" not in r.stderr and "Commands:" in r.stderr
+    r = daemon.cli(check=False)  # options, but no command: one line
+    assert r.returncode == 2 and r.stderr == "vfusefs: Missing command. (see --help)\n"
+    # rm asks on a terminal; 'n' keeps the vfolder
+    cmd = " ".join([VFUSEFS, "--config", str(daemon.config), "vfolder", "rm", "local", vfid])
+    r = subprocess.run(["script", "-qec", cmd, "/dev/null"], input="n\n", capture_output=True,
+                       text=True, timeout=30)
+    assert "delete vfolder" in r.stdout and r.returncode != 0, r.stdout
+    assert daemon.api("GET", f"/v1/hosts/local/vfolders/{vfid}").status_code == 200
+    r = subprocess.run(["script", "-qec", cmd + " --yes", "/dev/null"], capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0 and "delete vfolder" not in r.stdout, r.stdout
+    assert daemon.api("GET", f"/v1/hosts/local/vfolders/{vfid}").status_code == 404
 
 
 def test_state_survives_restart(daemon: Daemon) -> None:

@@ -7,6 +7,7 @@ shown through real mounts (test_mount_tools.py: the hung host; test_service.py: 
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import time
@@ -216,3 +217,10 @@ async def test_runnable_counts_what_trio_counts_and_falls_back_to_asking_it(
         monkeypatch.setattr(fuseloop, "_RUN_CONTEXT", object())
         assert fuseloop.runnable() == 3
     assert fuseloop.runnable() == 0
+
+
+async def test_the_installed_trio_and_pyfuse3_have_what_the_fast_path_reads() -> None:
+    """The versions setup.cfg allows keep the internals fuseloop reads; when this fails after an
+    upgrade, the daemon still works (the fallbacks), only slower: update fuseloop and the pins."""
+    assert isinstance(fuseloop._RUN_CONTEXT.runner.runq, collections.deque)  # type: ignore[union-attr]
+    assert pyfuse3.trio is trio  # type: ignore[attr-defined]  # the global install() replaces

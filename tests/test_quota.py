@@ -278,7 +278,7 @@ def test_quota_xattrs_api_and_cli(daemon: Daemon) -> None:
     r = daemon.api("PATCH", f"/v1/hosts/local/vfolders/{vf.name}", {"quota_bytes": "much"})
     assert r.status_code == 400 and r.json()["error"] == "bad_quota"
     r = daemon.cli("vfolder", "quota", "local", vf.name, "--bytes", "much", check=False)
-    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert r.returncode == 2 and r.stderr.count("\n") == 1  # a bad value: a usage error
     # host directories carry the host's totals
     assert int(os.getxattr(daemon.mnt / "local", "user.vfusefs.usage.bytes")) == du(native)[0]
 

@@ -136,6 +136,22 @@ def test_trash_is_claimed_by_one_node_at_a_time(store_pair: tuple[Store, Store])
     assert a.trash() == []
 
 
+def test_a_deleted_vfolder_is_restored_from_its_trash_entry(store_pair: tuple[Store, Store]) -> None:
+    a, b = store_pair
+    r = record(quota_bytes=7, grants={"uid:1000": "rw"})
+    a.put_vfolder(r)
+    a.delete_vfolder(r.id, TrashRecord("/srv/.trash/r", "local", r.id, 3.0, record=r))
+    (entry,) = b.trash()
+    assert entry.record == r  # what is needed to bring it back
+    start = b.last_change()
+    assert b.restore_vfolder(entry.record, entry.path)
+    assert a.vfolder(r.id) == r and a.trash() == []
+    assert [(c.kind, c.key) for c in a.changes(start)] == [("vfolder", r.id)]
+    assert not a.restore_vfolder(r, "/srv/.trash/r")  # gone from the trash (purged): no
+    a.delete_vfolder(r.id, TrashRecord("/srv/.trash/r2", "local", r.id, 4.0))
+    assert b.trash()[0].record is None  # deleted without its record: not restorable
+
+
 # -- the SQLite store's own --------------------------------------------------------------------
 def test_sqlite_urls() -> None:
     assert sqlite_path("sqlite:///var/lib/vfusefs/state.db") == "/var/lib/vfusefs/state.db"

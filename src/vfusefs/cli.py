@@ -6,10 +6,11 @@ line starting with `vfusefs:` to stderr and exits non-zero (2 for usage errors, 
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 from urllib.parse import quote
 
 import click
@@ -28,8 +29,18 @@ class CliError(click.ClickException):
         click.echo(f"vfusefs: {self.message}", err=True)
 
 
-def die(message: str) -> NoReturn:
-    raise CliError(message)
+class CliUsageError(CliError):
+    exit_code = 2  # a bad argument, flag or value
+
+
+def die(message: str, usage: bool = False) -> NoReturn:
+    raise (CliUsageError if usage else CliError)(message)
+
+
+# what to do about an API error, said in CLI terms (the API's own hint names API parameters)
+HINTS = {"in_use": "add --force to delete anyway",
+         "native_exists": "add --adopt to serve what it holds",
+         "not_in_trash": "see `vfusefs vfolder trash HOST`"}
 
 
 class Client:
@@ -40,7 +51,7 @@ class Client:
         self.http = httpx.Client(transport=httpx.HTTPTransport(uds=socket_path),
                                  base_url="http://vfusefs", timeout=60.0)
 
-    def call(self, method: str, path: str, body: Any = None, params: dict | None = None) -> Any:
+    def call(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> Any:
         try:
             r = self.http.request(method, "/v1" + path, json=body, params=params)
         except (httpx.ConnectError, OSError) as exc:
@@ -55,7 +66,11 @@ class Client:
             die(f"daemon answered {r.status_code} without JSON")
         if r.status_code >= 400:
             msg = data.get("message") if isinstance(data, dict) else None
-            die(msg or f"daemon answered {r.status_code}")
+            code = data.get("error") if isinstance(data, dict) else None
+            msg = msg or f"daemon answered {r.status_code}"
+            if code in HINTS:
+                msg = f"{msg.partition('; ')[0]}; {HINTS[code]}"
+            die(msg, usage=r.status_code == 400)
         return data
 
 
@@ -80,24 +95,41 @@ def vf_path(host: str, vfid: str, *rest: str) -> str:
                      *(quote(p, safe="") for p in rest)])
 
 
-def emit(data: Any, as_json: bool, columns: list[tuple[str, str]] | None = None) -> None:
+Column = tuple[str, str, str]  # key, title, kind ("": as is, "size", "limit", "count_limit")
+
+
+def emit(data: Any, as_json: bool, columns: list[Column] | None = None) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2, sort_keys=True))
         return
     rows = data if isinstance(data, list) else [data]
     if columns is None:
-        columns = [(k, k) for k in (rows[0] if rows else {})]
+        columns = [(k, k, "") for k in (rows[0] if rows else {})]
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for _, title in columns:
+    for _, title, _ in columns:
         table.add_column(title.upper())
     for row in rows:
-        table.add_row(*[_cell(row.get(key)) for key, _ in columns])
+        table.add_row(*[_cell(row.get(key), kind) for key, _, kind in columns])
     console.print(table)
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
+def human(n: int) -> str:
+    """Bytes as `ls -h` and `df -h` print them: 512, 4.0K, 393M, 1.5G."""
+    value, unit = float(n), ""
+    for unit in ("", "K", "M", "G", "T", "P", "E"):
+        if abs(value) < 1024 or unit == "E":
+            break
+        value /= 1024
+    if not unit:
+        return str(n)
+    return f"{value:.1f}{unit}" if abs(value) < 10 else f"{value:.0f}{unit}"
+
+
+def _cell(value: Any, kind: str = "") -> str:
+    if value is None or kind in ("limit", "count_limit") and value == 0:
+        return "-"  # unset, or unlimited
+    if kind in ("size", "limit") and isinstance(value, int):
+        return human(value)
     if isinstance(value, list):
         return ",".join(f"{g['principal']}={g['mode']}" if isinstance(g, dict) else str(g)
                         for g in value) or "-"
@@ -106,23 +138,41 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-VFOLDER_COLUMNS = [("host", "host"), ("id", "id"), ("scope", "scope"), ("quota_bytes", "quota"),
-                   ("usage_bytes", "used"), ("grants", "grants"), ("path", "path")]
-QUOTA_COLUMNS = [("host", "host"), ("id", "id"), ("quota_bytes", "quota bytes"),
-                 ("usage_bytes", "used bytes"), ("quota_inodes", "quota inodes"),
-                 ("usage_inodes", "used inodes")]
-json_option = click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")
+VFOLDER_COLUMNS: list[Column] = [
+    ("host", "host", ""), ("id", "id", ""), ("scope", "scope", ""),
+    ("quota_bytes", "quota", "limit"), ("usage_bytes", "used", "size"),
+    ("grants", "grants", ""), ("path", "path", "")]
+QUOTA_COLUMNS: list[Column] = [
+    ("host", "host", ""), ("id", "id", ""), ("quota_bytes", "quota bytes", "limit"),
+    ("usage_bytes", "used bytes", "size"), ("quota_inodes", "quota inodes", "count_limit"),
+    ("usage_inodes", "used inodes", "")]
+
+
+def json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--json on a command; `vfusefs --json COMMAND` means the same."""
+    @functools.wraps(fn)
+    def command(*args: Any, as_json: bool, **kw: Any) -> Any:
+        root = click.get_current_context().find_root().obj or {}
+        return fn(*args, as_json=as_json or bool(root.get("json")), **kw)
+
+    return click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")(command)
+
+
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--config", "config_path", metavar="PATH", help="config file (default "
               "$VFUSEFS_CONFIG or /etc/vfusefs/vfusefs.toml)")
 @click.option("--socket", "socket_path", metavar="PATH", help="control socket (default from config)")
+@click.option("--json", "as_json", is_flag=True, help="print JSON for scripts (every command)")
 @click.version_option(__version__, prog_name="vfusefs")
 @click.pass_context
-def cli(ctx: click.Context, config_path: str | None, socket_path: str | None) -> None:
-    """vfusefs: virtual folders over shared storage, with per-caller access and quota."""
-    ctx.obj = {"config": config_path, "socket": socket_path}
+def cli(ctx: click.Context, config_path: str | None, socket_path: str | None, as_json: bool) -> None:
+    """vfusefs: virtual folders over shared storage, with per-caller access and quota.
+
+    Shell completion: eval "$(_VFUSEFS_COMPLETE=bash_source vfusefs)" (zsh_source, fish_source).
+    """
+    ctx.obj = {"config": config_path, "socket": socket_path, "json": as_json}
 
 
 @cli.command()
@@ -137,8 +187,9 @@ def serve(ctx: click.Context, config_path: str | None) -> None:
 
 @cli.command("check-config")
 @click.option("--config", "config_path", metavar="PATH", help="config file")
+@json_option
 @click.pass_context
-def check_config(ctx: click.Context, config_path: str | None) -> None:
+def check_config(ctx: click.Context, config_path: str | None, as_json: bool) -> None:
     """Validate the configuration file and exit (0 if good, 2 if not)."""
     try:
         cfg = config_mod.load(config_path or ctx.find_root().obj.get("config"))
@@ -149,6 +200,8 @@ def check_config(ctx: click.Context, config_path: str | None) -> None:
     except config_mod.ConfigError as exc:
         click.echo(f"vfusefs: {exc}", err=True)
         sys.exit(2)
+    if as_json:
+        return emit({"config": cfg.path, "ok": True, "hosts": sorted(cfg.hosts)}, True)
     click.echo(f"{cfg.path}: ok ({len(cfg.hosts)} host(s))")
 
 
@@ -171,8 +224,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
 def hosts(ctx: click.Context, as_json: bool) -> None:
     """List the configured storage hosts."""
     emit(_client(ctx).call("GET", "/hosts"), as_json,
-         [("name", "host"), ("backend", "backend"), ("layout", "layout"), ("health", "health"),
-          ("vfolders", "vfolders"), ("fs_type", "fs"), ("path", "native path")])
+         [("name", "host", ""), ("backend", "backend", ""), ("layout", "layout", ""),
+          ("health", "health", ""), ("vfolders", "vfolders", ""), ("fs_type", "fs", ""),
+          ("path", "native path", "")])
 
 
 @cli.group()
@@ -185,7 +239,7 @@ def _grants(values: tuple[str, ...]) -> list[dict[str, str]]:
     for v in values:
         principal, sep, mode = v.rpartition("=")
         if not sep or not principal:
-            die(f"bad --grant {v!r}: use PRINCIPAL=MODE, e.g. uid:1000=rw")
+            die(f"bad --grant {v!r}: use PRINCIPAL=MODE, e.g. uid:1000=rw", usage=True)
         out.append({"principal": principal, "mode": mode})
     return out
 
@@ -235,32 +289,74 @@ def vfolder_info(ctx: click.Context, host: str, vfid: str, as_json: bool) -> Non
     data = _client(ctx).call("GET", vf_path(host, vfid))
     if as_json:
         return emit(data, True)
+    kinds = {"quota_bytes": "limit", "usage_bytes": "size", "quota_inodes": "count_limit"}
     for key in ("id", "host", "path", "native_path", "scope", "quota_bytes", "quota_inodes",
                 "usage_bytes", "usage_inodes", "grants", "open_handles"):
-        click.echo(f"{key:14} {_cell(data.get(key))}")
+        value, kind = data.get(key), kinds.get(key, "")
+        shown = _cell(value, kind)
+        if kind in ("size", "limit") and isinstance(value, int) and value >= 1024:
+            shown += f" ({value} bytes)"
+        click.echo(f"{key:14} {shown}")
 
 
 @vfolder.command("rm")
 @click.argument("host")
 @click.argument("vfid")
 @click.option("--force", is_flag=True, help="delete even if files are open in it")
+@click.option("--yes", "-y", is_flag=True, help="do not ask for confirmation")
 @json_option
 @click.pass_context
-def vfolder_rm(ctx: click.Context, host: str, vfid: str, force: bool, as_json: bool) -> None:
-    """Delete a vfolder: its data goes to the host's trash and is purged in the background."""
-    data = _client(ctx).call("DELETE", vf_path(host, vfid),
-                             params={"force": "1"} if force else None)
+def vfolder_rm(ctx: click.Context, host: str, vfid: str, force: bool, yes: bool,
+               as_json: bool) -> None:
+    """Delete a vfolder: its data goes to the host's trash, where `vfolder restore` can bring it
+    back until trash_retention (default 24 h) has passed; then it is purged.  Asks first on a
+    terminal unless --yes."""
+    client = _client(ctx)
+    if not yes and sys.stdin.isatty():
+        info = client.call("GET", vf_path(host, vfid))
+        click.confirm(f"delete vfolder {info['id']} on {host} ({human(info['usage_bytes'] or 0)}, "
+                      f"{info['usage_inodes']} inodes)?", abort=True, err=True)
+    data = client.call("DELETE", vf_path(host, vfid), params={"force": "1"} if force else None)
     if as_json:
         return emit(data, True)
-    click.echo(f"deleted {data['deleted']}")
+    click.echo(f"deleted {data['deleted']} (in the trash: vfusefs vfolder restore {host} "
+               f"{data['deleted']})" if data.get("trash") else f"deleted {data['deleted']}")
+
+
+@vfolder.command("restore")
+@click.argument("host")
+@click.argument("vfid")
+@json_option
+@click.pass_context
+def vfolder_restore(ctx: click.Context, host: str, vfid: str, as_json: bool) -> None:
+    """Bring a deleted vfolder back from HOST's trash, with its grants and limits."""
+    data = _client(ctx).call("POST", vf_path(host, vfid, "restore"), {})
+    emit(data, as_json, VFOLDER_COLUMNS)
+
+
+@vfolder.command("trash")
+@click.argument("host")
+@json_option
+@click.pass_context
+def vfolder_trash(ctx: click.Context, host: str, as_json: bool) -> None:
+    """List deleted vfolders in HOST's trash and when each is purged."""
+    rows = _client(ctx).call("GET", f"/hosts/{quote(host, safe='')}/trash")
+    if as_json:
+        return emit(rows, True)
+    for row in rows:
+        for key in ("deleted", "purge_after"):
+            row[key] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row[key]))
+    emit(rows, False, [("id", "id", ""), ("scope", "scope", ""), ("deleted", "deleted", ""),
+                       ("purge_after", "purged after", ""), ("restorable", "restorable", "")])
 
 
 def _not_yet(what: str, method: str = "POST") -> Any:
     @click.argument("host")
     @click.argument("vfid")
+    @json_option
     @click.pass_context
-    def command(ctx: click.Context, host: str, vfid: str) -> None:
-        _client(ctx).call(method, vf_path(host, vfid, what), {})
+    def command(ctx: click.Context, host: str, vfid: str, as_json: bool) -> None:
+        emit(_client(ctx).call(method, vf_path(host, vfid, what), {}), as_json)
 
     return command
 
@@ -362,7 +458,7 @@ def scope(ctx: click.Context, scope_id: str, qbytes: str | None, qinodes: str | 
     """Show a quota scope's (user:<uuid> or project:<uuid>) limits and usage, or set them."""
     data = show_or_set_limits(_client(ctx), f"/scopes/{quote(scope_id, safe='')}", "PUT",
                               qbytes, qinodes)
-    emit(data, as_json, [("scope", "scope")] + QUOTA_COLUMNS[2:] + [("vfolders", "vfolders")])
+    emit(data, as_json, [("scope", "scope", "")] + QUOTA_COLUMNS[2:] + [("vfolders", "vfolders", "")])
 
 
 @cli.command()
@@ -389,11 +485,14 @@ def doctor(ctx: click.Context, config_path: str | None, as_json: bool) -> None:
 
 
 @cli.command("config-doc")
-def config_doc() -> None:
+@json_option
+def config_doc(as_json: bool) -> None:
     """Print the configuration reference (every option, its default and meaning; then every
     installed backend's capabilities and options)."""
     from vfusefs import backends
 
+    if as_json:
+        return emit(config_mod.options_json(), True)
     click.echo(config_mod.options_markdown(), nl=False)
     click.echo()
     click.echo(backends.options_markdown(), nl=False)
@@ -405,6 +504,10 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("vfusefs: aborted", err=True)
         sys.exit(1)
+    except click.exceptions.NoArgsIsHelpError as exc:  # `vfusefs`, `vfusefs vfolder`: usage
+        assert exc.ctx is not None
+        click.echo(exc.ctx.get_help(), err=True)
+        sys.exit(2)
     except click.UsageError as exc:
         click.echo(f"vfusefs: {exc.format_message()} (see --help)", err=True)
         sys.exit(2)

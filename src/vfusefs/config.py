@@ -109,6 +109,10 @@ DAEMON_OPTIONS: tuple[Option, ...] = (
            "O_PATH fds kept for inodes the kernel caches (0: from RLIMIT_NOFILE); above it the "
            "kernel is asked to forget its oldest entries", _non_negative),
     Option("max_tasks", int, 64, False, "concurrent FUSE requests the daemon works on at once", _positive),
+    Option("trash_retention", (int, float), 86400.0, True,
+           "seconds a deleted vfolder's data stays in its host's trash, restorable with "
+           "`vfusefs vfolder restore`, before it is purged in the background (0: at once)",
+           _non_negative),
     Option("scan_interval", (int, float), 3600.0, True,
            "seconds between background rescans that correct usage for changes made behind "
            "vfusefs (0: only on request and after an unclean stop)", _non_negative),
@@ -156,6 +160,7 @@ class DaemonConfig:
     inode_fds: int
     max_tasks: int
     scan_interval: float
+    trash_retention: float
 
 
 @dataclass(frozen=True)
@@ -284,6 +289,15 @@ def load(explicit: str | None = None, check_paths: bool = True) -> Config:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     # tomlkit rejects duplicate tables ([hosts.a] twice) with a ParseError, reported above
     return parse(text, path, check_paths)
+
+
+def options_json() -> list[dict[str, Any]]:
+    """The option reference for scripts (`vfusefs config-doc --json`)."""
+    return [{"key": f"{section}.{o.key}", "type": _type_name(o.kind), "default": o.default,
+             "reload": o.reloadable, "doc": o.doc}
+            for section, options in (("daemon", DAEMON_OPTIONS), ("store", STORE_OPTIONS),
+                                     ("hosts.NAME", HOST_OPTIONS))
+            for o in options]
 
 
 def options_markdown() -> str:

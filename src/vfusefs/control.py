@@ -153,6 +153,17 @@ def build_app(registry: Registry, token: str | None = None) -> Starlette:
         return JSONResponse(task.describe(), status_code=202)
 
     @endpoint
+    async def restore(request: Request) -> Response:
+        p = request.path_params
+        await json_body(request, set())  # nothing to say: an empty body or {}
+        vf = await registry.restore_vfolder(p["host"], p["id"])
+        return JSONResponse(vf_json(vf), status_code=200)
+
+    @endpoint
+    async def trash(request: Request) -> Response:
+        return JSONResponse(await registry.trash_list(request.path_params["host"]))
+
+    @endpoint
     async def task(request: Request) -> Response:
         t = registry.tasks.get(request.path_params["task"])
         if t is None:
@@ -210,6 +221,8 @@ def build_app(registry: Registry, token: str | None = None) -> Starlette:
         Route("/v1/hosts/{host}/vfolders/{id}/grants/{principal:path}", grant, methods=["PUT", "DELETE"]),
         Route("/v1/hosts/{host}/vfolders/{id}/clone", not_yet("clone"), methods=["POST"]),
         Route("/v1/hosts/{host}/vfolders/{id}/rescan", rescan, methods=["POST"]),
+        Route("/v1/hosts/{host}/vfolders/{id}/restore", restore, methods=["POST"]),
+        Route("/v1/hosts/{host}/trash", trash),
         Route("/v1/tasks/{task}", task),
         Route("/v1/scopes/{scope}", scope, methods=["GET", "PUT"]),
     ]

@@ -20,6 +20,7 @@ import resource
 import signal
 import socket
 import sys
+import time
 from typing import Any
 
 import pyfuse3
@@ -162,17 +163,21 @@ def read_token(path: str) -> str:
 
 
 async def purge_trash_periodically(registry: Registry) -> None:
-    """Purge right after a delete, and retry leftovers (say, after a restart) every minute."""
+    """Purge what has been in the trash for trash_retention: when the next entry is due, right
+    after a delete (retention 0), and at least every minute (leftovers, a changed retention)."""
     while True:
+        due = None
         try:
-            await registry.purge_trash()
+            due = await registry.purge_trash()
         except StoppedError:
             # stopping (the store's or a host's threads are gone): what is left stays queued in
             # the store, and the next start goes on with it
             return
         except Exception:
             log.exception("trash purge failed")
-        with trio.move_on_after(TRASH_PURGE_INTERVAL):
+        wait = TRASH_PURGE_INTERVAL if due is None else min(TRASH_PURGE_INTERVAL,
+                                                           max(0.0, due - time.time()) + 0.05)
+        with trio.move_on_after(wait):
             await registry.trash_waiting.wait()
         registry.trash_waiting = trio.Event()
 

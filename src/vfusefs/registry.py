@@ -22,7 +22,7 @@ import trio
 
 from vfusefs import access, mounts, native
 from vfusefs.quota import QuotaLedger, parse_count, parse_size
-from vfusefs.backends import Backend, BackendError, load_backend
+from vfusefs.backends import AlreadyThere, Backend, BackendError, load_backend
 from vfusefs.config import Config, HostConfig
 from vfusefs.inodes import InodeTable, Kind, Node
 from vfusefs.store import Store, TrashRecord, VfolderRecord, node_name
@@ -392,6 +392,9 @@ class Registry:
                 raise RegistryError(409, "exists", f"vfolder {vfid} already exists")
             try:
                 made = await host.admin.run(host.backend.create_vfolder, path, adopt)
+            except AlreadyThere as exc:
+                raise RegistryError(409, "native_exists", f"{exc}; adopt it to serve what it "
+                                                          f"holds (\"adopt\": true)") from None
             except BackendError as exc:
                 raise RegistryError(409, "backend", str(exc)) from None
             rec = VfolderRecord(id=vfid, host=host.name, native_path=path, scope=scope,
@@ -645,7 +648,7 @@ class Registry:
         vf = self.vfolder(host_name, vfid)  # again: it may have gone while we waited
         if vf.handles and not force:
             raise RegistryError(409, "in_use", f"vfolder {vf.id} is in use ({vf.handles} open "
-                                               f"handles); add force=1 to delete anyway")
+                                               f"handles); add ?force=1 to delete anyway")
         host = vf.host
         # hide it first so no new request reaches it, then move the data aside
         self._stop_serving(vf)
@@ -661,7 +664,7 @@ class Registry:
                     self.start_rescan(again)
             raise RegistryError(409, "backend", f"cannot move {vf.record.native_path} to trash: "
                                                 f"{exc.strerror}") from None
-        trash = TrashRecord(moved, host.name, vf.id, time.time()) if moved else None
+        trash = TrashRecord(moved, host.name, vf.id, time.time(), record=vf.record) if moved else None
         await self.store_workers.run(self.store.delete_vfolder, vf.id, trash)
         self.trash_waiting.set()
         log.info("vfolder %s deleted from host %s (data moved to %s)", vf.id, host.name,
@@ -712,15 +715,22 @@ class Registry:
         if self.mounted and host.node is not None:
             pyfuse3.invalidate_entry_async(host.node.ino, name.encode(), ignore_enoent=True)
 
-    async def purge_trash(self) -> None:
-        """Remove trashed vfolder data for good, oldest first (runs in the background)."""
+    async def purge_trash(self) -> float | None:
+        """Remove trashed vfolder data for good, oldest first, once it has been in the trash
+        for `trash_retention` (runs in the background).  Returns when the next entry is due
+        (unix time), or None if nothing waits."""
+        retention = self.config.daemon.trash_retention
+        due: float | None = None
         for rec in await self.store_workers.run(self.store.trash):
             host = self.hosts.get(rec.host)
             if host is None:
                 continue
+            if rec.deleted + retention > time.time():
+                due = rec.deleted + retention if due is None else min(due, rec.deleted + retention)
+                continue
             if not await self.store_workers.run(self.store.claim_trash, rec.path, self.node,
                                                 TRASH_CLAIM):
-                continue  # another node is purging it
+                continue  # another node is purging it, or it is being restored
             try:
                 # a stop does not wait for a big purge: it is queued still, and the next start
                 # goes on where this one was interrupted
@@ -730,7 +740,61 @@ class Registry:
                 continue
             await self.store_workers.run(self.store.trash_purged, rec.path)
             log.info("purged trashed data of vfolder %s (%s)", rec.vfolder, rec.path)
+        return due
 
+    async def trash_list(self, host_name: str) -> list[dict[str, Any]]:
+        """What a host's trash holds, oldest first: each deleted vfolder and when it goes."""
+        host = self.host(host_name)
+        retention = self.config.daemon.trash_retention
+        return [{"id": rec.vfolder, "host": rec.host, "trash": rec.path, "deleted": rec.deleted,
+                 "purge_after": rec.deleted + retention, "restorable": rec.record is not None,
+                 "scope": rec.record.scope or None if rec.record else None}
+                for rec in await self.store_workers.run(self.store.trash) if rec.host == host.name]
+
+    async def restore_vfolder(self, host_name: str, vfid: str) -> Vfolder:
+        """Bring a deleted vfolder back from its host's trash, as it was when deleted (grants,
+        limits, scope); its usage is recounted."""
+        host = self.host(host_name)
+        vfid = canonical_uuid(vfid)
+        async with self._lifecycle(vfid):
+            if vfid in self.vfolders or await self.store_workers.run(self.store.has_vfolder, vfid):
+                raise RegistryError(409, "exists", f"vfolder {vfid} exists: nothing to restore")
+            entries = [t for t in await self.store_workers.run(self.store.trash)
+                       if t.vfolder == vfid and t.host == host.name and t.record is not None]
+            if not entries:
+                raise RegistryError(404, "not_in_trash", f"vfolder {vfid} is not in the trash of "
+                                                         f"host {host.name!r} (purged, or never here)")
+            entry = entries[-1]  # the latest deletion
+            assert entry.record is not None
+            if not await self.store_workers.run(self.store.claim_trash, entry.path, self.node,
+                                                TRASH_CLAIM):
+                raise RegistryError(409, "being_purged", f"vfolder {vfid} is being purged")
+            path = host.backend.native_path(uuid.UUID(vfid), entry.record.scope)
+            rec = VfolderRecord(**{**entry.record.__dict__, "native_path": path})
+            try:
+                await host.admin.run(host.backend.restore_vfolder, entry.path, path)
+            except (OSError, BackendError) as exc:
+                await self.store_workers.run(self.store.claim_trash, entry.path, self.node, 0)
+                raise RegistryError(409, "backend", f"cannot restore {entry.path} to {path}: "
+                                                    f"{getattr(exc, 'strerror', None) or exc}") from None
+            try:
+                if not await self.store_workers.run(self.store.restore_vfolder, rec, entry.path):
+                    raise RegistryError(409, "being_purged", f"vfolder {vfid} was purged meanwhile")
+            except BaseException:
+                with trio.CancelScope(shield=True):  # back where it was, still queued
+                    await host.admin.run(os.rename, path, entry.path)
+                    await self.store_workers.run(self.store.claim_trash, entry.path, self.node, 0)
+                raise
+            vf = await self._attach_stored(host, rec, {})
+            if vf is None:
+                raise RegistryError(409, "backend", f"restored {path}, but it cannot be opened")
+            self._invalidate_entry(host, vfid)
+            self.untrusted.add(vf.id)
+            if self.nursery is not None:
+                self.start_rescan(vf)
+        log.info("vfolder %s restored on host %s from %s", vfid, host.name, entry.path,
+                 extra={"host": host.name, "vfolder": vfid})
+        return vf
 
     # -- the store's change feed -----------------------------------------------------------------
     async def apply_changes(self) -> int:

@@ -36,6 +36,10 @@ class NotSupported(BackendError):
     """The backend does not have this capability (see Backend.capabilities)."""
 
 
+class AlreadyThere(BackendError):
+    """A vfolder's native directory exists already (adopt it, or remove it)."""
+
+
 @dataclass(frozen=True)
 class BackendOption:
     """One key of `[hosts.X.options]`: its type, default (None: required) and doc line.
@@ -112,7 +116,7 @@ class Backend:
     def create_vfolder(self, path: str, adopt: bool = False) -> bool:
         """Make the vfolder's directory (or, with adopt, use the one there); True if made."""
         if os.path.lexists(path) and not adopt:
-            raise BackendError(f"native directory {path} already exists (adopt it with --adopt)")
+            raise AlreadyThere(f"native directory {path} already exists")
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
         try:
             os.mkdir(path, 0o755)
@@ -147,6 +151,13 @@ class Backend:
         except FileNotFoundError:
             return None
         return os.path.join(self.trash_dir(), names[-1]) if names else None
+
+    def restore_vfolder(self, trash_path: str, path: str) -> None:
+        """Move a deleted vfolder's data back from the trash to its directory."""
+        if os.path.lexists(path):
+            raise AlreadyThere(f"native directory {path} already exists")
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        os.rename(trash_path, path)
 
     def purge(self, trash_path: str) -> None:
         """Remove trashed data for good (slow; runs in the background)."""

@@ -39,10 +39,11 @@ class VfolderRecord:
 
 @dataclass
 class TrashRecord:
-    path: str
+    path: str  # where the data was moved
     host: str
     vfolder: str
     deleted: float
+    record: VfolderRecord | None = None  # what was deleted (None: not restorable)
 
 
 class Change(NamedTuple):
@@ -91,6 +92,9 @@ class Store(Protocol):
     def claim_trash(self, path: str, node: str, seconds: float) -> bool:
         """Take path for purging for `seconds` (False: another node holds it)."""
     def trash_purged(self, path: str) -> None: ...
+    def restore_vfolder(self, rec: VfolderRecord, trash_path: str) -> bool:
+        """Serve rec again and take its data out of the trash queue, at once (False if the
+        trash entry is gone: purged meanwhile)."""
 
     # the change feed
     def last_change(self) -> int: ...

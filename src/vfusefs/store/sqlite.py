@@ -66,6 +66,8 @@ class SqliteStore:
             if "claimed_by" not in cols:
                 self._db.execute("ALTER TABLE trash ADD COLUMN claimed_by TEXT NOT NULL DEFAULT ''")
                 self._db.execute("ALTER TABLE trash ADD COLUMN claimed_until REAL NOT NULL DEFAULT 0")
+            if "record" not in cols:
+                self._db.execute("ALTER TABLE trash ADD COLUMN record TEXT NOT NULL DEFAULT ''")
             if self._db.execute("SELECT value FROM meta WHERE key = 'clean'").fetchone():
                 self._db.execute("DELETE FROM meta WHERE key = 'clean'")  # schema 1's global flag
             self._db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
@@ -102,6 +104,11 @@ class SqliteStore:
         return VfolderRecord(id=r[0], host=r[1], native_path=r[2], scope=r[3], quota_bytes=r[4],
                              quota_inodes=r[5], grants=json.loads(r[6]), created=r[7])
 
+    @staticmethod
+    def _row(rec: VfolderRecord) -> tuple[Any, ...]:
+        return (rec.id, rec.host, rec.native_path, rec.scope, rec.quota_bytes, rec.quota_inodes,
+                json.dumps(rec.grants, sort_keys=True), rec.created)
+
     def vfolders(self) -> list[VfolderRecord]:
         rows = self._run(f"SELECT {self._COLUMNS} FROM vfolders ORDER BY created, id")
         return [self._record(r) for r in rows]
@@ -115,9 +122,7 @@ class SqliteStore:
 
     def put_vfolder(self, rec: VfolderRecord) -> None:
         self._transaction(
-            ("INSERT OR REPLACE INTO vfolders VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-             (rec.id, rec.host, rec.native_path, rec.scope, rec.quota_bytes, rec.quota_inodes,
-              json.dumps(rec.grants, sort_keys=True), rec.created)),
+            ("INSERT OR REPLACE INTO vfolders VALUES (?, ?, ?, ?, ?, ?, ?, ?)", self._row(rec)),
             *self._changed("vfolder", rec.id))
 
     def delete_vfolder(self, vfid: str, trash: TrashRecord | None) -> None:
@@ -126,8 +131,10 @@ class SqliteStore:
                  ("DELETE FROM usage_deltas WHERE vfolder = ?", (vfid,)),
                  *self._changed("vfolder", vfid)]
         if trash is not None:
-            steps.append(("INSERT OR REPLACE INTO trash (path, host, vfolder, deleted) "
-                          "VALUES (?, ?, ?, ?)", (trash.path, trash.host, trash.vfolder, trash.deleted)))
+            rec = json.dumps(trash.record.__dict__, sort_keys=True) if trash.record else ""
+            steps.append(("INSERT OR REPLACE INTO trash (path, host, vfolder, deleted, record) "
+                          "VALUES (?, ?, ?, ?, ?)",
+                          (trash.path, trash.host, trash.vfolder, trash.deleted, rec)))
         self._transaction(*steps)
 
     # -- usage ----------------------------------------------------------------------------------
@@ -169,8 +176,26 @@ class SqliteStore:
 
     # -- trash ----------------------------------------------------------------------------------
     def trash(self) -> list[TrashRecord]:
-        return [TrashRecord(*r) for r in
-                self._run("SELECT path, host, vfolder, deleted FROM trash ORDER BY deleted")]
+        return [TrashRecord(r[0], r[1], r[2], r[3],
+                            VfolderRecord(**json.loads(r[4])) if r[4] else None)
+                for r in self._run("SELECT path, host, vfolder, deleted, record FROM trash "
+                                   "ORDER BY deleted")]
+
+    def restore_vfolder(self, rec: VfolderRecord, trash_path: str) -> bool:
+        with self._lock:
+            try:
+                with self._db:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    if self._db.execute("DELETE FROM trash WHERE path = ?",
+                                        (trash_path,)).rowcount != 1:
+                        return False
+                    self._db.execute("INSERT INTO vfolders VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                     self._row(rec))
+                    for sql, args in self._changed("vfolder", rec.id):
+                        self._db.execute(sql, args)
+                return True
+            except sqlite3.Error as exc:
+                raise StoreError(f"store {self.path}: {exc}") from None
 
     def claim_trash(self, path: str, node: str, seconds: float) -> bool:
         now = time.time()
