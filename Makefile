@@ -50,6 +50,8 @@ run: venv
 
 test: test-deps venv
 	$(VENV)/bin/mypy src/
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/python -m pytest -q tests
 
 bench: venv

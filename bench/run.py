@@ -26,15 +26,15 @@ import argparse
 import os
 import random
 import shutil
-import statistics
 import signal
+import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import httpx
 

@@ -18,8 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -77,7 +78,7 @@ class Daemon:
     def socket(self) -> str:
         return str(self.daemon_opts["control_socket"])
 
-    def start(self, timeout: float = 15.0) -> "Daemon":
+    def start(self, timeout: float = 15.0) -> Daemon:
         self.logf = open(self.log_path, "ab")
         nofile = self.nofile
         self.proc = subprocess.Popen([VFUSEFS, "serve", "--config", str(self.config)],

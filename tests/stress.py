@@ -7,7 +7,8 @@ into holes), truncates, fallocate, mkdir/rmdir, renames (plain, exchange, whiteo
 symbolic links, unlinks, xattrs, writes through shared mappings, open-then-unlinked temporary
 files and handles kept open across all of that.  Every OSError is expected (a quota, a grant
 that just narrowed, a name another process took); what each ended with is printed as one JSON
-line of counts by operation and errno ("write:EDQUOT"), so the caller can tell the expected from the broken (EIO, ESTALE, EBADF).
+line of counts by operation and errno ("write:EDQUOT"), so the caller can tell the expected
+from the broken (EIO, ESTALE, EBADF).
 """
 
 from __future__ import annotations

@@ -276,7 +276,7 @@ BAD_BODIES = [
     ({"quota_bytes": 2**63}, "bad_quota"), ({"quota_bytes": 2**64}, "bad_quota"),
     ({"quota_inodes": 2**70}, "bad_quota"), ({"quota_bytes": "9" * 30}, "bad_quota"),
     ({"quota_bytes": 1.5}, "bad_quota"), ({"quota_bytes": "10G\n"}, "bad_quota"),
-    ({"id": str(uuid.uuid4())[:-1] + "\n"}, "bad_id"), ({"id": "{%s}" % uuid.uuid4()}, "bad_id"),
+    ({"id": str(uuid.uuid4())[:-1] + "\n"}, "bad_id"), ({"id": f"{{{uuid.uuid4()}}}"}, "bad_id"),
     ({"id": uuid.uuid4().hex}, "bad_id"), ({"id": f"urn:uuid:{uuid.uuid4()}"}, "bad_id"),
     ({"id": 12}, "bad_id"), ({"adopt": "no"}, "bad_adopt"),
 ]

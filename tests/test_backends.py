@@ -12,14 +12,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 from vfusefs import mounts
-from vfusefs.backends import (Backend, BackendError, NotSupported, installed, load_backend,
-                              options_markdown)
+from vfusefs.backends import Backend, BackendError, NotSupported, installed, load_backend, options_markdown
 from vfusefs.config import ConfigError, HostConfig
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import VFUSEFS
 from vfusefs import backends, config
+
+from conftest import VFUSEFS
 
 
 def write(tmp_path: Path, text: str) -> Path:

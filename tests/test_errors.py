@@ -70,4 +70,4 @@ def test_request_failures_are_logged_at_most_once_per_interval(caplog: pytest.Lo
         assert errors.to_errno(trio.TooSlowError("host h2 hangs"), "read", "h2") == errno.EIO
     lines = [r for r in caplog.records if "hangs" in r.getMessage()]
     assert len(lines) == 2  # one for h1 (99 suppressed), one for h2
-    assert getattr(lines[0], "host") == "h1" and getattr(lines[0], "op") == "read"
+    assert lines[0].host == "h1" and lines[0].op == "read"

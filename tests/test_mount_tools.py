@@ -11,8 +11,9 @@ import signal
 import stat
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -318,7 +319,7 @@ def test_partial_listings_do_not_leak_inodes(daemon: Daemon) -> None:
     base = daemon.api("GET", "/v1/status").json()["inodes"]
     for _ in range(5):
         with os.scandir(vf) as it:
-            for _, _entry in zip(range(10), it):
+            for _, _entry in zip(range(10), it, strict=False):
                 pass
     Path("/proc/sys/vm/drop_caches").write_text("2\n")  # the kernel forgets what it was sent
     deadline = time.monotonic() + 10

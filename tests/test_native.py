@@ -87,6 +87,7 @@ def test_xattr_names_are_the_entrys_own_with_listxattrat_and_without(tmp_path: P
     """xattr_names asks listxattrat(2) (Linux 6.13), or walks /proc on older kernels: both
     give the names of the entry itself (a symlink's own), also past the C side's first buffer."""
     import os
+
     from vfusefs import native
     (tmp_path / "f").write_bytes(b"")
     names = {b"user.a_rather_long_attribute_name_%03d" % i for i in range(40)}  # > 1 KiB

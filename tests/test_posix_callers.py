@@ -26,9 +26,10 @@ import stat
 import subprocess
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -103,7 +104,7 @@ def stamps(p: Path) -> tuple[int, int, int] | None:
 def moved(before: tuple[int, ...] | None, after: tuple[int, ...] | None) -> Any:
     if before is None or after is None:
         return None
-    return tuple("moved" if b != a else "same" for a, b in zip(before, after))
+    return tuple("moved" if b != a else "same" for a, b in zip(before, after, strict=True))
 
 
 # -- what the steps do ----------------------------------------------------------------------------

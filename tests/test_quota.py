@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Daemon, run
 from vfusefs.quota import QuotaExceeded, QuotaLedger, parse_count, parse_size
+
+from conftest import Daemon, run
 
 MiB = 1 << 20
 
@@ -73,7 +74,8 @@ def test_scan_of_a_wide_tree_needs_one_fd_per_level(tmp_path: Path) -> None:
     os.link(tmp_path / "d1" / "sub" / "f", tmp_path / "hard")
     script = ("import os, resource, sys\n"
               "from vfusefs import native\n"
-              "resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+              "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))\n"
               "print(*native.scan(os.open(sys.argv[1], os.O_PATH)))\n")
     out = subprocess.run([os.sys.executable, "-c", script, str(tmp_path)], capture_output=True,
                          text=True, check=True).stdout.split()
@@ -393,7 +395,7 @@ def test_writeback_cache_reports_edquot_by_fsync_and_close(world_dir: Path) -> N
         fd = os.open(vf / "wb", os.O_WRONLY | os.O_CREAT, 0o644)
         failed_at = None
         try:
-            for i in range(160):
+            for _ in range(160):
                 os.write(fd, b"w" * 65536)  # 10 MiB in all
             os.fsync(fd)
         except OSError as exc:

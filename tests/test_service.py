@@ -42,7 +42,7 @@ class NotifyListener:
         while self.running:
             try:
                 data = self.sock.recv(4096)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
             self.messages.append((time.monotonic(), fields))
@@ -93,7 +93,7 @@ def test_notify_ready_status_watchdog_stopping(world_dir: Path) -> None:
         r = d.api("POST", "/v1/debug/stall", {"seconds": 2.0})
         assert r.status_code == 200, r.text
         time.sleep(1.0)
-        gaps = [(b - a, a) for a, b in zip(pings(), pings()[1:])]
+        gaps = [(b - a, a) for a, b in zip(pings(), pings()[1:], strict=False)]
         quiet = [g for g, a in gaps if a >= t0 - 0.5]
         assert max(quiet) > 1.8, gaps  # the stall: no ping for ~2 s
         normal = [g for g, a in gaps if a < t0 - 0.5 and a > t_ready]
@@ -531,3 +531,24 @@ def test_spinning_stops_when_requests_stop(world_dir: Path) -> None:
         assert cpu_seconds() - before < 0.15  # 5% of one CPU (the periodic tasks use some)
     finally:
         d.stop()
+
+
+def test_make_install_stages_a_package_with_destdir(tmp_path: Path) -> None:
+    """make install DESTDIR=...: the daemon's venv (running from PREFIX once unpacked), the
+    command link, the unit and the example config, staged; no packages installed, no systemctl."""
+    root = tmp_path / "pkg"
+    r = subprocess.run(["make", "-C", str(Path(__file__).parent.parent), "install", f"DESTDIR={root}"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "apt-get" not in r.stdout and "daemon-reload" not in r.stdout
+    assert os.readlink(root / "usr/local/bin/vfusefs") == "/opt/vfusefs/bin/vfusefs"
+    assert (root / "etc/vfusefs/vfusefs.toml").read_text() == \
+        (Path(__file__).parent.parent / "examples/vfs.toml").read_text()
+    assert "ExecStart=/usr/local/bin/vfusefs" in (root / "etc/systemd/system/vfusefs.service").read_text()
+    assert (root / "opt/vfusefs/bin/vfusefs").read_text().startswith("#!/opt/vfusefs/bin/python")
+    staged = subprocess.run(["grep", "-rlI", str(root), str(root / "opt/vfusefs/bin")],
+                            capture_output=True, text=True)
+    assert staged.stdout == ""  # nothing points into the staging directory
+    out = subprocess.run([str(root / "opt/vfusefs/bin/python"), "-m", "vfusefs", "--version"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.startswith("vfusefs, version ")

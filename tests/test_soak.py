@@ -75,8 +75,8 @@ def test_mixed_load_keeps_usage_exact_and_the_quota_held(world_dir: Path, contai
             stop.set()
             t.join()
         grant(d, vf, who, "rwd")
-        seen = {k.rpartition(":")[2] for r in results for k in r}
-        odd = {k: n for r in results for k, n in r.items() if k.rpartition(":")[2] not in EXPECTED and k not in EXPECTED_OF}
+        odd = {k: n for r in results for k, n in r.items()
+               if k.rpartition(":")[2] not in EXPECTED and k not in EXPECTED_OF}
         assert not odd, odd
         total = sum(sum(r.values()) for r in results)
         edquot = sum(n for r in results for k, n in r.items() if k.endswith(":EDQUOT"))

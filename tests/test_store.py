@@ -11,14 +11,15 @@ from __future__ import annotations
 import sqlite3
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
+from vfusefs.store import Store, StoreError, TrashRecord, VfolderRecord, open_store, sqlite_path
+
 from conftest import Daemon
 from test_access_mount import Container, container  # noqa: F401 (fixture)
-from vfusefs.store import Store, StoreError, TrashRecord, VfolderRecord, open_store, sqlite_path
 
 Factory = Callable[[], Store]
 

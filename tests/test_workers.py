@@ -17,8 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from vfusefs import workers
-from vfusefs import _hop
+from vfusefs import _hop, workers
 from vfusefs._hop import Lane, pread_cached
 from vfusefs.workers import CLOSE_BATCH, FAST_WAIT, SPIN_READ_MAX, HostWorkers, StoppedError
 
@@ -152,7 +151,7 @@ async def test_a_call_waiting_for_a_thread_gets_it_when_a_background_call_ends()
         w.submit(time.sleep, 0.2)
         with trio.fail_after(2):
             assert await w.run(os.getpid) == os.getpid()
-        for i in range(50):  # and background calls queued behind busy threads, too
+        for _ in range(50):  # and background calls queued behind busy threads, too
             w.submit(time.sleep, 0.001)
         with trio.fail_after(2):
             assert await w.run(os.getpid) == os.getpid()

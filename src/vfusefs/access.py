@@ -17,8 +17,8 @@ from __future__ import annotations
 import enum
 import errno
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 
 class Mode(enum.IntEnum):

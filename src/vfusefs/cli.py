@@ -10,7 +10,8 @@ import functools
 import json
 import sys
 import time
-from typing import Any, Callable, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 from urllib.parse import quote
 
 import click
@@ -384,7 +385,7 @@ def vfolder_rescan(ctx: click.Context, host: str, vfid: str, no_wait: bool, as_j
                else task["id"])
 
 
-def wait_task(client: Client, task: dict, show: bool) -> dict:
+def wait_task(client: Client, task: dict[str, Any], show: bool) -> dict[str, Any]:
     """Poll a background task until it ends, with a progress line for people."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, cast
+from typing import Any, cast
 
 import tomlkit
 import tomlkit.exceptions
@@ -218,7 +219,7 @@ def _read_section(path: str, section: str, table: Any, options: tuple[Option, ..
         if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
             raise ConfigError(f"{path}: {name}: must be {_type_name(kind)}, not {value!r}")
         if opt.item is not None:
-            elements = cast(list, value)  # a list: checked just above
+            elements = cast(list[Any], value)  # a list: checked just above
             for element in elements:
                 if isinstance(element, bool) or not isinstance(element, opt.item):
                     raise ConfigError(f"{path}: {name}: every element must be "

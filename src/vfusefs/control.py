@@ -12,7 +12,8 @@ import json
 import logging
 import os
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -241,7 +242,7 @@ class BearerAuth:
         self.app = app
         self.token = token.encode()
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             auth = dict(scope.get("headers") or []).get(b"authorization", b"")
             if not auth.startswith(b"Bearer "):

@@ -16,8 +16,9 @@ import socket
 import sqlite3
 import stat
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from vfusefs import config as config_mod
 from vfusefs import mounts

@@ -16,7 +16,8 @@ import errno
 import functools
 import logging
 import time
-from typing import Any, Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import pyfuse3
 import trio

@@ -15,7 +15,8 @@ from __future__ import annotations
 import collections
 import enum
 import itertools
-from typing import TYPE_CHECKING, Any, Container, Iterator
+from collections.abc import Container, Iterator
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from vfusefs.registry import Host, Vfolder
@@ -34,8 +35,8 @@ class Node:
     __slots__ = ("ino", "kind", "fd", "key", "nlookup", "vf", "host", "parent", "name", "xattrs",
                  "xattrs_until", "st", "st_until", "lock", "alloc", "opens", "orphan")
 
-    def __init__(self, ino: int, kind: Kind, fd: int = -1, key: tuple | None = None,
-                 vf: "Vfolder | None" = None, host: "Host | None" = None) -> None:
+    def __init__(self, ino: int, kind: Kind, fd: int = -1, key: tuple[Any, ...] | None = None,
+                 vf: Vfolder | None = None, host: Host | None = None) -> None:
         self.ino = ino
         self.kind = kind
         self.fd = fd
@@ -67,7 +68,7 @@ class InodeTable:
     def __init__(self) -> None:
         self._next = itertools.count(ROOT_INODE + 1)
         self.by_ino: dict[int, Node] = {}
-        self.by_key: dict[tuple, Node] = {}  # read (never written) from worker threads
+        self.by_key: dict[tuple[Any, ...], Node] = {}  # read (never written) from worker threads
         self.root = Node(ROOT_INODE, Kind.ROOT)
         self.by_ino[ROOT_INODE] = self.root
         self.native_fds = 0  # O_PATH fds held for NATIVE nodes
@@ -82,12 +83,12 @@ class InodeTable:
     def get(self, ino: int) -> Node | None:
         return self.by_ino.get(ino)
 
-    def new_virtual(self, kind: Kind, host: "Host") -> Node:
+    def new_virtual(self, kind: Kind, host: Host) -> Node:
         node = Node(next(self._next), kind, host=host)
         self.by_ino[node.ino] = node
         return node
 
-    def add(self, kind: Kind, fd: int, st: Any, vf: "Vfolder", parent: int, name: bytes = b"") -> Node:
+    def add(self, kind: Kind, fd: int, st: Any, vf: Vfolder, parent: int, name: bytes = b"") -> Node:
         key = (vf.id, st.st_dev, st.st_ino)
         node = Node(next(self._next), kind, fd, key, vf, vf.host)
         node.parent = parent
@@ -115,7 +116,7 @@ class InodeTable:
                 out.append(node)
         return out
 
-    def find(self, vf: "Vfolder", st: Any) -> Node | None:
+    def find(self, vf: Vfolder, st: Any) -> Node | None:
         return self.by_key.get((vf.id, st.st_dev, st.st_ino))
 
     def unlinger(self, node: Node) -> int:
@@ -144,7 +145,7 @@ class InodeTable:
             return self.remove(node)
         return -1
 
-    def detach(self, vf: "Vfolder") -> list[int]:
+    def detach(self, vf: Vfolder) -> list[int]:
         """A vfolder stops being served (deleted, or its host removed by a reload): its nodes stay
         until the kernel forgets them, but lookups must never find them again.  Keys hold the
         vfolder id, so a vfolder served again under the same id (its host added back) would
@@ -156,5 +157,5 @@ class InodeTable:
         fds = [self.unlinger(node) for node in list(self.lingering.values()) if node.vf is vf]
         return [fd for fd in fds if fd >= 0]
 
-    def of_vfolder(self, vf: "Vfolder") -> Iterator[Node]:
+    def of_vfolder(self, vf: Vfolder) -> Iterator[Node]:
         return (n for n in list(self.by_ino.values()) if n.vf is vf)

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import bisect
 import errno
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector, make_asgi_app
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                    HistogramMetricFamily)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ def result_label(code: int) -> str:
 
 
 class VfusefsCollector(Collector):
-    def __init__(self, ops: "Operations", registry: "Registry") -> None:
+    def __init__(self, ops: Operations, registry: Registry) -> None:
         self.ops = ops
         self.registry = registry
 
@@ -70,10 +70,10 @@ class VfusefsCollector(Collector):
             m = merged.setdefault((host_name, op), OpStat())
             m.count += st.count
             m.seconds += st.seconds
-            m.buckets = [a + b for a, b in zip(m.buckets, st.buckets)]
+            m.buckets = [a + b for a, b in zip(m.buckets, st.buckets, strict=True)]
         for (host_name, op), m in merged.items():
             cumulative, running = [], 0
-            for bound, n in zip((*map(str, BUCKETS), "+Inf"), m.buckets):
+            for bound, n in zip((*map(str, BUCKETS), "+Inf"), m.buckets, strict=True):
                 running += n
                 cumulative.append((bound, running))
             seconds.add_metric([host_name, op], cumulative, m.seconds)
@@ -122,7 +122,7 @@ class VfusefsCollector(Collector):
         yield quota
 
 
-def build_app(ops: "Operations", registry: "Registry") -> Any:
+def build_app(ops: Operations, registry: Registry) -> Any:
     """The ASGI app serving /metrics (hypercorn runs it on the event loop, like the control API)."""
     reg = CollectorRegistry(auto_describe=False)
     reg.register(VfusefsCollector(ops, registry))
@@ -137,7 +137,7 @@ class WithLifespan:
     def __init__(self, app: Any) -> None:
         self.app = app
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "lifespan":
             return await self.app(scope, receive, send)  # type: ignore[no-any-return]
         while True:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 MNT_DETACH = 2
 VFUSEFS_TYPE = "fuse.vfusefs"  # what mountinfo calls our mount (fuse, subtype=vfusefs)

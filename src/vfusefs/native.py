@@ -17,7 +17,8 @@ import errno
 import mmap
 import os
 import stat as stat_mod
-from typing import Any, Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 from vfusefs._hop import listxattr_at
 
@@ -129,8 +130,70 @@ def _own(dirfd: int, name: bytes, uid: int, gid: int, mode: int) -> None:
 def _alloc(st: os.stat_result | None) -> int:
     return st.st_blocks * 512 if st is not None else 0
 
-def mknod(dirfd: int, name: bytes, mode: int, rdev: int, uid: int,
-          gid: int) -> tuple[Entry, os.stat_result, int]:
+
+# -- what a change did: typed results ----------------------------------------------------------
+# Every call that may change usage returns one of these.  `grown_bytes` and `grown_inodes` are
+# what it added to the vfolder's usage (negative: freed), measured from the stats around it;
+# the caller charges exactly that (Operations._charged).
+class Made(NamedTuple):  # mknod, mkdir, symlink
+    entry: Entry
+    parent_st: os.stat_result
+    grown_bytes: int
+    grown_inodes: int = 1
+
+
+class Linked(NamedTuple):
+    st: os.stat_result  # the file, its link count one higher
+    parent_st: os.stat_result
+    grown_bytes: int  # the directory's growth only: a link adds no file bytes
+    grown_inodes: int = 0
+
+
+class Created(NamedTuple):
+    fd: int  # the data fd
+    entry: Entry
+    parent_st: os.stat_result
+    grown_bytes: int
+    grown_inodes: int  # 1, or 0 if it existed (O_TRUNC of it frees its blocks)
+
+
+class Changed(NamedTuple):  # setattr, setxattr, removexattr
+    st: os.stat_result  # after
+    grown_bytes: int
+    grown_inodes: int = 0
+
+
+class Opened(NamedTuple):  # open with O_TRUNC
+    fd: int
+    st: os.stat_result
+    grown_bytes: int
+    grown_inodes: int = 0
+
+
+class Written(NamedTuple):
+    written: int
+    st: os.stat_result
+    grown_bytes: int
+    grown_inodes: int = 0
+
+
+class Removed(NamedTuple):  # unlink, rmdir
+    victim: os.stat_result | None  # what the name was
+    parent_st: os.stat_result
+    grown_bytes: int  # negative: freed (a last link's blocks, the directory's shrink)
+    grown_inodes: int  # -1 for a last link, else 0
+
+
+class Renamed(NamedTuple):
+    victim: os.stat_result | None  # the replaced inode (exchange: the other one)
+    old_st: os.stat_result  # both parents after
+    new_st: os.stat_result
+    moved: os.stat_result | None  # what now sits at the new name
+    grown_bytes: int
+    grown_inodes: int  # a replaced last link frees one; a whiteout adds one
+
+
+def mknod(dirfd: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Made:
     before = os.fstat(dirfd)
     if stat_mod.S_ISREG(mode):
         os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -141,22 +204,20 @@ def mknod(dirfd: int, name: bytes, mode: int, rdev: int, uid: int,
     return _made(dirfd, name, before)
 
 
-def _made(dirfd: int, name: bytes, before: os.stat_result) -> tuple[Entry, os.stat_result, int]:
+def _made(dirfd: int, name: bytes, before: os.stat_result) -> Made:
     entry = _open_path(dirfd, name)
     after = os.fstat(dirfd)
-    return entry, after, _alloc(entry.st) + _alloc(after) - _alloc(before)
+    return Made(entry, after, _alloc(entry.st) + _alloc(after) - _alloc(before))
 
 
-def mkdir(dirfd: int, name: bytes, mode: int, uid: int,
-          gid: int) -> tuple[Entry, os.stat_result, int]:
+def mkdir(dirfd: int, name: bytes, mode: int, uid: int, gid: int) -> Made:
     before = os.fstat(dirfd)
     os.mkdir(name, mode, dir_fd=dirfd)
     _own(dirfd, name, uid, gid, mode | stat_mod.S_IFDIR)
     return _made(dirfd, name, before)
 
 
-def symlink(dirfd: int, name: bytes, target: bytes, uid: int,
-            gid: int) -> tuple[Entry, os.stat_result, int]:
+def symlink(dirfd: int, name: bytes, target: bytes, uid: int, gid: int) -> Made:
     before = os.fstat(dirfd)
     os.symlink(target, name, dir_fd=dirfd)
     os.chown(name, uid, -1 if before.st_mode & stat_mod.S_ISGID else gid,
@@ -164,17 +225,15 @@ def symlink(dirfd: int, name: bytes, target: bytes, uid: int,
     return _made(dirfd, name, before)
 
 
-def link(fd: int, dirfd: int, name: bytes) -> tuple[os.stat_result, os.stat_result, int]:
+def link(fd: int, dirfd: int, name: bytes) -> Linked:
     before = os.fstat(dirfd)
     os.link(proc(fd), name, dst_dir_fd=dirfd, follow_symlinks=True)
     after = os.fstat(dirfd)
-    return os.fstat(fd), after, _alloc(after) - _alloc(before)  # a link adds no file bytes
+    return Linked(os.fstat(fd), after, _alloc(after) - _alloc(before))
 
 
-def create(dirfd: int, name: bytes, flags: int, mode: int, uid: int,
-           gid: int) -> tuple[int, Entry, os.stat_result, int, int]:
-    """Open-or-create name, never following a symlink.  Returns the data fd, the node entry,
-    the parent's stat, and the bytes and inodes added (O_TRUNC on an existing file frees)."""
+def create(dirfd: int, name: bytes, flags: int, mode: int, uid: int, gid: int) -> Created:
+    """Open-or-create name, never following a symlink (O_TRUNC on an existing file frees)."""
     before = os.fstat(dirfd)
     existing = stat_at(dirfd, name)
     flags = (flags | os.O_NOFOLLOW | os.O_CLOEXEC) & ~os.O_NOCTTY
@@ -192,7 +251,7 @@ def create(dirfd: int, name: bytes, flags: int, mode: int, uid: int,
         entry = _reopen_path(datafd)
         after = os.fstat(dirfd)
         grown = _alloc(after) - _alloc(before) + _alloc(entry.st) - (0 if created else _alloc(existing))
-        return datafd, entry, after, grown, 1 if created else 0
+        return Created(datafd, entry, after, grown, 1 if created else 0)
     except BaseException:
         os.close(datafd)
         raise
@@ -224,9 +283,9 @@ def open_data(fd: int, flags: int) -> tuple[int, os.stat_result]:
         raise
 
 
-def open_truncating(fd: int, flags: int) -> tuple[int, os.stat_result, int]:
-    """open_data with O_TRUNC: also returns the change in allocated bytes (the kernel forgets
-    the file's size and times, and the freed blocks leave the quota)."""
+def open_truncating(fd: int, flags: int) -> Opened:
+    """open_data with O_TRUNC: also the change in allocated bytes (the kernel forgets the
+    file's size and times, and the freed blocks leave the quota)."""
     before = os.fstat(fd)
     datafd = _reopen(fd, flags)
     try:
@@ -234,12 +293,12 @@ def open_truncating(fd: int, flags: int) -> tuple[int, os.stat_result, int]:
     except BaseException:
         os.close(datafd)
         raise
-    return datafd, after, _alloc(after) - _alloc(before)
+    return Opened(datafd, after, _alloc(after) - _alloc(before))
 
 
 def setattr(fd: int, datafd: int | None, mode: int | None, uid: int, gid: int, size: int | None,
             atime_ns: int | None, mtime_ns: int | None, now_a: bool,
-            now_m: bool) -> tuple[os.stat_result, int]:
+            now_m: bool) -> Changed:
     """Returns the new stat and the change in allocated bytes (a truncate may free blocks)."""
     path = proc(fd)
     before = os.fstat(fd) if size is not None else None
@@ -255,7 +314,7 @@ def setattr(fd: int, datafd: int | None, mode: int | None, uid: int, gid: int, s
     if atime_ns is not None or mtime_ns is not None or now_a or now_m:
         _utimens(path, atime_ns, mtime_ns, now_a, now_m)
     after = os.fstat(fd)
-    return after, _alloc(after) - _alloc(before) if before is not None else 0
+    return Changed(after, _alloc(after) - _alloc(before) if before is not None else 0)
 
 
 class _Timespec(ctypes.Structure):
@@ -294,23 +353,22 @@ def removed(victim: os.stat_result | None) -> tuple[int, int]:
     return -_alloc(victim), -1
 
 
-def unlink(dirfd: int, name: bytes) -> tuple[os.stat_result | None, os.stat_result, int, int]:
-    """Returns what was removed, the parent's stat after, and the bytes and inodes freed."""
+def unlink(dirfd: int, name: bytes) -> Removed:
     victim = stat_at(dirfd, name)
     before = os.fstat(dirfd)
     os.unlink(name, dir_fd=dirfd)
     after = os.fstat(dirfd)
     freed_bytes, freed_inodes = removed(victim)
-    return victim, after, freed_bytes + _alloc(after) - _alloc(before), freed_inodes
+    return Removed(victim, after, freed_bytes + _alloc(after) - _alloc(before), freed_inodes)
 
 
-def rmdir(dirfd: int, name: bytes) -> tuple[os.stat_result, int, int]:
+def rmdir(dirfd: int, name: bytes) -> Removed:
     victim = stat_at(dirfd, name)
     before = os.fstat(dirfd)
     os.rmdir(name, dir_fd=dirfd)
     after = os.fstat(dirfd)
     freed_bytes, freed_inodes = removed(victim)
-    return after, freed_bytes + _alloc(after) - _alloc(before), freed_inodes
+    return Removed(victim, after, freed_bytes + _alloc(after) - _alloc(before), freed_inodes)
 
 
 def stat_at(dirfd: int, name: bytes) -> os.stat_result | None:
@@ -320,9 +378,7 @@ def stat_at(dirfd: int, name: bytes) -> os.stat_result | None:
         return None
 
 
-def rename(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int) -> tuple:
-    """Returns the replaced inode's stat (None if none), both parents' stats after, the stat of
-    what now sits at new, and the bytes and inodes freed (a replaced last link)."""
+def rename(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int) -> Renamed:
     victim = None if flags & RENAME_EXCHANGE else stat_at(newdirfd, new)
     before = _alloc(os.fstat(olddirfd)) + (_alloc(os.fstat(newdirfd)) if newdirfd != olddirfd else 0)
     if _renameat2(olddirfd, old, newdirfd, new, flags) != 0:
@@ -337,7 +393,7 @@ def rename(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int) -> 
     else:
         freed_bytes, freed_inodes = removed(victim)
     made = 1 if flags & RENAME_WHITEOUT else 0  # the whiteout left at old is a new inode
-    return victim, old_st, new_st, moved, freed_bytes + after - before, freed_inodes + made
+    return Renamed(victim, old_st, new_st, moved, freed_bytes + after - before, freed_inodes + made)
 
 
 def read(datafd: int, size: int, off: int) -> bytes:
@@ -398,9 +454,8 @@ def _growth(fd: int, st: os.stat_result, off: int, size: int) -> int:
     return past_end + (_holes(fd, start, below, st.st_size) if start < below else 0)
 
 
-def write(datafd: int, buf: bytes | mmap.mmap, off: int,
-          reserved: int = -1) -> tuple[int, os.stat_result, int]:
-    """Returns bytes written, the new stat and the change in allocated bytes.  With reserved
+def write(datafd: int, buf: bytes | mmap.mmap, off: int, reserved: int = -1) -> Written:
+    """pwrite, with the change in allocated bytes.  With reserved
     (the quota room held for it) less than the blocks the write touches, the range is checked
     for holes first (NeedsRoom if they need more): a file's blocks may cover its size and still
     have holes (an xattr block, blocks preallocated past its end)."""
@@ -411,7 +466,7 @@ def write(datafd: int, buf: bytes | mmap.mmap, off: int,
             raise NeedsRoom(need)
     n = os.pwrite(datafd, buf, off)
     after = os.fstat(datafd)
-    return n, after, _alloc(after) - _alloc(before)
+    return Written(n, after, _alloc(after) - _alloc(before))
 
 
 # O_DIRECT: the kernel wants the buffer aligned (EINVAL otherwise), which a bytes object is
@@ -424,8 +479,7 @@ def read_direct(datafd: int, size: int, off: int) -> bytes:
         return buf[:os.preadv(datafd, [buf], off)]
 
 
-def write_direct(datafd: int, buf: bytes, off: int,
-                 reserved: int = -1) -> tuple[int, os.stat_result, int]:
+def write_direct(datafd: int, buf: bytes, off: int, reserved: int = -1) -> Written:
     if not buf:
         return write(datafd, buf, off, reserved)
     with mmap.mmap(-1, len(buf)) as aligned:
@@ -472,23 +526,23 @@ def getxattr(fd: int, name: bytes) -> bytes:
     return os.getxattr(proc(fd), name)
 
 
-def setxattr(fd: int, name: bytes, value: bytes, flags: int) -> tuple[os.stat_result, int]:
-    """Returns the new stat and the change in allocated bytes (an xattr may take a block)."""
+def setxattr(fd: int, name: bytes, value: bytes, flags: int) -> Changed:
+    """An xattr may take a block of its own: that is what it grows by."""
     before = os.fstat(fd)
     os.setxattr(proc(fd), name, value, flags)
     after = os.fstat(fd)
-    return after, _alloc(after) - _alloc(before)
+    return Changed(after, _alloc(after) - _alloc(before))
 
 
 def listxattr(fd: int) -> list[str]:
     return os.listxattr(proc(fd))
 
 
-def removexattr(fd: int, name: bytes) -> tuple[os.stat_result, int]:
+def removexattr(fd: int, name: bytes) -> Changed:
     before = os.fstat(fd)
     os.removexattr(proc(fd), name)
     after = os.fstat(fd)
-    return after, _alloc(after) - _alloc(before)
+    return Changed(after, _alloc(after) - _alloc(before))
 
 
 def allocation(fd: int, dev: int, ino: int) -> tuple[int, int] | None:
@@ -531,7 +585,7 @@ class Scan(NamedTuple):
 
 
 def scan(root_fd: int, progress: Any = None,
-         watched: "frozenset[tuple[int, int]]" = frozenset()) -> Scan:
+         watched: frozenset[tuple[int, int]] = frozenset()) -> Scan:
     """Walk a vfolder's native tree: allocated bytes (du -s) and inodes below the root.
 
     Hard links count once, as du counts them, and their names per inode (`Scan.links`).  Never

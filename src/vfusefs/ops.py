@@ -25,7 +25,8 @@ import stat as stat_mod
 import threading
 import time
 from collections import deque
-from typing import Any, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol, Self, TypeVar
 
 import pyfuse3
 import trio
@@ -35,8 +36,8 @@ from vfusefs.access import Caller, Mode, Need
 from vfusefs.callers import CallerCache
 from vfusefs.config import DaemonConfig
 from vfusefs.errors import handler
-from vfusefs.metrics import DENIAL_REASONS, FOREIGN_LINK, PRIVILEGED, READ_ONLY_TREE, OpStat
 from vfusefs.inodes import ROOT_INODE, InodeTable, Kind, Node
+from vfusefs.metrics import DENIAL_REASONS, FOREIGN_LINK, PRIVILEGED, READ_ONLY_TREE, OpStat
 from vfusefs.quota import QuotaExceeded, parse_count, parse_size
 from vfusefs.registry import Host, Registry, Vfolder
 
@@ -52,6 +53,29 @@ RECONCILE_WINDOW = 60.0  # seconds a changed file is watched (> the kernel's 30 
 XATTR_PREFIX = b"user.vfusefs."
 CAPABILITY_XATTR = b"security.capability"  # file capabilities: privilege, like a setuid bit
 SET_ID = stat_mod.S_ISUID | stat_mod.S_ISGID
+
+
+class Growth(Protocol):
+    """A native result that says what it added to usage (native.Made, Written...)."""
+
+    @property
+    def grown_bytes(self) -> int: ...
+    @property
+    def grown_inodes(self) -> int: ...
+
+
+class StatGrowth(Growth, Protocol):
+    """One that also has the inode's stat after the change, and can be copied with another
+    grown_bytes (NamedTuple._replace): what _tracked adjusts."""
+
+    @property
+    def st(self) -> os.stat_result: ...
+    def _replace(self, *, grown_bytes: int) -> Self: ...
+
+
+T = TypeVar("T")
+G = TypeVar("G", bound=Growth)
+S = TypeVar("S", bound=StatGrowth)
 
 
 def plants_privilege(mode: int) -> bool:
@@ -364,13 +388,13 @@ class Operations(pyfuse3.Operations):
         return await host.workers.run(fn, *args)
 
     # -- quota ----------------------------------------------------------------------------------
-    async def _charged(self, node: Node, nbytes: int, inodes: int, fn: Any, *args: Any,
-                       lock: tuple[Node, ...] = ()) -> Any:
+    async def _charged(self, node: Node, nbytes: int, inodes: int, fn: Callable[..., G],
+                       *args: Any, lock: tuple[Node, ...] = ()) -> G:
         """Run fn on node's host with room reserved for nbytes/inodes of growth.
 
         The reservation is taken before the first await (EDQUOT here, nothing changed); fn
-        returns a tuple whose last two items are the bytes and inodes it really added (which
-        may be negative), and that is what the vfolder and its scope are charged.
+        returns a native result whose grown_bytes and grown_inodes are what it really added
+        (negative: freed), and that is what the vfolder and its scope are charged.
         """
         vf = node.vf
         assert vf is not None
@@ -380,11 +404,11 @@ class Operations(pyfuse3.Operations):
             raise self._deny(node, errno.EDQUOT) from None
         with changing(vf):
             try:
-                result = await self._run(node, _locked, self._locks(lock or (node,)), fn, *args)
+                result: G = await self._run(node, _locked, self._locks(lock or (node,)), fn, *args)
             except BaseException:
                 self.ledger.refund(res)
                 raise
-            self.ledger.commit(res, result[-2], result[-1])
+            self.ledger.commit(res, result.grown_bytes, result.grown_inodes)
         return result
 
     @staticmethod
@@ -632,14 +656,14 @@ class Operations(pyfuse3.Operations):
         datafd = h.fd if isinstance(h, FileHandle) else None
         # a truncate allocates nothing (the new range is a hole): reserve 0, charge what changed
         self._watch(node)
-        st, _, _ = await self._charged(
+        st = (await self._charged(
             node, 0, 0, _tracked(node, native.setattr), node.fd, datafd,
             attr.st_mode if fields.update_mode else None,
             attr.st_uid if fields.update_uid else -1,
             attr.st_gid if fields.update_gid else -1,
             attr.st_size if fields.update_size else None,
             attr.st_atime_ns if fields.update_atime else None,
-            attr.st_mtime_ns if fields.update_mtime else None, False, False)
+            attr.st_mtime_ns if fields.update_mtime else None, False, False)).st
         self._fresh(node, st)
         return self._attrs(node, st)
 
@@ -668,11 +692,10 @@ class Operations(pyfuse3.Operations):
         self._allow(ctx, parent, Need.WRITE)
         return parent
 
-    async def _made(self, parent: Node, name: bytes, made: tuple) -> pyfuse3.EntryAttributes:
-        entry, parent_st = made[0], made[1]
-        self._fresh(parent, parent_st)
-        node = await self._reach(parent, name, entry)
-        return self._entry(node, entry.st)
+    async def _made(self, parent: Node, name: bytes, made: native.Made) -> pyfuse3.EntryAttributes:
+        self._fresh(parent, made.parent_st)
+        node = await self._reach(parent, name, made.entry)
+        return self._entry(node, made.entry.st)
 
     @handler
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
@@ -680,7 +703,7 @@ class Operations(pyfuse3.Operations):
         parent = self._mkparent(parent_inode, ctx)
         if plants_privilege(mode):
             self._no_plants(ctx, parent)
-        made = await self._charged(parent, BLOCK, 1, _counted(native.mknod), parent.fd, name,
+        made = await self._charged(parent, BLOCK, 1, native.mknod, parent.fd, name,
                                    mode & ~ctx.umask, rdev, ctx.uid, ctx.gid)
         return await self._made(parent, name, made)
 
@@ -688,7 +711,7 @@ class Operations(pyfuse3.Operations):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self._mkparent(parent_inode, ctx)
-        made = await self._charged(parent, 2 * BLOCK, 1, _counted(native.mkdir), parent.fd, name,
+        made = await self._charged(parent, 2 * BLOCK, 1, native.mkdir, parent.fd, name,
                                    mode & ~ctx.umask & 0o7777, ctx.uid, ctx.gid)
         return await self._made(parent, name, made)
 
@@ -697,7 +720,7 @@ class Operations(pyfuse3.Operations):
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent = self._mkparent(parent_inode, ctx)
         made = await self._charged(parent, BLOCK + -(-len(target) // BLOCK) * BLOCK, 1,
-                                   _counted(native.symlink), parent.fd, name, target, ctx.uid, ctx.gid)
+                                   native.symlink, parent.fd, name, target, ctx.uid, ctx.gid)
         return await self._made(parent, name, made)
 
     @staticmethod
@@ -718,10 +741,10 @@ class Operations(pyfuse3.Operations):
         vf = self._same_vfolder(node, parent)
         self._allow(ctx, parent, Need.WRITE)
         await self._own_links(node)
-        st, parent_st, _, _ = await self._charged(parent, BLOCK, 0, _counted(native.link, 0),
-                                                  node.fd, parent.fd, new_name)
+        linked = await self._charged(parent, BLOCK, 0, native.link, node.fd, parent.fd, new_name)
+        st = linked.st
         vf.links[(st.st_dev, st.st_ino)] = (st.st_nlink, st.st_nlink)  # every name is ours
-        self._fresh(parent, parent_st)
+        self._fresh(parent, linked.parent_st)
         return self._entry(node, st)
 
     @handler
@@ -729,12 +752,13 @@ class Operations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         self._allow(ctx, parent, Need.DELETE)
         with changing(parent.vf):
-            victim, parent_st, freed, inodes = await self._run(
-                parent, _locked, self._locks((parent,)), native.unlink, parent.fd, name)
+            gone = await self._run(parent, _locked, self._locks((parent,)), native.unlink,
+                                   parent.fd, name)
+            victim = gone.victim
             self._link_removed(parent.vf, victim)
-            more_bytes, more_inodes = self._victim_correction(parent.vf, victim, inodes)
-            self._release(parent, freed + more_bytes, inodes + more_inodes)
-        self._fresh(parent, parent_st)
+            more_bytes, more_inodes = self._victim_correction(parent.vf, victim, gone.grown_inodes)
+            self._release(parent, gone.grown_bytes + more_bytes, gone.grown_inodes + more_inodes)
+        self._fresh(parent, gone.parent_st)
         self._stale(victim, parent.vf)  # its link count dropped; other links may remain
 
     @handler
@@ -742,10 +766,10 @@ class Operations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         self._allow(ctx, parent, Need.DELETE)
         with changing(parent.vf):
-            parent_st, freed, inodes = await self._run(parent, _locked, self._locks((parent,)),
-                                                       native.rmdir, parent.fd, name)
-            self._release(parent, freed, inodes)
-        self._fresh(parent, parent_st)
+            gone = await self._run(parent, _locked, self._locks((parent,)), native.rmdir,
+                                   parent.fd, name)
+            self._release(parent, gone.grown_bytes, gone.grown_inodes)
+        self._fresh(parent, gone.parent_st)
 
     @handler
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
@@ -766,20 +790,21 @@ class Operations(pyfuse3.Operations):
         whiteout = 1 if flags & native.RENAME_WHITEOUT else 0
         try:
             # the target directory may grow by a block; a replaced last link frees its bytes
-            victim, old_st, new_st, moved, _, freed_inodes = await self._charged(
+            renamed = await self._charged(
                 old, BLOCK, whiteout, native.rename, old.fd, name_old, new.fd, name_new,
                 flags | (native.RENAME_NOREPLACE if forbid_replace else 0), lock=(old, new))
         except FileExistsError:
             if forbid_replace:
                 raise self._deny(old, errno.EPERM) from None
             raise fail(errno.EEXIST) from None
-        self._fresh(old, old_st)
-        self._fresh(new, new_st)
+        self._fresh(old, renamed.old_st)
+        self._fresh(new, renamed.new_st)
+        victim, moved = renamed.victim, renamed.moved
         self._stale(victim, new.vf)
         # rename charged what a replaced last link's stat said; the ledger may hold other for it
         if not exchange:
             self._link_removed(vf, victim)
-        self._release(new, *self._victim_correction(vf, victim, freed_inodes - whiteout))
+        self._release(new, *self._victim_correction(vf, victim, renamed.grown_inodes - whiteout))
         self._stale(moved, new.vf)  # its ctime changed
         if moved is not None and stat_mod.S_ISDIR(moved.st_mode):
             node = self.table.find(vf, moved)
@@ -807,8 +832,8 @@ class Operations(pyfuse3.Operations):
         if flags & os.O_TRUNC:  # a change like a truncate: new size and times, blocks freed
             await self._own_links(node)  # before it changes anything; again below
             self._watch(node)
-            fd, st, _, _ = await self._charged(node, 0, 0, _tracked(node, native.open_truncating),
-                                               node.fd, self._open_flags(flags))
+            fd, st, *_ = await self._charged(node, 0, 0, _tracked(node, native.open_truncating),
+                                             node.fd, self._open_flags(flags))
         else:
             fd, st = await self._run(node, native.open_data, node.fd, self._open_flags(flags))
         self._fresh(node, st)
@@ -828,13 +853,14 @@ class Operations(pyfuse3.Operations):
         caller, admin = self._caller(ctx)
         if plants_privilege(stat_mod.S_IFREG | mode):
             self._no_plants(ctx, parent)
-        fd, entry, parent_st, _, made = await self._charged(
+        created = await self._charged(
             parent, BLOCK, 1, native.create, parent.fd, name, self._open_flags(flags),
             mode & ~ctx.umask & 0o7777, ctx.uid, ctx.gid)
-        self._fresh(parent, parent_st)
+        fd, entry = created.fd, created.entry
+        self._fresh(parent, created.parent_st)
         try:
             node = await self._reach(parent, name, entry)
-            if not made:  # it was there (made natively since the kernel last looked)
+            if not created.grown_inodes:  # it was there (made natively since the kernel looked)
                 self._fresh(node, entry.st)
                 await self._own_links(node)
         except BaseException:
@@ -885,14 +911,13 @@ class Operations(pyfuse3.Operations):
         write = _tracked(h.node, native.write_direct if h.direct else native.write)
         while True:
             try:
-                written, st, _, _ = await self._charged(h.node, bound, 0, write, h.fd, buf, off,
-                                                        bound)
+                done = await self._charged(h.node, bound, 0, write, h.fd, buf, off, bound)
                 break
             except native.NeedsRoom as more:  # it fills holes the stat did not show
                 bound = more.nbytes
-        self._fresh(h.node, st)
-        h.node.host.bytes_written += written  # type: ignore[union-attr]
-        return written  # type: ignore[no-any-return]
+        self._fresh(h.node, done.st)
+        h.node.host.bytes_written += done.written  # type: ignore[union-attr]
+        return done.written
 
     def _no_narrowed_writer(self, h: FileHandle) -> None:
         """The kernel writes back a shared writable mapping's pages through any writable handle
@@ -1247,7 +1272,7 @@ class Operations(pyfuse3.Operations):
         return value
 
 
-def _locked(locks: list[threading.Lock], fn: Any, *args: Any) -> Any:
+def _locked(locks: list[threading.Lock], fn: Callable[..., T], *args: Any) -> T:
     """Run fn holding locks: concurrent changes to one inode must not measure each other's
     allocation (two appends each seeing the other's blocks would count them twice)."""
     for lock in locks:
@@ -1274,31 +1299,18 @@ def changing(vf: Vfolder | None) -> Iterator[None]:
         vf.changing -= 1
 
 
-def _counted(fn: Any, inodes: int = 1) -> Any:
-    """Adapt a native function returning (..., bytes) to the (..., bytes, inodes) _charged
-    expects; the inode count is fixed by the operation (a mkdir adds one, a write none)."""
-    def counted(*args: Any) -> tuple:
+def _tracked(node: Node, fn: Callable[..., S]) -> Callable[..., S]:
+    """Adapt fn for _charged: charge the inode's allocation relative to what the ledger holds
+    for it (node.alloc), so growth the native fs made on its own since our last look (delayed
+    allocation) is charged too, then remember it.  Runs on the worker thread under node.lock
+    (see _charged)."""
+    def tracked(*args: Any) -> S:
         result = fn(*args)
-        if not isinstance(result, tuple):
-            result = (result,)
-        return (*result, inodes)
-
-    counted.__name__ = getattr(fn, "__name__", "counted")
-    return counted
-
-
-def _tracked(node: Node, fn: Any) -> Any:
-    """Adapt fn (returning (..., stat after, bytes delta)) for _charged: charge the inode's
-    allocation relative to what the ledger holds for it (node.alloc), so growth the native fs
-    made on its own since our last look (delayed allocation) is charged too, then remember it.
-    Runs on the worker thread under node.lock (see _charged)."""
-    def tracked(*args: Any) -> tuple:
-        *rest, st, delta = fn(*args)
-        alloc = st.st_blocks * 512
+        alloc = result.st.st_blocks * 512
         if node.alloc is not None:
-            delta = alloc - node.alloc
+            result = result._replace(grown_bytes=alloc - node.alloc)
         node.alloc = alloc
-        return (*rest, st, delta, 0)
+        return result
 
     tracked.__name__ = getattr(fn, "__name__", "tracked")
     return tracked

@@ -16,8 +16,8 @@ refused.  Usage is allocated bytes (st_blocks * 512, as du counts) and inodes.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 
 class QuotaExceeded(Exception):
@@ -72,7 +72,7 @@ class QuotaLedger:
         keys = tuple(keys)
         accounts = tuple(self.account(k) for k in keys)
         nbytes, inodes = max(0, nbytes), max(0, inodes)
-        for key, acc in zip(keys, accounts):
+        for key, acc in zip(keys, accounts, strict=True):
             if nbytes and acc.limit_bytes and \
                     acc.used_bytes + acc.reserved_bytes + nbytes > acc.limit_bytes:
                 raise QuotaExceeded(key)

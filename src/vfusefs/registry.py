@@ -14,17 +14,18 @@ import os
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pyfuse3
 import trio
 
 from vfusefs import access, mounts, native
-from vfusefs.quota import QuotaLedger, parse_count, parse_size
 from vfusefs.backends import AlreadyThere, Backend, BackendError, load_backend
 from vfusefs.config import Config, HostConfig
 from vfusefs.inodes import InodeTable, Kind, Node
+from vfusefs.quota import QuotaLedger, parse_count, parse_size
 from vfusefs.store import Store, TrashRecord, VfolderRecord, node_name
 from vfusefs.workers import HostWorkers
 
@@ -42,7 +43,7 @@ class RegistryError(Exception):
 @dataclass(eq=False)
 class Vfolder:
     id: str
-    host: "Host"
+    host: Host
     record: VfolderRecord
     root: Node | None = None
     modes: dict[Any, access.Mode] = field(default_factory=dict)  # Caller -> mode, per grants
@@ -514,7 +515,8 @@ class Registry:
                 "usage_bytes": acc.used_bytes, "usage_inodes": acc.used_inodes,
                 "vfolders": [vf.id for vf in self.vfolders.values() if vf.record.scope == scope]}
 
-    async def set_scope(self, scope: str, quota_bytes: Any = None, quota_inodes: Any = None) -> dict[str, Any]:
+    async def set_scope(self, scope: str, quota_bytes: Any = None,
+                        quota_inodes: Any = None) -> dict[str, Any]:
         scope = parse_scope(scope)
         if not scope:
             raise RegistryError(400, "bad_scope", "a scope is user:<uuid> or project:<uuid>")
@@ -558,7 +560,7 @@ class Registry:
             return
         await self.store_workers.run(self.store.set_clean, self.node, True)
 
-    def start_rescan(self, vf: Vfolder) -> "Task":
+    def start_rescan(self, vf: Vfolder) -> Task:
         """Recount a vfolder's usage from its native tree in the background (one at a time)."""
         for task in self.tasks.values():
             if task.vfolder == vf.id and task.state == "running":
@@ -570,7 +572,7 @@ class Registry:
         self.nursery.start_soon(self._rescan, vf, task)
         return task
 
-    async def _rescan(self, vf: Vfolder, task: "Task") -> None:
+    async def _rescan(self, vf: Vfolder, task: Task) -> None:
         """Recount vf from its native tree.  The count replaces usage only if no change through
         vfusefs overlapped the walk (what such a change did may be in it or not); a busy vfolder
         is walked again, RESCAN_TRIES times in all, and keeps its usage if it never held still,

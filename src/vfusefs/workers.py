@@ -60,7 +60,8 @@ import collections
 import logging
 import threading
 import time
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 import trio
 
@@ -104,7 +105,7 @@ class StoppedError(Exception):
 class _Job:
     __slots__ = ("fn", "args", "task", "ok", "value", "abandoned")
 
-    def __init__(self, fn: Callable[..., Any], args: tuple, task: Any) -> None:
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], task: Any) -> None:
         self.fn = fn
         self.args = args
         self.task = task  # None: nobody waits (a background call)
@@ -241,16 +242,16 @@ class HostWorkers:
             lane = self._free.pop()
             if lane.post_and_wait(job, FAST_WAIT if self.slow_ewma < FAST_WAIT else 0.0):
                 self._release(lane)
-                return self._result(job)  # the fast path: no await, no cancel scope
+                return cast(T, self._result(job))  # the fast path: no await, no cancel scope
             with trio.move_on_at(deadline):
-                return await self._parked(job)
+                return cast(T, await self._parked(job))
         else:  # every thread busy (a slow or hung host): wait for one, never hold the loop
             with trio.move_on_at(deadline):
                 lane = await self._lane()
                 if lane.post_and_wait(job, 0.0):
                     self._release(lane)
-                    return self._result(job)
-                return await self._parked(job)
+                    return cast(T, self._result(job))
+                return cast(T, await self._parked(job))
         raise trio.TooSlowError(f"host {self.name}: native call {_name(fn)} "
                                 f"took longer than {self.op_timeout}s")
 

@@ -230,5 +230,5 @@ def load_backend(host: HostConfig) -> Backend:
     if host.backend not in found:
         names = ", ".join(sorted(found)) or "none installed"
         raise ConfigError(f"hosts.{host.name}.backend: unknown backend {host.backend!r} (known: {names})")
-    cls = found[host.backend].load()
+    cls: type[Backend] = found[host.backend].load()
     return cls(host)
