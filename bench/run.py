@@ -54,7 +54,9 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def sh(*cmd: str, cwd: Path | None = None) -> None:
-    r = subprocess.run(list(cmd), cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    r = subprocess.run(
+        list(cmd), cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)}: exit {r.returncode}: {r.stderr.strip()[-2000:]}")
 
@@ -99,7 +101,9 @@ class Workloads:
         sh("ls", "-lR", str(d / "tree"))
 
     def read_tree(self, d: Path) -> None:
-        subprocess.run(f"find '{d / 'tree'}' -type f -exec cat {{}} + > /dev/null", shell=True, check=True)
+        subprocess.run(
+            f"find '{d / 'tree'}' -type f -exec cat {{}} + > /dev/null", shell=True, check=True
+        )
 
     def rm_tree(self, d: Path) -> None:
         sh("rm", "-rf", str(d / "tree"))
@@ -126,14 +130,19 @@ class Daemon:
             (base / sub).mkdir(parents=True)
         self.sock = base / "state" / "control.sock"
         cfg = base / "vfusefs.toml"
-        cfg.write_text(f'[daemon]\nmountpoint = "{base}/mnt"\nstate_dir = "{base}/state"\n'
-                       f'control_socket = "{self.sock}"\nmetrics_listen = ""\n'
-                       f'[hosts.local]\npath = "{base}/native"\n')
+        cfg.write_text(
+            f'[daemon]\nmountpoint = "{base}/mnt"\nstate_dir = "{base}/state"\n'
+            f'control_socket = "{self.sock}"\nmetrics_listen = ""\n'
+            f'[hosts.local]\npath = "{base}/native"\n'
+        )
         env = dict(os.environ)
         if not checks:
             env["VFUSEFS_BENCH_NO_ACCESS_CHECKS"] = "1"
-        self.proc = subprocess.Popen([str(BIN), "serve", "--config", str(cfg)],
-                                     stderr=open(base / "daemon.log", "wb"), env=env)
+        self.proc = subprocess.Popen(
+            [str(BIN), "serve", "--config", str(cfg)],
+            stderr=open(base / "daemon.log", "wb"),
+            env=env,
+        )
         for _ in range(200):
             if os.path.ismount(base / "mnt") and self.sock.exists():
                 break
@@ -141,13 +150,20 @@ class Daemon:
         else:
             raise SystemExit(f"daemon did not start: {(base / 'daemon.log').read_text()}")
         # grants in place, as on a real node: the bench's caller matches the cgroup grant
-        grants = [{"principal": "uid:4242", "mode": "ro"}, {"principal": "gid:4242", "mode": "rw"},
-                  {"principal": "cgroup:/docker", "mode": "ro"},
-                  {"principal": f"cgroup:{CGROUP}", "mode": "rwd"}, {"principal": "*", "mode": "ro"}]
+        grants = [
+            {"principal": "uid:4242", "mode": "ro"},
+            {"principal": "gid:4242", "mode": "rw"},
+            {"principal": "cgroup:/docker", "mode": "ro"},
+            {"principal": f"cgroup:{CGROUP}", "mode": "rwd"},
+            {"principal": "*", "mode": "ro"},
+        ]
         body: dict = {"grants": grants}
         if quota:  # limits that the workloads never reach, so every operation is checked
-            body.update(quota_bytes="1T", quota_inodes=100_000_000,
-                        scope="project:00000000-0000-4000-8000-00000000be9c")
+            body.update(
+                quota_bytes="1T",
+                quota_inodes=100_000_000,
+                scope="project:00000000-0000-4000-8000-00000000be9c",
+            )
         with self.client() as c:
             if quota:
                 c.put(f"/v1/scopes/{body['scope']}", json={"quota_bytes": "2T"})
@@ -187,10 +203,24 @@ def in_container(args: list[str]) -> list[str]:
 def workload_seconds(w: Workloads, key: str, target: Path, cold: bool, mount: bool) -> float:
     if cold:
         drop_caches()
-    r = subprocess.run(in_container([sys.executable, __file__, "--worker", key, str(target),
-                                     "--size-mib", str(w.size_mib), "--tarball", str(w.tarball)]
-                                    + ["--mount"] * mount),
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        in_container(
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                key,
+                str(target),
+                "--size-mib",
+                str(w.size_mib),
+                "--tarball",
+                str(w.tarball),
+            ]
+            + ["--mount"] * mount
+        ),
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         raise SystemExit(f"bench: workload {key} on {target} failed:\n{r.stderr.strip()}")
     return float(r.stdout.strip().splitlines()[-1])
@@ -223,9 +253,15 @@ def rows(w: Workloads) -> list[tuple[str, str, Callable[[Path], object], bool]]:
 
 
 # what a workload reads, and the workload that makes it (run untimed when --only leaves it out)
-NEEDS = {"read-cold": ("write", "big"), "read-warm": ("write", "big"), "random": ("write", "big"),
-         "random-cold": ("write", "big"),
-         "ls": ("untar", "tree"), "readback": ("untar", "tree"), "rm": ("untar", "tree")}
+NEEDS = {
+    "read-cold": ("write", "big"),
+    "read-warm": ("write", "big"),
+    "random": ("write", "big"),
+    "random-cold": ("write", "big"),
+    "ls": ("untar", "tree"),
+    "readback": ("untar", "tree"),
+    "rm": ("untar", "tree"),
+}
 
 
 class Bindfs:
@@ -241,8 +277,9 @@ class Bindfs:
         subprocess.run(["fusermount3", "-u", str(self.vfolder)], check=False)
 
 
-def run_suite(base: Path, w: Workloads, compare: str, only: set[str],
-              repeat: int, bindfs: bool = False) -> dict[str, dict[str, list[float]]]:
+def run_suite(
+    base: Path, w: Workloads, compare: str, only: set[str], repeat: int, bindfs: bool = False
+) -> dict[str, dict[str, list[float]]]:
     """Every workload on each target in turn (rotating the order), the whole sequence `repeat`
     times; returns {workload: {target: [seconds...]}}.  "on" has access checks and, with
     --compare quota, a quota set; "off" lacks the compared feature."""
@@ -254,8 +291,11 @@ def run_suite(base: Path, w: Workloads, compare: str, only: set[str],
     refs = {"bindfs": Bindfs(base / "bindfs")} if bindfs else {}
     plain = base / "plain"
     plain.mkdir()
-    targets = {"native": plain, **{k: d.vfolder for k, d in daemons.items()},
-               **{k: r.vfolder for k, r in refs.items()}}
+    targets = {
+        "native": plain,
+        **{k: d.vfolder for k, d in daemons.items()},
+        **{k: r.vfolder for k, r in refs.items()},
+    }
     times: dict[str, dict[str, list[float]]] = {}
     try:
         for rep in range(repeat):
@@ -263,17 +303,21 @@ def run_suite(base: Path, w: Workloads, compare: str, only: set[str],
                 if only and key not in only:
                     continue
                 order = list(targets)
-                order = order[rep % len(order):] + order[:rep % len(order)]
+                order = order[rep % len(order) :] + order[: rep % len(order)]
                 for target in order:
                     made = NEEDS.get(key)
                     if made and not (targets[target] / made[1]).exists():
-                        workload_seconds(w, made[0], targets[target], False,
-                                         target != "native")  # --only left it out
+                        workload_seconds(
+                            w, made[0], targets[target], False, target != "native"
+                        )  # --only left it out
                     t = workload_seconds(w, key, targets[target], cold, target != "native")
                     times.setdefault(key, {}).setdefault(target, []).append(t)
                 got = times[key]
-                print(f"  run {rep + 1}/{repeat} {name:38} " + "  ".join(
-                    f"{t} {got[t][-1]:7.3f}s" for t in targets), flush=True)
+                print(
+                    f"  run {rep + 1}/{repeat} {name:38} "
+                    + "  ".join(f"{t} {got[t][-1]:7.3f}s" for t in targets),
+                    flush=True,
+                )
     finally:
         for d in daemons.values():
             d.stop()
@@ -299,7 +343,9 @@ def rss_check(base: Path, files: int) -> tuple[float, float, float]:
         t = timed(lambda: sh("ls", "-lR", str(daemon.vfolder / "rss")))
         reads = []
         for _ in range(21):
-            reads.append(timed(lambda: sh("getfattr", "-n", "user.vfusefs.usage.bytes", str(daemon.vfolder))))
+            reads.append(
+                timed(lambda: sh("getfattr", "-n", "user.vfusefs.usage.bytes", str(daemon.vfolder)))
+            )
         return daemon.rss_mib(), t, statistics.median(reads)
     finally:
         daemon.stop()
@@ -308,12 +354,21 @@ def rss_check(base: Path, files: int) -> tuple[float, float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="256 MiB and 5,000 files (smoke run)")
-    ap.add_argument("--rss-files", type=int, default=100000, help="files for the RSS check (0: skip)")
-    ap.add_argument("--only", default="", help="comma-separated workloads: write, read-cold, "
-                    "read-warm, random, random-cold, untar, ls, readback, rm")
-    ap.add_argument("--compare", choices=["checks", "quota"],
-                    help="mount a second daemon without access checks (or without a quota) "
-                         "and report what the feature costs")
+    ap.add_argument(
+        "--rss-files", type=int, default=100000, help="files for the RSS check (0: skip)"
+    )
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma-separated workloads: write, read-cold, "
+        "read-warm, random, random-cold, untar, ls, readback, rm",
+    )
+    ap.add_argument(
+        "--compare",
+        choices=["checks", "quota"],
+        help="mount a second daemon without access checks (or without a quota) "
+        "and report what the feature costs",
+    )
     ap.add_argument("--repeat", type=int, default=3, help="run the whole sequence N times")
     ap.add_argument("--bindfs", action="store_true", help="also run every workload on bindfs")
     ap.add_argument("--worker", nargs=2, metavar=("KEY", "DIR"), help=argparse.SUPPRESS)
@@ -322,8 +377,9 @@ def main() -> None:
     ap.add_argument("--mount", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        return worker(args.worker[0], Path(args.worker[1]), args.size_mib, Path(args.tarball),
-                      args.mount)
+        return worker(
+            args.worker[0], Path(args.worker[1]), args.size_mib, Path(args.tarball), args.mount
+        )
     if os.geteuid() != 0:
         raise SystemExit("bench: run as root (it mounts, drops caches and makes a cgroup)")
     size, files = (256, 5000) if args.quick else (1024, 20000)
@@ -331,26 +387,35 @@ def main() -> None:
     w = Workloads(size, files, Path("/nonexistent"))
     unknown = only - {key for key, *_ in rows(w)}
     if unknown:
-        raise SystemExit(f"bench: unknown workload(s) {', '.join(sorted(unknown))}; "
-                         f"known: {', '.join(key for key, *_ in rows(w))}")
+        raise SystemExit(
+            f"bench: unknown workload(s) {', '.join(sorted(unknown))}; "
+            f"known: {', '.join(key for key, *_ in rows(w))}"
+        )
     (CGROUP_ROOT / CGROUP.lstrip("/")).mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="vfusefs-bench-", dir="/var/tmp"))
     base.chmod(0o755)
     try:
         w.tarball = base / "tree.tar"
         make_tarball(w.tarball, files)
-        print(f"workloads run as root in cgroup {CGROUP} (a container: not an admin) on a plain "
-              f"directory and on a vfolder bind mount; ratio = vfusefs / native (medians of "
-              f"{args.repeat})")
+        print(
+            f"workloads run as root in cgroup {CGROUP} (a container: not an admin) on a plain "
+            f"directory and on a vfolder bind mount; ratio = vfusefs / native (medians of "
+            f"{args.repeat})"
+        )
         if args.bindfs and shutil.which("bindfs") is None:
             raise SystemExit("bench: --bindfs needs bindfs (apt-get install bindfs)")
         times = run_suite(base, w, args.compare or "", only, args.repeat, args.bindfs)
         med = {k: {t: statistics.median(v) for t, v in tv.items()} for k, tv in times.items()}
         print()
-        print(f"{'workload':40} {'native s':>9} {'vfusefs s':>10} {'ratio':>7}"
-              + (f" {'no-' + args.compare + ' s':>12} {'ratio':>7} {args.compare + ' cost':>11}"
-                 if args.compare else "")
-              + (f" {'bindfs s':>9} {'ratio':>7} {'vs bindfs':>9}" if args.bindfs else ""))
+        print(
+            f"{'workload':40} {'native s':>9} {'vfusefs s':>10} {'ratio':>7}"
+            + (
+                f" {'no-' + args.compare + ' s':>12} {'ratio':>7} {args.compare + ' cost':>11}"
+                if args.compare
+                else ""
+            )
+            + (f" {'bindfs s':>9} {'ratio':>7} {'vs bindfs':>9}" if args.bindfs else "")
+        )
         for key, name, _, _ in rows(w):
             if key not in med:
                 continue
@@ -365,9 +430,13 @@ def main() -> None:
             print(line)
         if args.rss_files:
             rss, t, read = rss_check(base / "rss", args.rss_files)
-            print(f"daemon RSS after ls -lR of {args.rss_files} files: {rss:.0f} MiB (ls took {t:.2f}s)")
-            print(f"getfattr -n user.vfusefs.usage.bytes on that vfolder: {read * 1000:.1f} ms "
-                  f"(median of 21, including starting getfattr)")
+            print(
+                f"daemon RSS after ls -lR of {args.rss_files} files: {rss:.0f} MiB (ls took {t:.2f}s)"
+            )
+            print(
+                f"getfattr -n user.vfusefs.usage.bytes on that vfolder: {read * 1000:.1f} ms "
+                f"(median of 21, including starting getfattr)"
+            )
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -42,8 +42,12 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
 class Daemon:
     """One vfusefs daemon under test."""
 
-    def __init__(self, base: Path, hosts: dict[str, dict[str, Any]] | None = None,
-                 daemon_opts: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        base: Path,
+        hosts: dict[str, dict[str, Any]] | None = None,
+        daemon_opts: dict[str, Any] | None = None,
+    ) -> None:
         self.base = base
         self.mnt = base / "mnt"
         self.state = base / "state"
@@ -60,9 +64,13 @@ class Daemon:
         for h in hosts.values():
             Path(h["path"]).mkdir(parents=True, exist_ok=True)
         self.hosts = hosts
-        self.daemon_opts = {"mountpoint": str(self.mnt), "state_dir": str(self.state),
-                            "control_socket": str(self.state / "control.sock"),
-                            "metrics_listen": "", **(daemon_opts or {})}
+        self.daemon_opts = {
+            "mountpoint": str(self.mnt),
+            "state_dir": str(self.state),
+            "control_socket": str(self.state / "control.sock"),
+            "metrics_listen": "",
+            **(daemon_opts or {}),
+        }
         self.write_config()
 
     def write_config(self) -> None:
@@ -81,11 +89,15 @@ class Daemon:
     def start(self, timeout: float = 15.0) -> Daemon:
         self.logf = open(self.log_path, "ab")
         nofile = self.nofile
-        self.proc = subprocess.Popen([VFUSEFS, "serve", "--config", str(self.config)],
-                                     stdout=self.logf, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **self.env},
-                                     preexec_fn=None if nofile is None else lambda:
-                                     resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)))
+        self.proc = subprocess.Popen(
+            [VFUSEFS, "serve", "--config", str(self.config)],
+            stdout=self.logf,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
+            preexec_fn=None
+            if nofile is None
+            else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile)),
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -132,18 +144,24 @@ class Daemon:
     def check_log(self) -> None:
         text = self.log()
         assert "Traceback" not in text, text
-        bad = [line for line in text.splitlines()
-               if (" ERROR " in line or '"level": "error"' in line)
-               and not any(a in line for a in self.allowed_errors)]
+        bad = [
+            line
+            for line in text.splitlines()
+            if (" ERROR " in line or '"level": "error"' in line)
+            and not any(a in line for a in self.allowed_errors)
+        ]
         assert not bad, "\n".join(bad)
 
     # -- control API and CLI ----------------------------------------------------------------------
     def api(self, method: str, path: str, body: Any = None) -> httpx.Response:
-        with httpx.Client(transport=httpx.HTTPTransport(uds=self.socket), base_url="http://x",
-                          timeout=30) as c:
+        with httpx.Client(
+            transport=httpx.HTTPTransport(uds=self.socket), base_url="http://x", timeout=30
+        ) as c:
             return c.request(method, path, json=body)
 
-    def cli(self, *args: str, check: bool = True, user: int | None = None) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *args: str, check: bool = True, user: int | None = None
+    ) -> subprocess.CompletedProcess[str]:
         cmd = [VFUSEFS, "--config", str(self.config), *args]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
         if check and r.returncode != 0:
@@ -180,7 +198,9 @@ def daemon(world_dir: Path) -> Iterator[Daemon]:
     assert d.stop() == 0
 
 
-def run(*cmd: str, cwd: Any = None, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
+def run(
+    *cmd: str, cwd: Any = None, check: bool = True, **kw: Any
+) -> subprocess.CompletedProcess[str]:
     r = subprocess.run(list(cmd), cwd=cwd, capture_output=True, text=True, timeout=120, **kw)
     if check and r.returncode != 0:
         raise AssertionError(f"{cmd} -> {r.returncode}: {r.stderr}")

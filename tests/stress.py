@@ -109,7 +109,7 @@ class Stress:
             if size:
                 with mmap.mmap(fd, size) as m:
                     off = self.rng.randrange(size)
-                    m[off:off + 1] = b"m"
+                    m[off : off + 1] = b"m"
                     if self.rng.random() < 0.5:
                         m.flush()
         finally:
@@ -140,9 +140,23 @@ class Stress:
         with open(self.path(), "rb") as f:
             f.read(1 << 20)
 
-    OPS = {"create": 10, "write": 20, "truncate": 6, "fallocate": 4, "mkdir": 4, "rmdir": 3,
-           "rename": 10, "link": 4, "symlink": 2, "unlink": 12, "xattr": 4, "mapwrite": 4,
-           "tempfile": 3, "hold": 6, "read": 8}
+    OPS = {
+        "create": 10,
+        "write": 20,
+        "truncate": 6,
+        "fallocate": 4,
+        "mkdir": 4,
+        "rmdir": 3,
+        "rename": 10,
+        "link": 4,
+        "symlink": 2,
+        "unlink": 12,
+        "xattr": 4,
+        "mapwrite": 4,
+        "tempfile": 3,
+        "hold": 6,
+        "read": 8,
+    }
 
 
 def main() -> None:

@@ -28,17 +28,29 @@ from conftest import Daemon
 pytestmark = pytest.mark.mount
 
 CGROOT = Path("/sys/fs/cgroup/unified")
-MESSAGES = {"Permission denied": "EACCES", "Read-only file system": "EROFS",
-            "Operation not permitted": "EPERM", "No such file or directory": "ENOENT",
-            "Invalid cross-device link": "EXDEV"}
+MESSAGES = {
+    "Permission denied": "EACCES",
+    "Read-only file system": "EROFS",
+    "Operation not permitted": "EPERM",
+    "No such file or directory": "ENOENT",
+    "Invalid cross-device link": "EXDEV",
+}
 
 # (label, shell command run inside the vfolder, fixtures it consumes)
 OPS = [
-    ("ls", "ls -l ."), ("cat", "cat f"), ("getfattr", "getfattr -n user.vfusefs.mode ."),
-    ("touch", "touch new"), ("dd", "dd if=/dev/zero of=f bs=1k count=1 conv=notrunc status=none"),
-    ("truncate", "truncate -s 10 f"), ("mkdir", "mkdir nd"), ("ln-s", "ln -s f sl"),
-    ("ln", "ln f hl"), ("setfattr", "setfattr -n user.k -v v f"),
-    ("mv", "mv f2 f3"), ("mv-over", "mv -f f4 victim"), ("rm", "rm -f victim2"),
+    ("ls", "ls -l ."),
+    ("cat", "cat f"),
+    ("getfattr", "getfattr -n user.vfusefs.mode ."),
+    ("touch", "touch new"),
+    ("dd", "dd if=/dev/zero of=f bs=1k count=1 conv=notrunc status=none"),
+    ("truncate", "truncate -s 10 f"),
+    ("mkdir", "mkdir nd"),
+    ("ln-s", "ln -s f sl"),
+    ("ln", "ln f hl"),
+    ("setfattr", "setfattr -n user.k -v v f"),
+    ("mv", "mv f2 f3"),
+    ("mv-over", "mv -f f4 victim"),
+    ("rm", "rm -f victim2"),
     ("rmdir", "rmdir dd"),
 ]
 READS = {"ls", "cat", "getfattr"}
@@ -82,19 +94,27 @@ class Container:
         self.cgroup = f"/docker/{self.name}"
         (CGROOT / "docker" / self.name).mkdir()
 
-    def wrap(self, vf: Path | None, inner: list[str], setpriv: list[str] | None = None) -> list[str]:
+    def wrap(
+        self, vf: Path | None, inner: list[str], setpriv: list[str] | None = None
+    ) -> list[str]:
         """As an agent does it: bind-mount the vfolder as host root in a new mount namespace,
         then move into the container's cgroup and run the command there."""
-        mount = (f"mount -t tmpfs tmpfs /home && mkdir -p /home/work/{vf.name} && "
-                 f"mount --bind {vf} /home/work/{vf.name} && cd /home/work/{vf.name} && "
-                 if vf is not None else "")
+        mount = (
+            f"mount -t tmpfs tmpfs /home && mkdir -p /home/work/{vf.name} && "
+            f"mount --bind {vf} /home/work/{vf.name} && cd /home/work/{vf.name} && "
+            if vf is not None
+            else ""
+        )
         cmd = " ".join(shlex.quote(a) for a in (setpriv or []) + inner)
         script = f"{mount}echo $$ > {CGROOT}/docker/{self.name}/cgroup.procs && exec {cmd}"
         return ["unshare", "-m", "--propagation", "private", "sh", "-c", script]
 
-    def sh(self, vf: Path | None, script: str, setpriv: list[str] | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.wrap(vf, ["sh", "-c", script], setpriv), capture_output=True,
-                              text=True, timeout=60)
+    def sh(
+        self, vf: Path | None, script: str, setpriv: list[str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            self.wrap(vf, ["sh", "-c", script], setpriv), capture_output=True, text=True, timeout=60
+        )
 
     def close(self) -> None:
         path = CGROOT / "docker" / self.name
@@ -117,6 +137,7 @@ def container() -> Iterator[Container]:
 
 def grant(d: Daemon, vf: Path, principal: str, mode: str | None) -> None:
     from urllib.parse import quote
+
     path = f"/v1/hosts/local/vfolders/{vf.name}/grants/{quote(principal, safe='')}"
     r = d.api("PUT", path, {"mode": mode}) if mode else d.api("DELETE", path)
     assert r.status_code == 200, r.text
@@ -148,15 +169,30 @@ def test_errno_table_in_a_container(daemon: Daemon, container: Container, mode: 
 
 
 def test_uids_and_supplementary_groups(daemon: Daemon) -> None:
-    vf = daemon.vfolder(grants=[{"principal": "uid:1000", "mode": "ro"},
-                                {"principal": "gid:5000", "mode": "rw"},
-                                {"principal": "uid:1002", "mode": "rwd"}])
+    vf = daemon.vfolder(
+        grants=[
+            {"principal": "uid:1000", "mode": "ro"},
+            {"principal": "gid:5000", "mode": "rw"},
+            {"principal": "uid:1002", "mode": "rwd"},
+        ]
+    )
     populate(vf)
 
     def as_user(uid: int, groups: str, script: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", f"--groups={groups}"
-                               if groups else "--clear-groups", "sh", "-c", f"cd {vf} && {script}"],
-                              capture_output=True, text=True, timeout=30)
+        return subprocess.run(
+            [
+                "setpriv",
+                f"--reuid={uid}",
+                f"--regid={uid}",
+                f"--groups={groups}" if groups else "--clear-groups",
+                "sh",
+                "-c",
+                f"cd {vf} && {script}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
 
     assert classify(as_user(1000, "", "touch a")) == "EROFS"
     assert classify(as_user(1000, "", "cat f")) == "ok"
@@ -165,14 +201,40 @@ def test_uids_and_supplementary_groups(daemon: Daemon) -> None:
     assert classify(as_user(1000, "5000", "touch c")) == "EROFS"  # uid beats gid
     assert classify(as_user(1002, "", "rm -f victim")) == "ok"
     # no grant: the vfolder cannot even be looked up in its host dir
-    r = subprocess.run(["setpriv", "--reuid=1003", "--regid=1003", "--clear-groups", "cat", str(vf / "f")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["setpriv", "--reuid=1003", "--regid=1003", "--clear-groups", "cat", str(vf / "f")],
+        capture_output=True,
+        text=True,
+    )
     assert classify(r) == "ENOENT"
-    r = subprocess.run(["setpriv", "--reuid=1003", "--regid=1003", "--clear-groups", "ls",
-                        str(daemon.mnt / "local")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=1003",
+            "--regid=1003",
+            "--clear-groups",
+            "ls",
+            str(daemon.mnt / "local"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.stdout.strip() == ""
-    r = subprocess.run(["setpriv", "--reuid=1001", "--regid=1001", "--groups=5000", "getfattr",
-                        "--only-values", "-n", "user.vfusefs.mode", str(vf)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=1001",
+            "--regid=1001",
+            "--groups=5000",
+            "getfattr",
+            "--only-values",
+            "-n",
+            "user.vfusefs.mode",
+            str(vf),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.stdout == "rw"
 
 
@@ -200,8 +262,12 @@ for line in sys.stdin:
 def test_live_grant_changes_reach_open_files(daemon: Daemon, container: Container) -> None:
     vf = daemon.vfolder(grants=[{"principal": f"cgroup:{container.cgroup}", "mode": "rw"}])
     populate(vf)
-    proc = subprocess.Popen(container.wrap(vf, ["/usr/bin/python3", "-c", PROBE]), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        container.wrap(vf, ["/usr/bin/python3", "-c", PROBE]),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdin is not None and proc.stdout is not None
 
     def ask(cmd: str) -> str:
@@ -228,15 +294,23 @@ def test_live_grant_changes_reach_open_files(daemon: Daemon, container: Containe
 
 def test_grant_api_and_cli(daemon: Daemon) -> None:
     vf = daemon.vfolder(grants=[])
-    r = daemon.api("PUT", f"/v1/hosts/local/vfolders/{vf.name}/grants/cgroup%3A%2Fdocker%2Fabc",
-                   {"mode": "wd"})
+    r = daemon.api(
+        "PUT", f"/v1/hosts/local/vfolders/{vf.name}/grants/cgroup%3A%2Fdocker%2Fabc", {"mode": "wd"}
+    )
     assert r.status_code == 200
     assert {"principal": "cgroup:/docker/abc", "mode": "rwd"} in r.json()["grants"]
-    for principal, body, code in (("uid%3Aabc", {"mode": "rw"}, 400), ("uid%3A1", {"mode": "all"}, 400),
-                                  ("uid%3A1", {}, 400), ("uid%3A1", {"mode": "rw", "x": 1}, 400)):
+    for principal, body, code in (
+        ("uid%3Aabc", {"mode": "rw"}, 400),
+        ("uid%3A1", {"mode": "all"}, 400),
+        ("uid%3A1", {}, 400),
+        ("uid%3A1", {"mode": "rw", "x": 1}, 400),
+    ):
         r = daemon.api("PUT", f"/v1/hosts/local/vfolders/{vf.name}/grants/{principal}", body)
         assert r.status_code == code and set(r.json()) == {"error", "message"}, r.text
-    assert daemon.api("DELETE", f"/v1/hosts/local/vfolders/{vf.name}/grants/uid%3A9").status_code == 404
+    assert (
+        daemon.api("DELETE", f"/v1/hosts/local/vfolders/{vf.name}/grants/uid%3A9").status_code
+        == 404
+    )
     daemon.cli("grant", "local", vf.name, "gid:100", "ro")
     info = json.loads(daemon.cli("vfolder", "info", "local", vf.name, "--json").stdout)
     assert {"principal": "gid:100", "mode": "ro"} in info["grants"]
@@ -244,11 +318,15 @@ def test_grant_api_and_cli(daemon: Daemon) -> None:
     info = json.loads(daemon.cli("vfolder", "info", "local", vf.name, "--json").stdout)
     assert {"principal": "gid:100", "mode": "ro"} not in info["grants"]
     # a bad principal or mode is a usage error (2); a grant that is not there, a failure (1)
-    for args, code in ((("grant", "local", vf.name, "bogus", "rw"), 2),
-                       (("grant", "local", vf.name, "uid:1", "rx"), 2),
-                       (("revoke", "local", vf.name, "uid:77"), 1)):
+    for args, code in (
+        (("grant", "local", vf.name, "bogus", "rw"), 2),
+        (("grant", "local", vf.name, "uid:1", "rx"), 2),
+        (("revoke", "local", vf.name, "uid:77"), 1),
+    ):
         r = daemon.cli(*args, check=False)
-        assert r.returncode == code and r.stderr.count("\n") == 1 and r.stderr.startswith("vfusefs: ")
+        assert (
+            r.returncode == code and r.stderr.count("\n") == 1 and r.stderr.startswith("vfusefs: ")
+        )
     # grants survive a restart
     daemon.stop()
     daemon.start()
@@ -261,7 +339,10 @@ def test_cross_vfolder_link_and_rename_are_exdev(daemon: Daemon, world_dir: Path
     b = daemon.vfolder()
     (a / "f").write_text("x")
     (a / "d").mkdir()
-    for cmd in (["ln", str(a / "f"), str(b / "g")], ["mv", "--no-copy", str(a / "f"), str(b / "g")]):
+    for cmd in (
+        ["ln", str(a / "f"), str(b / "g")],
+        ["mv", "--no-copy", str(a / "f"), str(b / "g")],
+    ):
         r = subprocess.run(cmd, capture_output=True, text=True)
         if "unrecognized option" in r.stderr:
             continue
@@ -291,10 +372,14 @@ def test_cross_vfolder_link_and_rename_are_exdev(daemon: Daemon, world_dir: Path
 def test_opath_reopen_is_checked(daemon: Daemon, container: Container) -> None:
     vf = daemon.vfolder(grants=[{"principal": f"cgroup:{container.cgroup}", "mode": "ro"}])
     populate(vf)
-    script = ("import os, errno\nfd = os.open('f', os.O_PATH)\n"
-              "try:\n    os.open('/proc/self/fd/%d' % fd, os.O_WRONLY); print('ok')\n"
-              "except OSError as e:\n    print(errno.errorcode[e.errno])\n")
-    r = subprocess.run(container.wrap(vf, ["/usr/bin/python3", "-c", script]), capture_output=True, text=True)
+    script = (
+        "import os, errno\nfd = os.open('f', os.O_PATH)\n"
+        "try:\n    os.open('/proc/self/fd/%d' % fd, os.O_WRONLY); print('ok')\n"
+        "except OSError as e:\n    print(errno.errorcode[e.errno])\n"
+    )
+    r = subprocess.run(
+        container.wrap(vf, ["/usr/bin/python3", "-c", script]), capture_output=True, text=True
+    )
     assert r.stdout.strip() == "EROFS"
 
 

@@ -38,8 +38,9 @@ def wait_usage_equals_du(d: Daemon, vf: Path, native: Path, seconds: float = 10.
 
 
 # -- escapes and plants -------------------------------------------------------------------------
-def test_native_hard_link_to_a_file_outside_is_refused(daemon: Daemon, container: Container,
-                                                       world_dir: Path) -> None:
+def test_native_hard_link_to_a_file_outside_is_refused(
+    daemon: Daemon, container: Container, world_dir: Path
+) -> None:
     elsewhere = world_dir / "elsewhere"
     elsewhere.mkdir()
     secret = elsewhere / "secret"
@@ -49,8 +50,15 @@ def test_native_hard_link_to_a_file_outside_is_refused(daemon: Daemon, container
     native = native_of(daemon, vf)
     os.link(secret, native / "hl")  # planted on the native side
     (native / "a").write_text("A\n")
-    for script in ("cat hl", "echo x >> hl", "setfattr -n user.k -v v hl", "chmod 600 hl",
-                   "getfattr -d hl", "ln hl hl2", "truncate -s 0 hl"):
+    for script in (
+        "cat hl",
+        "echo x >> hl",
+        "setfattr -n user.k -v v hl",
+        "chmod 600 hl",
+        "getfattr -d hl",
+        "ln hl hl2",
+        "truncate -s 0 hl",
+    ):
         r = container.sh(vf, script)
         assert classify(r) == "EACCES", (script, r.stderr)
     assert secret.read_text() == "SECRET\n" and stat.S_IMODE(secret.stat().st_mode) == 0o644
@@ -72,19 +80,25 @@ def test_native_hard_link_to_a_file_outside_is_refused(daemon: Daemon, container
 
 
 def test_confined_callers_cannot_plant_privilege(world_dir: Path, container: Container) -> None:
-    d = Daemon(world_dir, hosts={"local": {"path": str(world_dir / "native")},
-                                 "lab": {"path": str(world_dir / "lab"), "allow_privileged": True}})
+    d = Daemon(
+        world_dir,
+        hosts={
+            "local": {"path": str(world_dir / "native")},
+            "lab": {"path": str(world_dir / "lab"), "allow_privileged": True},
+        },
+    )
     d.start()
     try:
         vf = d.vfolder()
         native = native_of(d, vf)
         refused = {
-            "char device": "mknod k c 1 11", "block device": "mknod b b 7 0",
+            "char device": "mknod k c 1 11",
+            "block device": "mknod b b 7 0",
             "setuid chmod": "cp /usr/bin/id id && chmod 4755 id",
             "setgid chmod": "cp /usr/bin/id id2 && chmod 2755 id2",
             "setuid create": "python3 -c \"import os; os.open('s', os.O_CREAT | os.O_WRONLY, 0o4755)\"",
             "capability": "touch cap && setfattr -n security.capability "
-                          "-v 0sAQAAAgAgAAAAAAAAAAAAAAAAAAA= cap",
+            "-v 0sAQAAAgAgAAAAAAAAAAAAAAAAAAA= cap",
         }
         for label, script in refused.items():
             r = container.sh(vf, script)
@@ -136,8 +150,13 @@ print(attempt(lambda: os.fsync(fd)), attempt(lambda: os.fdatasync(fd)),
 def test_fsync_and_close_after_a_revoke_fail(daemon: Daemon, container: Container) -> None:
     vf = daemon.vfolder(grants=[{"principal": f"cgroup:{container.cgroup}", "mode": "rw"}])
     os.chmod(vf, 0o777)
-    p = subprocess.Popen(container.wrap(vf, [sys.executable, "-c", SYNCER]), stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        container.wrap(vf, [sys.executable, "-c", SYNCER]),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert p.stdout is not None and p.stdin is not None
         assert p.stdout.readline().strip() == "ready"
@@ -235,9 +254,11 @@ def test_open_but_unlinked_files_are_refunded_at_the_last_close(daemon: Daemon) 
     wait_usage_equals_du(daemon, vf, native)
     # while open, such a file is charged (as a native quota charges it): no way around the limit
     small = daemon.vfolder(quota_bytes=1 << 20)
-    script = ("import os, sys\nfd = os.open(sys.argv[1] + '/t', os.O_RDWR | os.O_CREAT)\n"
-              "os.unlink(sys.argv[1] + '/t')\nn = 0\ntry:\n    while n < 8 << 20:\n"
-              "        n += os.write(fd, b'x' * 65536)\nexcept OSError as e:\n    print(e.errno, n)\n")
+    script = (
+        "import os, sys\nfd = os.open(sys.argv[1] + '/t', os.O_RDWR | os.O_CREAT)\n"
+        "os.unlink(sys.argv[1] + '/t')\nn = 0\ntry:\n    while n < 8 << 20:\n"
+        "        n += os.write(fd, b'x' * 65536)\nexcept OSError as e:\n    print(e.errno, n)\n"
+    )
     out = run(sys.executable, "-c", script, str(small)).stdout.split()
     assert int(out[0]) == errno.EDQUOT and int(out[1]) <= 1 << 20
     wait_usage_equals_du(daemon, small, native_of(daemon, small))
@@ -265,7 +286,9 @@ def test_usage_follows_files_the_kernel_forgot(daemon: Daemon) -> None:
 
 # -- control API and store ----------------------------------------------------------------------
 BAD_BODIES = [
-    ({"scope": 7}, "bad_scope"), ({"scope": ["user:x"]}, "bad_scope"), ({"scope": True}, "bad_scope"),
+    ({"scope": 7}, "bad_scope"),
+    ({"scope": ["user:x"]}, "bad_scope"),
+    ({"scope": True}, "bad_scope"),
     ({"grants": [{"principal": "uid:²", "mode": "rw"}]}, "bad_grant"),
     ({"grants": [{"principal": "uid:" + "9" * 5000, "mode": "rw"}]}, "bad_grant"),
     ({"grants": [{"principal": "cgroup:/a\0b", "mode": "rw"}]}, "bad_grant"),
@@ -273,12 +296,18 @@ BAD_BODIES = [
     ({"grants": [{"principal": 5, "mode": "rw"}]}, "bad_grant"),
     ({"grants": [{"principal": "*", "mode": ["rw"]}]}, "bad_grant"),
     ({"grants": {"principal": "*"}}, "bad_grant"),
-    ({"quota_bytes": 2**63}, "bad_quota"), ({"quota_bytes": 2**64}, "bad_quota"),
-    ({"quota_inodes": 2**70}, "bad_quota"), ({"quota_bytes": "9" * 30}, "bad_quota"),
-    ({"quota_bytes": 1.5}, "bad_quota"), ({"quota_bytes": "10G\n"}, "bad_quota"),
-    ({"id": str(uuid.uuid4())[:-1] + "\n"}, "bad_id"), ({"id": f"{{{uuid.uuid4()}}}"}, "bad_id"),
-    ({"id": uuid.uuid4().hex}, "bad_id"), ({"id": f"urn:uuid:{uuid.uuid4()}"}, "bad_id"),
-    ({"id": 12}, "bad_id"), ({"adopt": "no"}, "bad_adopt"),
+    ({"quota_bytes": 2**63}, "bad_quota"),
+    ({"quota_bytes": 2**64}, "bad_quota"),
+    ({"quota_inodes": 2**70}, "bad_quota"),
+    ({"quota_bytes": "9" * 30}, "bad_quota"),
+    ({"quota_bytes": 1.5}, "bad_quota"),
+    ({"quota_bytes": "10G\n"}, "bad_quota"),
+    ({"id": str(uuid.uuid4())[:-1] + "\n"}, "bad_id"),
+    ({"id": f"{{{uuid.uuid4()}}}"}, "bad_id"),
+    ({"id": uuid.uuid4().hex}, "bad_id"),
+    ({"id": f"urn:uuid:{uuid.uuid4()}"}, "bad_id"),
+    ({"id": 12}, "bad_id"),
+    ({"adopt": "no"}, "bad_adopt"),
 ]
 
 
@@ -307,7 +336,9 @@ def test_control_api_refuses_bad_input_and_changes_nothing(daemon: Daemon) -> No
         assert r.status_code == 400 and r.json()["error"] == "bad_json"
     vf = daemon.vfolder()
     for principal in ("uid%3A1000%0A", "cgroup%3A%2Fa%00b", "uid%3A%C2%B2", "gid%3A-1"):
-        r = daemon.api("PUT", f"/v1/hosts/local/vfolders/{vf.name}/grants/{principal}", {"mode": "rw"})
+        r = daemon.api(
+            "PUT", f"/v1/hosts/local/vfolders/{vf.name}/grants/{principal}", {"mode": "rw"}
+        )
         assert r.status_code == 400 and r.json()["error"] == "bad_grant", (principal, r.text)
     r = daemon.api("PATCH", f"/v1/hosts/local/vfolders/{vf.name}", {"quota_bytes": 2**64})
     assert r.status_code == 400
@@ -317,7 +348,8 @@ def test_control_api_refuses_bad_input_and_changes_nothing(daemon: Daemon) -> No
     assert native_dirs(daemon) == {vf.name}
     listed = daemon.api("GET", "/v1/hosts/local/vfolders").json()
     assert [v["id"] for v in listed] == [vf.name] and listed[0]["grants"] == [
-        {"principal": "*", "mode": "rwd"}]
+        {"principal": "*", "mode": "rwd"}
+    ]
 
 
 def test_concurrent_creates_and_deletes_of_one_id_stay_consistent(daemon: Daemon) -> None:
@@ -325,8 +357,9 @@ def test_concurrent_creates_and_deletes_of_one_id_stay_consistent(daemon: Daemon
     statuses: list[int] = []
 
     def hammer(seed: int) -> None:
-        with httpx.Client(transport=httpx.HTTPTransport(uds=daemon.socket), base_url="http://x",
-                          timeout=30) as c:
+        with httpx.Client(
+            transport=httpx.HTTPTransport(uds=daemon.socket), base_url="http://x", timeout=30
+        ) as c:
             for i in range(15):
                 vfid = ids[(seed + i) % len(ids)]
                 if (seed * 7 + i) % 2:
@@ -374,27 +407,57 @@ def test_random_control_bodies_never_break_the_api(daemon: Daemon) -> None:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
-                        st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=40),
-                        st.sampled_from(["ro", "rw", "rwd", "*", "uid:1000", "cgroup:/docker/x",
-                                         "user:" + str(uuid.uuid4()), "10G", str(uuid.uuid4())]))
-    values = st.recursive(scalars, lambda inner: st.one_of(
-        st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(
-            ["principal", "mode", "id", "x"]), inner, max_size=3)), max_leaves=8)
+    scalars = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(min_value=-(2**70), max_value=2**70),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=40),
+        st.sampled_from(
+            [
+                "ro",
+                "rw",
+                "rwd",
+                "*",
+                "uid:1000",
+                "cgroup:/docker/x",
+                "user:" + str(uuid.uuid4()),
+                "10G",
+                str(uuid.uuid4()),
+            ]
+        ),
+    )
+    values = st.recursive(
+        scalars,
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=3),
+            st.dictionaries(st.sampled_from(["principal", "mode", "id", "x"]), inner, max_size=3),
+        ),
+        max_leaves=8,
+    )
     keys = st.sampled_from(["id", "scope", "quota_bytes", "quota_inodes", "grants", "adopt"])
     bodies = st.dictionaries(keys, values, max_size=4)
     target = daemon.vfolder()
 
     @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(body=bodies, patch=st.dictionaries(st.sampled_from(["quota_bytes", "quota_inodes"]),
-                                              values, max_size=2),
-           principal=st.text(max_size=20), mode=values)
+    @given(
+        body=bodies,
+        patch=st.dictionaries(st.sampled_from(["quota_bytes", "quota_inodes"]), values, max_size=2),
+        principal=st.text(max_size=20),
+        mode=values,
+    )
     def attempt(body: dict, patch: dict, principal: str, mode: object) -> None:
         from urllib.parse import quote
-        for r in (daemon.api("POST", "/v1/hosts/local/vfolders", body),
-                  daemon.api("PATCH", f"/v1/hosts/local/vfolders/{target.name}", patch),
-                  daemon.api("PUT", f"/v1/hosts/local/vfolders/{target.name}/grants/"
-                                    f"{quote(principal, safe='')}", {"mode": mode})):
+
+        for r in (
+            daemon.api("POST", "/v1/hosts/local/vfolders", body),
+            daemon.api("PATCH", f"/v1/hosts/local/vfolders/{target.name}", patch),
+            daemon.api(
+                "PUT",
+                f"/v1/hosts/local/vfolders/{target.name}/grants/{quote(principal, safe='')}",
+                {"mode": mode},
+            ),
+        ):
             assert r.status_code < 500, r.text
             if r.status_code >= 400:
                 assert set(r.json()) == {"error", "message"} and "\n" not in r.json()["message"]
@@ -422,13 +485,25 @@ for line in sys.stdin:
 def test_a_narrowed_caller_cannot_write_through_a_shared_mapping(daemon: Daemon) -> None:
     a, b = Container(), Container()
     try:
-        vf = daemon.vfolder(grants=[{"principal": f"cgroup:{a.cgroup}", "mode": "rw"},
-                                    {"principal": f"cgroup:{b.cgroup}", "mode": "rw"}])
+        vf = daemon.vfolder(
+            grants=[
+                {"principal": f"cgroup:{a.cgroup}", "mode": "rw"},
+                {"principal": f"cgroup:{b.cgroup}", "mode": "rw"},
+            ]
+        )
         (vf / "shared").write_bytes(b"." * 8192)
         native = native_of(daemon, vf)
-        procs = [subprocess.Popen(c.wrap(vf, [sys.executable, "-c", MAPPER]), stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True) for c in (a, b)]
+        procs = [
+            subprocess.Popen(
+                c.wrap(vf, [sys.executable, "-c", MAPPER]),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            for c in (a, b)
+        ]
         try:
+
             def ask(p: subprocess.Popen[str], line: str) -> str:
                 assert p.stdin is not None and p.stdout is not None
                 p.stdin.write(line + "\n")

@@ -19,13 +19,29 @@ from typing import Any
 import pytest
 
 from vfusefs import mounts
-from vfusefs.backends import Backend, BackendError, NotSupported, installed, load_backend, options_markdown
+from vfusefs.backends import (
+    Backend,
+    BackendError,
+    NotSupported,
+    installed,
+    load_backend,
+    options_markdown,
+)
 from vfusefs.config import ConfigError, HostConfig
 
 
 def host_config(path: Path, backend: str = "vfs", **kw: Any) -> HostConfig:
-    fields = {"name": "h", "backend": backend, "path": str(path), "layout": "flat", "servers": (),
-              "op_timeout": 30.0, "allow_privileged": False, "options": {}, **kw}
+    fields = {
+        "name": "h",
+        "backend": backend,
+        "path": str(path),
+        "layout": "flat",
+        "servers": (),
+        "op_timeout": 30.0,
+        "allow_privileged": False,
+        "options": {},
+        **kw,
+    }
     return HostConfig(**fields)
 
 
@@ -49,8 +65,10 @@ def test_layouts(backend: Backend) -> None:
     root = backend.host.path
     assert backend.native_path(vfid, "") == f"{root}/{vfid}"
     deep = load_backend(dataclasses.replace(backend.host, layout="backendai"))
-    assert deep.native_path(vfid, scope) == \
-        f"{root}/0b8e2f467b1c4a559c3e2d1f0a9b8c7d/6f/1c/2a3e00004000800000000000d3e0"
+    assert (
+        deep.native_path(vfid, scope)
+        == f"{root}/0b8e2f467b1c4a559c3e2d1f0a9b8c7d/6f/1c/2a3e00004000800000000000d3e0"
+    )
     with pytest.raises(BackendError, match="needs a quota scope"):
         deep.native_path(vfid, "")
 
@@ -87,10 +105,12 @@ def test_capabilities_match_the_methods(backend: Backend) -> None:
     caps = backend.capabilities
     path = backend.native_path(uuid.uuid4(), "")
     backend.create_vfolder(path)
-    calls = {"native_quota": lambda: backend.set_native_quota(path, 1 << 30, 1000),
-             "fast_usage": lambda: backend.native_usage(path),
-             "clone": lambda: backend.clone(path, path + ".clone"),
-             "snapshots": lambda: backend.snapshot(path, "s1")}
+    calls = {
+        "native_quota": lambda: backend.set_native_quota(path, 1 << 30, 1000),
+        "fast_usage": lambda: backend.native_usage(path),
+        "clone": lambda: backend.clone(path, path + ".clone"),
+        "snapshots": lambda: backend.snapshot(path, "s1"),
+    }
     for cap, call in calls.items():
         if getattr(caps, cap):
             call()  # must work
@@ -98,7 +118,10 @@ def test_capabilities_match_the_methods(backend: Backend) -> None:
             with pytest.raises(NotSupported):
                 call()
     desc = backend.describe()
-    assert desc["backend"] == backend.name and desc["capabilities"]["native_quota"] == caps.native_quota
+    assert (
+        desc["backend"] == backend.name
+        and desc["capabilities"]["native_quota"] == caps.native_quota
+    )
 
 
 def test_options_are_declared_once(backend: Backend, tmp_path: Path) -> None:
@@ -127,12 +150,20 @@ def test_unknown_backend_is_a_config_error(tmp_path: Path) -> None:
         load_backend(host_config(tmp_path, "nfsx"))
 
 
-@pytest.mark.parametrize("source, server", [
-    ("10.0.0.5:/export", "10.0.0.5"), ("nas.example:/vol/a", "nas.example"),
-    ("[fd00::5]:/x", "fd00::5"), ("fd00::5:/x", "fd00::5"),
-    ("mon1:6789,mon2:6789:/volumes", "mon1"), ("10.0.0.1@tcp:/lustre", "10.0.0.1"),
-    ("/dev/sda1", ""), ("tmpfs", ""), ("admin@fsid.cephfs=/", ""),
-])
+@pytest.mark.parametrize(
+    "source, server",
+    [
+        ("10.0.0.5:/export", "10.0.0.5"),
+        ("nas.example:/vol/a", "nas.example"),
+        ("[fd00::5]:/x", "fd00::5"),
+        ("fd00::5:/x", "fd00::5"),
+        ("mon1:6789,mon2:6789:/volumes", "mon1"),
+        ("10.0.0.1@tcp:/lustre", "10.0.0.1"),
+        ("/dev/sda1", ""),
+        ("tmpfs", ""),
+        ("admin@fsid.cephfs=/", ""),
+    ],
+)
 def test_the_server_of_a_mount_source(source: str, server: str) -> None:
     assert mounts.source_server(source) == server
 

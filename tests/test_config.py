@@ -27,24 +27,27 @@ def test_defaults_and_full_example(tmp_path: Path) -> None:
     assert cfg.hosts["local"].op_timeout == 30.0
 
 
-@pytest.mark.parametrize("text, key, problem", [
-    ('[daemon]\nmountpiont = "/x"\n', "daemon.mountpiont", "unknown key"),
-    ('[daemon]\nadmin_uids = "0"\n', "daemon.admin_uids", "must be a list"),
-    ('[daemon]\nadmin_uids = [true]\n', "daemon.admin_uids", "every element"),
-    ('[daemon]\nmountpoint = "relative"\n', "daemon.mountpoint", "absolute path"),
-    ('[daemon]\nlog_format = "xml"\n', "daemon.log_format", "must be one of"),
-    ('[daemon]\nmetrics_listen = "nope"\n', "daemon.metrics_listen", "HOST:PORT"),
-    ('[hosts.a]\nlayout = "flat"\n', "hosts.a.path", "missing"),
-    ('[hosts.a]\npath = "/nonexistent/dir"\n', "hosts.a.path", "not an existing directory"),
-    ('[hosts.a]\npath = "@N@"\n[hosts.b]\npath = "@N@"\n', "hosts.b.path", "same directory"),
-    ('[hosts.a]\npath = "@N@"\n[hosts.a]\npath = "@N@"\n', "not valid TOML", ""),
-    ('[hosts.a]\npath = "@N@"\nop_timeout = "5"\n', "hosts.a.op_timeout", "must be a number"),
-    ('[hosts.a]\npath = "@N@"\nlayout = "deep"\n', "hosts.a.layout", "must be one of"),
-    ('[hosts."bad/name"]\npath = "@N@"\n', 'hosts.bad/name', "host name"),
-    ('[store]\nurl = "mysql://x"\n', "store.url", "sqlite"),
-    ('[extra]\nx = 1\n', "extra", "unknown section"),
-    ('this is not toml', "not valid TOML", ""),
-])
+@pytest.mark.parametrize(
+    "text, key, problem",
+    [
+        ('[daemon]\nmountpiont = "/x"\n', "daemon.mountpiont", "unknown key"),
+        ('[daemon]\nadmin_uids = "0"\n', "daemon.admin_uids", "must be a list"),
+        ("[daemon]\nadmin_uids = [true]\n", "daemon.admin_uids", "every element"),
+        ('[daemon]\nmountpoint = "relative"\n', "daemon.mountpoint", "absolute path"),
+        ('[daemon]\nlog_format = "xml"\n', "daemon.log_format", "must be one of"),
+        ('[daemon]\nmetrics_listen = "nope"\n', "daemon.metrics_listen", "HOST:PORT"),
+        ('[hosts.a]\nlayout = "flat"\n', "hosts.a.path", "missing"),
+        ('[hosts.a]\npath = "/nonexistent/dir"\n', "hosts.a.path", "not an existing directory"),
+        ('[hosts.a]\npath = "@N@"\n[hosts.b]\npath = "@N@"\n', "hosts.b.path", "same directory"),
+        ('[hosts.a]\npath = "@N@"\n[hosts.a]\npath = "@N@"\n', "not valid TOML", ""),
+        ('[hosts.a]\npath = "@N@"\nop_timeout = "5"\n', "hosts.a.op_timeout", "must be a number"),
+        ('[hosts.a]\npath = "@N@"\nlayout = "deep"\n', "hosts.a.layout", "must be one of"),
+        ('[hosts."bad/name"]\npath = "@N@"\n', "hosts.bad/name", "host name"),
+        ('[store]\nurl = "mysql://x"\n', "store.url", "sqlite"),
+        ("[extra]\nx = 1\n", "extra", "unknown section"),
+        ("this is not toml", "not valid TOML", ""),
+    ],
+)
 def test_bad_config_one_line(tmp_path: Path, text: str, key: str, problem: str) -> None:
     (tmp_path / "n").mkdir()
     path = write(tmp_path, text.replace("@N@", str(tmp_path / "n")))
@@ -59,23 +62,33 @@ def test_bad_config_one_line(tmp_path: Path, text: str, key: str, problem: str) 
 
 
 def test_missing_file_and_unknown_backend(tmp_path: Path) -> None:
-    r = subprocess.run([VFUSEFS, "serve", "--config", str(tmp_path / "none.toml")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [VFUSEFS, "serve", "--config", str(tmp_path / "none.toml")], capture_output=True, text=True
+    )
     assert r.returncode == 2 and "file not found" in r.stderr and r.stderr.count("\n") == 1
     (tmp_path / "n").mkdir()
-    p = write(tmp_path, f'[daemon]\nmountpoint = "{tmp_path}/m"\nstate_dir = "{tmp_path}/s"\n'
-                        f'control_socket = "{tmp_path}/s/c.sock"\nmetrics_listen = ""\n'
-                        f'[hosts.a]\npath = "{tmp_path}/n"\nbackend = "netapp9000"\n')
+    p = write(
+        tmp_path,
+        f'[daemon]\nmountpoint = "{tmp_path}/m"\nstate_dir = "{tmp_path}/s"\n'
+        f'control_socket = "{tmp_path}/s/c.sock"\nmetrics_listen = ""\n'
+        f'[hosts.a]\npath = "{tmp_path}/n"\nbackend = "netapp9000"\n',
+    )
     for cmd in ("serve", "check-config"):  # both must agree
         r = subprocess.run([VFUSEFS, cmd, "--config", str(p)], capture_output=True, text=True)
         assert r.returncode == 2 and "hosts.a.backend" in r.stderr and "netapp9000" in r.stderr
         assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
-    p = write(tmp_path, p.read_text().replace('backend = "netapp9000"', 'options = { turbo = true }'))
+    p = write(
+        tmp_path, p.read_text().replace('backend = "netapp9000"', "options = { turbo = true }")
+    )
     for cmd in ("serve", "check-config"):
         r = subprocess.run([VFUSEFS, cmd, "--config", str(p)], capture_output=True, text=True)
-        assert r.returncode == 2 and "hosts.a.options.turbo" in r.stderr and r.stderr.count("\n") == 1
+        assert (
+            r.returncode == 2 and "hosts.a.options.turbo" in r.stderr and r.stderr.count("\n") == 1
+        )
     p = write(tmp_path, p.read_text().replace("options = { turbo = true }", ""))
-    r = subprocess.run([VFUSEFS, "check-config", "--config", str(p)], capture_output=True, text=True)
+    r = subprocess.run(
+        [VFUSEFS, "check-config", "--config", str(p)], capture_output=True, text=True
+    )
     assert r.returncode == 0 and r.stdout.endswith(": ok (1 host(s))\n"), r.stderr
 
 
@@ -87,5 +100,9 @@ def test_check_config_and_reference() -> None:
 
 def test_docs_config_md_is_current() -> None:
     doc = (Path(__file__).parent.parent / "docs" / "config.md").read_text()
-    assert config.options_markdown() in doc, "docs/config.md is stale: regenerate with vfusefs config-doc"
-    assert backends.options_markdown() in doc, "docs/config.md is stale: regenerate with vfusefs config-doc"
+    assert config.options_markdown() in doc, (
+        "docs/config.md is stale: regenerate with vfusefs config-doc"
+    )
+    assert backends.options_markdown() in doc, (
+        "docs/config.md is stale: regenerate with vfusefs config-doc"
+    )

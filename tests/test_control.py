@@ -21,15 +21,31 @@ pytestmark = pytest.mark.mount
 def test_socket_is_root_only(daemon: Daemon) -> None:
     st = os.stat(daemon.socket)
     assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0
-    r = subprocess.run(["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", VFUSEFS,
-                        "--socket", daemon.socket, "status"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=1000",
+            "--regid=1000",
+            "--clear-groups",
+            VFUSEFS,
+            "--socket",
+            daemon.socket,
+            "status",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("vfusefs: permission denied")
 
 
 def test_status_and_hosts(daemon: Daemon) -> None:
     s = daemon.api("GET", "/v1/status").json()
-    assert s["mounted"] is True and s["hosts"] == {"local": "ok"} and s["mountpoint"] == str(daemon.mnt)
+    assert (
+        s["mounted"] is True
+        and s["hosts"] == {"local": "ok"}
+        and s["mountpoint"] == str(daemon.mnt)
+    )
     hosts = daemon.api("GET", "/v1/hosts").json()
     assert [h["name"] for h in hosts] == ["local"]
     assert daemon.api("GET", "/v1/hosts/local").json()["backend"] == "vfs"
@@ -42,12 +58,25 @@ def test_status_and_hosts(daemon: Daemon) -> None:
 
 def test_vfolder_lifecycle(daemon: Daemon) -> None:
     vfid = str(uuid.uuid4())
-    r = daemon.api("POST", "/v1/hosts/local/vfolders",
-                   {"id": vfid.upper(), "grants": [{"principal": "uid:1000", "mode": "wd"}]})
+    r = daemon.api(
+        "POST",
+        "/v1/hosts/local/vfolders",
+        {"id": vfid.upper(), "grants": [{"principal": "uid:1000", "mode": "wd"}]},
+    )
     assert r.status_code == 201, r.text
     vf = r.json()
-    for key in ("id", "host", "path", "native_path", "scope", "quota_bytes", "quota_inodes",
-                "usage_bytes", "usage_inodes", "grants"):
+    for key in (
+        "id",
+        "host",
+        "path",
+        "native_path",
+        "scope",
+        "quota_bytes",
+        "quota_inodes",
+        "usage_bytes",
+        "usage_inodes",
+        "grants",
+    ):
         assert key in vf
     assert vf["id"] == vfid and vf["path"] == str(daemon.mnt / "local" / vfid)
     assert vf["grants"] == [{"principal": "uid:1000", "mode": "rwd"}]
@@ -60,10 +89,14 @@ def test_vfolder_lifecycle(daemon: Daemon) -> None:
     assert vf["native_path"] in daemon.cli("vfolder", "info", "local", vfid).stdout
     # duplicate id: 409; bad input: 400, nothing created
     assert daemon.api("POST", "/v1/hosts/local/vfolders", {"id": vfid}).status_code == 409
-    for body, code in (({"id": "nope"}, "bad_id"), ({"scope": "team:x"}, "bad_scope"),
-                       ({"grants": [{"principal": "uid:x", "mode": "rw"}]}, "bad_grant"),
-                       ({"grants": [{"principal": "*", "mode": "write"}]}, "bad_grant"),
-                       ({"quota_bytes": -1}, "bad_quota"), ({"colour": "red"}, "unknown_field")):
+    for body, code in (
+        ({"id": "nope"}, "bad_id"),
+        ({"scope": "team:x"}, "bad_scope"),
+        ({"grants": [{"principal": "uid:x", "mode": "rw"}]}, "bad_grant"),
+        ({"grants": [{"principal": "*", "mode": "write"}]}, "bad_grant"),
+        ({"quota_bytes": -1}, "bad_quota"),
+        ({"colour": "red"}, "unknown_field"),
+    ):
         r = daemon.api("POST", "/v1/hosts/local/vfolders", body)
         assert r.status_code == 400 and r.json()["error"] == code, (body, r.text)
     assert len(daemon.api("GET", "/v1/hosts/local/vfolders").json()) == 1
@@ -119,29 +152,39 @@ def test_trash_retention_zero_purges_at_once(world_dir: Path) -> None:
 
 
 def test_cli_errors_are_one_line(daemon: Daemon) -> None:
-    for args in (["vfolder", "info", "local", "not-a-uuid"], ["vfolder", "info", "local", str(uuid.uuid4())],
-                 ["vfolder", "create", "nohost"], ["grant", "local", str(uuid.uuid4()), "uid:1", "rw"],
-                 ["vfolder", "create", "local", "--grant", "bogus"], ["vfolder", "nosuchcmd"],
-                 ["vfolder", "rescan", "local", str(uuid.uuid4())]):
+    for args in (
+        ["vfolder", "info", "local", "not-a-uuid"],
+        ["vfolder", "info", "local", str(uuid.uuid4())],
+        ["vfolder", "create", "nohost"],
+        ["grant", "local", str(uuid.uuid4()), "uid:1", "rw"],
+        ["vfolder", "create", "local", "--grant", "bogus"],
+        ["vfolder", "nosuchcmd"],
+        ["vfolder", "rescan", "local", str(uuid.uuid4())],
+    ):
         r = daemon.cli(*args, check=False)
         assert r.returncode != 0, args
         assert r.stderr.startswith("vfusefs: ") and r.stderr.count("\n") == 1, (args, r.stderr)
         assert "Traceback" not in r.stderr
-    r = subprocess.run([VFUSEFS, "--socket", "/nonexistent.sock", "status"], capture_output=True, text=True)
+    r = subprocess.run(
+        [VFUSEFS, "--socket", "/nonexistent.sock", "status"], capture_output=True, text=True
+    )
     assert r.returncode == 1 and "cannot reach the daemon" in r.stderr and r.stderr.count("\n") == 1
 
 
 def test_cli_for_people_and_for_scripts(daemon: Daemon) -> None:
     vfid = str(uuid.uuid4())
     daemon.api("POST", "/v1/hosts/local/vfolders", {"id": vfid, "quota_bytes": "10G"})
-    (Path(daemon.api("GET", f"/v1/hosts/local/vfolders/{vfid}").json()["path"]) / "f") \
-        .write_bytes(b"x" * 3_000_000)
+    (Path(daemon.api("GET", f"/v1/hosts/local/vfolders/{vfid}").json()["path"]) / "f").write_bytes(
+        b"x" * 3_000_000
+    )
     # --json before the command or after it, on every command
     assert json.loads(daemon.cli("--json", "status").stdout)["vfolders"] == 1
     assert json.loads(daemon.cli("--json", "vfolder", "ls").stdout)[0]["id"] == vfid
     assert json.loads(daemon.cli("check-config", "--json").stdout)["ok"] is True
-    assert any(o["key"] == "daemon.trash_retention"
-               for o in json.loads(daemon.cli("--json", "config-doc").stdout))
+    assert any(
+        o["key"] == "daemon.trash_retention"
+        for o in json.loads(daemon.cli("--json", "config-doc").stdout)
+    )
     # sizes for people: 10G, 2.9M, '-' for unlimited
     table = daemon.cli("vfolder", "ls").stdout
     assert " 10G " in table and " 2.9M " in table, table
@@ -149,10 +192,15 @@ def test_cli_for_people_and_for_scripts(daemon: Daemon) -> None:
     assert " - " in quota and " 10G " in quota, quota  # no inode limit
     assert "10G (10737418240 bytes)" in daemon.cli("vfolder", "info", "local", vfid).stdout
     # usage errors exit 2, other failures 1; hints name CLI flags
-    for args in (["grant", "local", vfid, "uid:1000", "write"], ["vfolder", "info", "local", "nope"],
-                 ["vfolder", "quota", "local", vfid, "--bytes", "lots"],
-                 ["scope", "team:x", "--bytes", "1G"], ["vfolder", "create", "local", "--id", "x"],
-                 ["vfolder", "create", "local", "--grant", "bogus"], ["--nosuchflag", "status"]):
+    for args in (
+        ["grant", "local", vfid, "uid:1000", "write"],
+        ["vfolder", "info", "local", "nope"],
+        ["vfolder", "quota", "local", vfid, "--bytes", "lots"],
+        ["scope", "team:x", "--bytes", "1G"],
+        ["vfolder", "create", "local", "--id", "x"],
+        ["vfolder", "create", "local", "--grant", "bogus"],
+        ["--nosuchflag", "status"],
+    ):
         r = daemon.cli(*args, check=False)
         assert r.returncode == 2 and r.stderr.count("\n") == 1, (args, r.returncode, r.stderr)
     r = daemon.cli("vfolder", "info", "local", str(uuid.uuid4()), check=False)
@@ -160,7 +208,11 @@ def test_cli_for_people_and_for_scripts(daemon: Daemon) -> None:
     held = open(Path(daemon.mnt, "local", vfid, "f"))
     r = daemon.cli("vfolder", "rm", "local", vfid, check=False)
     held.close()
-    assert r.returncode == 1 and "add --force to delete anyway" in r.stderr and "force=1" not in r.stderr
+    assert (
+        r.returncode == 1
+        and "add --force to delete anyway" in r.stderr
+        and "force=1" not in r.stderr
+    )
     other = str(uuid.uuid4())
     os.mkdir(Path(daemon.hosts["local"]["path"]) / other)
     r = daemon.cli("vfolder", "create", "local", "--id", other, check=False)
@@ -174,12 +226,18 @@ def test_cli_for_people_and_for_scripts(daemon: Daemon) -> None:
     assert r.returncode == 2 and r.stderr == "vfusefs: Missing command. (see --help)\n"
     # rm asks on a terminal; 'n' keeps the vfolder
     cmd = " ".join([VFUSEFS, "--config", str(daemon.config), "vfolder", "rm", "local", vfid])
-    r = subprocess.run(["script", "-qec", cmd, "/dev/null"], input="n\n", capture_output=True,
-                       text=True, timeout=30)
+    r = subprocess.run(
+        ["script", "-qec", cmd, "/dev/null"],
+        input="n\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert "delete vfolder" in r.stdout and r.returncode != 0, r.stdout
     assert daemon.api("GET", f"/v1/hosts/local/vfolders/{vfid}").status_code == 200
-    r = subprocess.run(["script", "-qec", cmd + " --yes", "/dev/null"], capture_output=True,
-                       text=True, timeout=30)
+    r = subprocess.run(
+        ["script", "-qec", cmd + " --yes", "/dev/null"], capture_output=True, text=True, timeout=30
+    )
     assert r.returncode == 0 and "delete vfolder" not in r.stdout, r.stdout
     assert daemon.api("GET", f"/v1/hosts/local/vfolders/{vfid}").status_code == 404
 
@@ -201,8 +259,9 @@ def test_backendai_layout(world_dir: Path) -> None:
         assert r.status_code == 409 and "scope" in r.json()["message"]
         scope = uuid.uuid4()
         vfid = uuid.uuid4()
-        vf = d.create_vfolder("bai", id=str(vfid), scope=f"project:{scope}",
-                              grants=[{"principal": "*", "mode": "rw"}])
+        vf = d.create_vfolder(
+            "bai", id=str(vfid), scope=f"project:{scope}", grants=[{"principal": "*", "mode": "rw"}]
+        )
         h = vfid.hex
         assert vf["native_path"] == str(native / scope.hex / h[0:2] / h[2:4] / h[4:])
         assert vf["scope"] == f"project:{scope}"
@@ -215,8 +274,10 @@ def test_backendai_layout(world_dir: Path) -> None:
 def test_tcp_listener_needs_token(world_dir: Path) -> None:
     token_file = world_dir / "token"
     token_file.write_text("s3cret-token-0123456789\n")
-    d = Daemon(world_dir, daemon_opts={"control_listen": "127.0.0.1:36023",
-                                       "control_token_file": str(token_file)}).start()
+    d = Daemon(
+        world_dir,
+        daemon_opts={"control_listen": "127.0.0.1:36023", "control_token_file": str(token_file)},
+    ).start()
     try:
         url = "http://127.0.0.1:36023/v1/status"
         assert httpx.get(url).status_code == 401

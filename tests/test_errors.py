@@ -63,7 +63,9 @@ async def test_handler_turns_bugs_into_eio(caplog: pytest.LogCaptureFixture) -> 
     assert f.seen == [("boom", errno.EIO), ("native", errno.EACCES), ("fine", 0)]
 
 
-def test_request_failures_are_logged_at_most_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+def test_request_failures_are_logged_at_most_once_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     with caplog.at_level(logging.WARNING):
         for _ in range(100):
             assert errors.to_errno(trio.TooSlowError("host h1 hangs"), "read", "h1") == errno.EIO

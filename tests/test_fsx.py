@@ -32,8 +32,9 @@ def test_fsx(daemon: Daemon) -> None:
     counts: dict[str, int] = {}
     try:
         for step in range(ops):
-            kind = rng.choices(["write", "read", "truncate", "mapread", "mapwrite", "fsync"],
-                               [40, 30, 10, 8, 8, 1])[0]
+            kind = rng.choices(
+                ["write", "read", "truncate", "mapread", "mapwrite", "fsync"], [40, 30, 10, 8, 8, 1]
+            )[0]
             counts[kind] = counts.get(kind, 0) + 1
             where = f"seed={seed} step={step} op={kind}"
             if kind == "write":
@@ -43,11 +44,11 @@ def test_fsx(daemon: Daemon) -> None:
                 assert os.pwrite(fd, data, off) == n, where
                 if off > len(model):
                     model.extend(bytes(off - len(model)))
-                model[off:off + n] = data
+                model[off : off + n] = data
             elif kind == "read":
                 off = rng.randrange(MAX_LEN + 1024)
                 n = rng.randrange(1, 32 * 1024)
-                assert os.pread(fd, n, off) == bytes(model[off:off + n]), where
+                assert os.pread(fd, n, off) == bytes(model[off : off + n]), where
             elif kind == "truncate":
                 size = rng.randrange(MAX_LEN)
                 os.ftruncate(fd, size)
@@ -61,11 +62,11 @@ def test_fsx(daemon: Daemon) -> None:
                     off = rng.randrange(len(model))
                     n = rng.randrange(1, min(8192, len(model) - off) + 1)
                     if kind == "mapread":
-                        assert m[off:off + n] == bytes(model[off:off + n]), where
+                        assert m[off : off + n] == bytes(model[off : off + n]), where
                     else:
                         data = rng.randbytes(n)
-                        m[off:off + n] = data
-                        model[off:off + n] = data
+                        m[off : off + n] = data
+                        model[off : off + n] = data
                         m.flush()
             elif kind == "fsync":
                 os.fsync(fd)

@@ -92,7 +92,8 @@ async def test_a_request_already_there_is_taken_without_a_checkpoint(pipe: tuple
 
 
 async def test_a_request_coming_within_the_spin_is_taken_without_a_checkpoint(
-        monkeypatch: pytest.MonkeyPatch, pipe: tuple[int, int]) -> None:
+    monkeypatch: pytest.MonkeyPatch, pipe: tuple[int, int]
+) -> None:
     # only the spin bounds the wait: on a loaded machine the timer's thread may start later
     # than YIELD_EVERY (which has its own test below)
     monkeypatch.setattr(fuseloop, "YIELD_EVERY", 10.0)
@@ -113,8 +114,9 @@ async def test_without_a_request_the_loop_waits_in_trio(pipe: tuple[int, int]) -
         os.write(w, b"x")
 
 
-async def test_another_runnable_task_stops_the_spinning(monkeypatch: pytest.MonkeyPatch,
-                                                        pipe: tuple[int, int]) -> None:
+async def test_another_runnable_task_stops_the_spinning(
+    monkeypatch: pytest.MonkeyPatch, pipe: tuple[int, int]
+) -> None:
     monkeypatch.setattr(fuseloop, "YIELD_EVERY", 10.0)  # only the runnable task may stop it
     r, w = pipe
     waiter = fuseloop.Waiter(spin=5.0)
@@ -134,7 +136,8 @@ async def test_another_runnable_task_stops_the_spinning(monkeypatch: pytest.Monk
 
 
 async def test_a_task_waiting_for_a_slow_native_call_stops_the_spinning(
-        monkeypatch: pytest.MonkeyPatch, pipe: tuple[int, int]) -> None:
+    monkeypatch: pytest.MonkeyPatch, pipe: tuple[int, int]
+) -> None:
     # a cold 1 MiB read parks its request; its worker wakes it through trio's wakeup fd, which
     # spinning on /dev/fuse would not see (the reads came up to 100 us late each)
     monkeypatch.setattr(fuseloop, "YIELD_EVERY", 10.0)
@@ -159,7 +162,8 @@ async def test_a_task_waiting_for_a_slow_native_call_stops_the_spinning(
 
 
 async def test_a_long_spin_still_lets_other_tasks_run_every_yield_interval(
-        pipe: tuple[int, int]) -> None:
+    pipe: tuple[int, int],
+) -> None:
     r, w = pipe
     waiter = fuseloop.Waiter(spin=5.0)  # busy_poll_us has no upper bound
     ticks = Ticks()
@@ -173,8 +177,7 @@ async def test_a_long_spin_still_lets_other_tasks_run_every_yield_interval(
         n.cancel_scope.cancel()
 
 
-async def test_requests_flowing_for_long_still_let_other_tasks_run(
-        pipe: tuple[int, int]) -> None:
+async def test_requests_flowing_for_long_still_let_other_tasks_run(pipe: tuple[int, int]) -> None:
     r, w = pipe
     waiter = fuseloop.Waiter(spin=0.0)
     os.write(w, b"x")  # never read: a request is always there
@@ -207,7 +210,8 @@ def test_install_gives_pyfuse3_the_lock_and_the_waiter_and_uninstall_restores_tr
 
 
 async def test_runnable_counts_what_trio_counts_and_falls_back_to_asking_it(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The waiter reads the run queue's length itself (current_statistics costs 1.9 us a
     request); with a trio that keeps it elsewhere, it asks trio."""
     async with trio.open_nursery() as n:

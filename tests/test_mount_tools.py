@@ -30,8 +30,11 @@ def test_tree_shape_and_readonly_levels(daemon: Daemon) -> None:
     st = os.stat(daemon.mnt / "local")
     assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o555
     for level in (daemon.mnt, daemon.mnt / "local"):
-        for fn in (lambda p: os.mkdir(p / "x"), lambda p: open(p / "f", "w"),
-                   lambda p: os.symlink("a", p / "l")):
+        for fn in (
+            lambda p: os.mkdir(p / "x"),
+            lambda p: open(p / "f", "w"),
+            lambda p: os.symlink("a", p / "l"),
+        ):
             with pytest.raises(OSError) as exc:
                 fn(level)
             assert exc.value.errno in (errno.EPERM, errno.EROFS, errno.EACCES)
@@ -66,7 +69,7 @@ def test_real_tools_roundtrip(daemon: Daemon, tmp_path: Path) -> None:
     run("mkfifo", str(vf / "fifo"))
     assert stat.S_ISFIFO(os.lstat(vf / "fifo").st_mode)
     run("setfattr", "-n", "user.color", "-v", "blue", str(vf / "moved.bin"))
-    assert "user.color=\"blue\"" in run("getfattr", "-d", str(vf / "moved.bin")).stdout
+    assert 'user.color="blue"' in run("getfattr", "-d", str(vf / "moved.bin")).stdout
     assert os.getxattr(native / "moved.bin", "user.color") == b"blue"
     run("truncate", "-s", "10", str(vf / "moved.bin"))
     assert (native / "moved.bin").stat().st_size == 10
@@ -86,8 +89,15 @@ def test_ownership_and_umask_follow_the_caller(daemon: Daemon) -> None:
     vf = daemon.vfolder()
     native = Path(daemon.api("GET", f"/v1/hosts/local/vfolders/{vf.name}").json()["native_path"])
     os.chmod(vf, 0o777)
-    cmd = ["setpriv", "--reuid=1234", "--regid=2345", "--clear-groups", "sh", "-c",
-           f"umask 027 && mkdir {vf}/d && touch {vf}/f && ln -s f {vf}/l && mkfifo {vf}/p"]
+    cmd = [
+        "setpriv",
+        "--reuid=1234",
+        "--regid=2345",
+        "--clear-groups",
+        "sh",
+        "-c",
+        f"umask 027 && mkdir {vf}/d && touch {vf}/f && ln -s f {vf}/l && mkfifo {vf}/p",
+    ]
     subprocess.run(cmd, check=True)
     for name, mode in (("d", 0o750), ("f", 0o640), ("p", 0o640)):
         st = os.lstat(native / name)
@@ -98,14 +108,19 @@ def test_ownership_and_umask_follow_the_caller(daemon: Daemon) -> None:
     os.mkdir(vf / "shared")
     os.chown(vf / "shared", 0, 777)
     os.chmod(vf / "shared", 0o2777)
-    subprocess.run(["setpriv", "--reuid=1234", "--regid=2345", "--clear-groups", "mkdir",
-                    f"{vf}/shared/sub"], check=True)
+    subprocess.run(
+        ["setpriv", "--reuid=1234", "--regid=2345", "--clear-groups", "mkdir", f"{vf}/shared/sub"],
+        check=True,
+    )
     st = os.stat(native / "shared" / "sub")
     assert st.st_gid == 777 and st.st_mode & stat.S_ISGID
     # and permission bits are enforced for others, as natively
     os.chmod(vf / "f", 0o600)
-    r = subprocess.run(["setpriv", "--reuid=4321", "--regid=4321", "--clear-groups", "cat",
-                        f"{vf}/f"], capture_output=True, text=True)
+    r = subprocess.run(
+        ["setpriv", "--reuid=4321", "--regid=4321", "--clear-groups", "cat", f"{vf}/f"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0 and "Permission denied" in r.stderr
 
 
@@ -185,7 +200,7 @@ def test_a_cold_read_keeps_the_readers_cpu_awake(daemon: Daemon) -> None:
         for off in range(0, MiB, 64 << 10):
             os.posix_fadvise(nfd, 0, 0, os.POSIX_FADV_DONTNEED)  # cold natively...
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # ... and in the mount's cache
-            assert os.pread(fd, 4096, off) == data[off:off + 4096]
+            assert os.pread(fd, 4096, off) == data[off : off + 4096]
     finally:
         os.sched_setaffinity(0, mine)
         os.close(fd)
@@ -220,7 +235,7 @@ def test_reads_are_right_whether_native_storage_has_the_data_cached_or_not(daemo
                     os.pread(nfd, 4096, off)
             for off, size in chunks:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                assert os.pread(fd, size, off) == data[off:off + size], (state, off, size)
+                assert os.pread(fd, size, off) == data[off : off + size], (state, off, size)
         assert run("cmp", str(vf / "f"), str(native / "f")).returncode == 0
     finally:
         os.close(fd)
@@ -229,15 +244,23 @@ def test_reads_are_right_whether_native_storage_has_the_data_cached_or_not(daemo
     # needs aligned buffers
     run("dd", f"if={vf / 'f'}", f"of={vf / 'g'}", "bs=1M", "iflag=direct", "oflag=direct")
     assert (native / "g").read_bytes() == data
-    run("dd", "if=/dev/zero", f"of={vf / 'g'}", "bs=4k", "count=1", "seek=3", "conv=notrunc",
-        "oflag=direct")
+    run(
+        "dd",
+        "if=/dev/zero",
+        f"of={vf / 'g'}",
+        "bs=4k",
+        "count=1",
+        "seek=3",
+        "conv=notrunc",
+        "oflag=direct",
+    )
     assert (native / "g").read_bytes() == data[:12288] + bytes(4096) + data[16384:]
     dfd = os.open(vf / "g", os.O_RDONLY | os.O_DIRECT)
     try:
         with mmap.mmap(-1, MiB) as buf:  # aligned, as the client's side of O_DIRECT wants too
             assert os.preadv(dfd, [buf], 0) == MiB
             assert buf[:] == data[:12288] + bytes(4096) + data[16384:MiB]
-            assert os.preadv(dfd, [buf], 3 * MiB) == MiB and buf[:] == data[3 * MiB:]
+            assert os.preadv(dfd, [buf], 3 * MiB) == MiB and buf[:] == data[3 * MiB :]
     finally:
         os.close(dfd)
 
@@ -273,7 +296,9 @@ def test_nothing_escapes_via_native_symlinks(daemon: Daemon, tmp_path: Path) -> 
     fd = os.open(vf, os.O_RDONLY)
     try:
         with pytest.raises(OSError):
-            os.close(os.open("dangling", os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o644, dir_fd=fd))
+            os.close(
+                os.open("dangling", os.O_CREAT | os.O_WRONLY | os.O_NOFOLLOW, 0o644, dir_fd=fd)
+            )
     finally:
         os.close(fd)
     assert not (tmp_path / "created-outside").exists()
@@ -332,9 +357,13 @@ def test_partial_listings_do_not_leak_inodes(daemon: Daemon) -> None:
 
 
 class _Dirent(ctypes.Structure):  # glibc's struct dirent on 64-bit Linux
-    _fields_ = [("d_ino", ctypes.c_uint64), ("d_off", ctypes.c_int64),
-                ("d_reclen", ctypes.c_ushort), ("d_type", ctypes.c_ubyte),
-                ("d_name", ctypes.c_char * 256)]
+    _fields_ = [
+        ("d_ino", ctypes.c_uint64),
+        ("d_off", ctypes.c_int64),
+        ("d_reclen", ctypes.c_ushort),
+        ("d_type", ctypes.c_ubyte),
+        ("d_name", ctypes.c_char * 256),
+    ]
 
 
 def _dir_walk(path: Path, seek_after: int) -> tuple[list[bytes], list[bytes], list[bytes]]:
@@ -460,7 +489,8 @@ def test_listings_never_run_out_of_fds_under_a_low_limit(world_dir: Path) -> Non
         assert listed.stderr == "" and listed.stdout.count(" f") == 6000
         data = run("sh", "-c", f"find '{vf}' -type f -exec cat {{}} +")
         assert data.stderr == "" and len(data.stdout) == sum(
-            len(b"%d/%d" % (i, j)) for i in range(60) for j in range(100))
+            len(b"%d/%d" % (i, j)) for i in range(60) for j in range(100)
+        )
         run("rm", "-rf", *(str(vf / f"d{i:02d}") for i in range(30)))
         assert sorted(os.listdir(native)) == [f"d{i:02d}" for i in range(30, 60)]
         assert len(os.listdir(f"/proc/{d.proc.pid}/fd")) < 1024  # type: ignore[union-attr]
@@ -514,18 +544,27 @@ def test_a_hung_host_fails_with_eio_and_stalls_nothing_else(world_dir: Path) -> 
     threads are stuck, while another host's vfolder keeps working meanwhile; once the storage
     answers again, so does the host."""
     with stoppable_storage(world_dir) as (slow, bindfs):
-        d = Daemon(world_dir, hosts={"local": {"path": str(world_dir / "native")},
-                                     "nas": {"path": str(slow), "op_timeout": 2.0}},
-                   daemon_opts={"io_threads": 2})
+        d = Daemon(
+            world_dir,
+            hosts={
+                "local": {"path": str(world_dir / "native")},
+                "nas": {"path": str(slow), "op_timeout": 2.0},
+            },
+            daemon_opts={"io_threads": 2},
+        )
         d.allowed_errors = ["took longer than 2.0s"]
         with started(d, bindfs):
-            local, nas = d.vfolder("local", grants=[{"principal": "*", "mode": "rwd"}]), \
-                d.vfolder("nas", grants=[{"principal": "*", "mode": "rwd"}])
+            local, nas = (
+                d.vfolder("local", grants=[{"principal": "*", "mode": "rwd"}]),
+                d.vfolder("nas", grants=[{"principal": "*", "mode": "rwd"}]),
+            )
             (nas / "before").write_text("x")
             os.kill(bindfs, signal.SIGSTOP)
             # three creates on the hung host: two take its two threads, the third waits
-            hung = [subprocess.Popen(["touch", str(nas / f"new{i}")], stderr=subprocess.PIPE,
-                                     text=True) for i in range(3)]
+            hung = [
+                subprocess.Popen(["touch", str(nas / f"new{i}")], stderr=subprocess.PIPE, text=True)
+                for i in range(3)
+            ]
             for i in range(200):  # meanwhile the other host answers as usual
                 (local / f"f{i}").write_text(str(i))
             assert sorted(os.listdir(local)) == sorted(f"f{i}" for i in range(200))
@@ -550,7 +589,9 @@ def data_fds(pid: int, name: str) -> list[str]:
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            flags = int(Path(f"/proc/{pid}/fdinfo/{fd}").read_text().split("flags:")[1].split()[0], 8)
+            flags = int(
+                Path(f"/proc/{pid}/fdinfo/{fd}").read_text().split("flags:")[1].split()[0], 8
+            )
         except (OSError, IndexError):
             continue
         if target.endswith("/" + name) and not flags & os.O_PATH:
@@ -563,8 +604,11 @@ def test_an_open_that_ends_after_its_request_gave_up_leaves_no_fd(world_dir: Pat
     """An open on a hung host fails with EIO after op_timeout; when the storage answers again
     the native open finishes on its worker, and the fd it opened must be closed, not leaked."""
     with stoppable_storage(world_dir) as (slow, bindfs):
-        d = Daemon(world_dir, hosts={"nas": {"path": str(slow), "op_timeout": 1.0}},
-                   daemon_opts={"entry_timeout": 30})
+        d = Daemon(
+            world_dir,
+            hosts={"nas": {"path": str(slow), "op_timeout": 1.0}},
+            daemon_opts={"entry_timeout": 30},
+        )
         d.allowed_errors = ["took longer than 1.0s"]
         with started(d, bindfs):
             nas = d.vfolder("nas", grants=[{"principal": "*", "mode": "rwd"}])
@@ -607,8 +651,9 @@ def test_utime_after_a_listing_reaches_native_storage(daemon: Daemon) -> None:
         assert (st.st_atime_ns, st.st_mtime_ns) == (5_000_000_000, 7_000_000_000)
 
 
-def test_many_clients_at_once_all_finish_with_the_right_data(daemon: Daemon,
-                                                              tmp_path: Path) -> None:
+def test_many_clients_at_once_all_finish_with_the_right_data(
+    daemon: Daemon, tmp_path: Path
+) -> None:
     # the FUSE loop reads the next request while others wait for their native calls
     # (fuseloop.py: a barging read lock, spinning between requests); six processes untar, read
     # back, write a big file, read it and delete at once: every one finishes, with the bytes
@@ -620,18 +665,25 @@ def test_many_clients_at_once_all_finish_with_the_right_data(daemon: Daemon,
             (src / f"d{d}" / f"f{f}").write_bytes(os.urandom(1000 + 97 * f))
     tarball = tmp_path / "t.tar"
     run("tar", "-cf", str(tarball), "-C", str(src), ".")
-    want = subprocess.run(f"cd {src} && find . -type f | sort | xargs md5sum", shell=True,
-                          capture_output=True, text=True, check=True).stdout
+    want = subprocess.run(
+        f"cd {src} && find . -type f | sort | xargs md5sum",
+        shell=True,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     vf = daemon.vfolder()
     procs = []
     for i in range(6):
         dst = vf / f"w{i}"
         dst.mkdir()
-        script = (f"set -e; tar -xf {tarball} -C {dst}; cd {dst}; "
-                  f"find . -type f | sort | xargs md5sum > {tmp_path}/sums{i}; "
-                  f"dd if=/dev/urandom of={tmp_path}/big{i} bs=1M count=8 status=none; "
-                  f"cp {tmp_path}/big{i} {dst}/big; cmp {tmp_path}/big{i} {dst}/big; "
-                  f"rm -rf {dst}/d*")
+        script = (
+            f"set -e; tar -xf {tarball} -C {dst}; cd {dst}; "
+            f"find . -type f | sort | xargs md5sum > {tmp_path}/sums{i}; "
+            f"dd if=/dev/urandom of={tmp_path}/big{i} bs=1M count=8 status=none; "
+            f"cp {tmp_path}/big{i} {dst}/big; cmp {tmp_path}/big{i} {dst}/big; "
+            f"rm -rf {dst}/d*"
+        )
         procs.append(subprocess.Popen(["sh", "-c", script], stderr=subprocess.PIPE, text=True))
     for i, p in enumerate(procs):
         _, err = p.communicate(timeout=120)

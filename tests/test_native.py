@@ -52,8 +52,9 @@ print("ok", len(seen), partial)
 def test_a_listing_at_the_fd_limit_loses_no_fd_and_no_entry(tmp_path: Path) -> None:
     for i in range(40):
         (tmp_path / f"f{i:02d}").touch()
-    r = subprocess.run([sys.executable, "-c", LISTER, str(tmp_path)], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", LISTER, str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0 and r.stdout.startswith("ok 40"), r.stdout + r.stderr
 
 
@@ -82,13 +83,15 @@ def test_opened_finds_the_fds_a_late_result_holds(tmp_path: Path) -> None:
         os.close(dirfd)
 
 
-def test_xattr_names_are_the_entrys_own_with_listxattrat_and_without(tmp_path: Path,
-                                                                    monkeypatch: Any) -> None:
+def test_xattr_names_are_the_entrys_own_with_listxattrat_and_without(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
     """xattr_names asks listxattrat(2) (Linux 6.13), or walks /proc on older kernels: both
     give the names of the entry itself (a symlink's own), also past the C side's first buffer."""
     import os
 
     from vfusefs import native
+
     (tmp_path / "f").write_bytes(b"")
     names = {b"user.a_rather_long_attribute_name_%03d" % i for i in range(40)}  # > 1 KiB
     for n in names:

@@ -37,8 +37,12 @@ def snapshot(root: Path) -> dict[str, Any]:
             p = Path(dirpath) / name
             rel = str(p.relative_to(root))
             st_ = os.lstat(p)
-            entry: dict[str, Any] = {"mode": st_.st_mode, "uid": st_.st_uid, "gid": st_.st_gid,
-                                     "nlink": st_.st_nlink}
+            entry: dict[str, Any] = {
+                "mode": st_.st_mode,
+                "uid": st_.st_uid,
+                "gid": st_.st_gid,
+                "nlink": st_.st_nlink,
+            }
             if stat.S_ISREG(st_.st_mode):
                 entry["size"] = st_.st_size
                 entry["data"] = p.read_bytes()
@@ -79,6 +83,7 @@ class Parity(RuleBasedStateMachine):
                 return os.pwrite(fd, data, off)
             finally:
                 os.close(fd)
+
         self.both(op)
 
     @rule(name=names, data=st.binary(max_size=100))
@@ -89,9 +94,15 @@ class Parity(RuleBasedStateMachine):
                 return os.write(fd, data)
             finally:
                 os.close(fd)
+
         self.both(op)
 
-    @rule(name=names, excl=st.booleans(), trunc=st.booleans(), mode=st.sampled_from([0o600, 0o644, 0o755, 0o4755]))
+    @rule(
+        name=names,
+        excl=st.booleans(),
+        trunc=st.booleans(),
+        mode=st.sampled_from([0o600, 0o644, 0o755, 0o4755]),
+    )
     def create(self, name: str, excl: bool, trunc: bool, mode: int) -> None:
         flags = os.O_CREAT | os.O_RDWR | (os.O_EXCL if excl else 0) | (os.O_TRUNC if trunc else 0)
         self.both(lambda root: os.close(os.open(root / name, flags, mode)))
@@ -108,6 +119,7 @@ class Parity(RuleBasedStateMachine):
                 return os.pread(fd, size, off)
             finally:
                 os.close(fd)
+
         self.both(op)
 
     @rule(name=names, mode=st.sampled_from([0o700, 0o755, 0o2755, 0o1777]))
@@ -146,8 +158,12 @@ class Parity(RuleBasedStateMachine):
     def chown(self, name: str, uid: int, gid: int) -> None:
         self.both(lambda root: os.chown(root / name, uid, gid, follow_symlinks=False))
 
-    @rule(name=names, key=st.sampled_from(["user.a", "user.b", "trusted.t"]), value=st.binary(max_size=64),
-          flags=st.sampled_from([0, os.XATTR_CREATE, os.XATTR_REPLACE]))
+    @rule(
+        name=names,
+        key=st.sampled_from(["user.a", "user.b", "trusted.t"]),
+        value=st.binary(max_size=64),
+        flags=st.sampled_from([0, os.XATTR_CREATE, os.XATTR_REPLACE]),
+    )
     def setxattr(self, name: str, key: str, value: bytes, flags: int) -> None:
         self.both(lambda root: os.setxattr(root / name, key, value, flags, follow_symlinks=False))
 
@@ -169,6 +185,7 @@ class Parity(RuleBasedStateMachine):
             s = os.lstat(root / name)
             size = s.st_size if not stat.S_ISDIR(s.st_mode) else None
             return (s.st_mode, s.st_nlink, s.st_uid, s.st_gid, size, s.st_blocks if size else None)
+
         self.both(op)
 
     @rule(name=names, times=st.tuples(st.integers(0, 2**31), st.integers(0, 2**31)))
@@ -177,6 +194,7 @@ class Parity(RuleBasedStateMachine):
             os.utime(root / name, ns=(times[0] * 1000, times[1] * 1000), follow_symlinks=False)
             s = os.lstat(root / name)
             return (s.st_atime_ns, s.st_mtime_ns)
+
         self.both(op)
 
     @invariant()
@@ -203,9 +221,12 @@ def test_posix_parity(twin: tuple[Path, Path]) -> None:
     old = os.umask(0o022)
     try:
         run_state_machine = Parity.TestCase
-        run_state_machine.settings = settings(max_examples=int(os.environ.get("PARITY_EXAMPLES", 60)),
-                                              stateful_step_count=40, deadline=None,
-                                              suppress_health_check=list(HealthCheck))
+        run_state_machine.settings = settings(
+            max_examples=int(os.environ.get("PARITY_EXAMPLES", 60)),
+            stateful_step_count=40,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        )
         run_state_machine().runTest()
     finally:
         os.umask(old)

@@ -52,8 +52,18 @@ def test_scope_and_vfolder_are_both_checked() -> None:
     ledger.reserve(["vf:b", "scope:s"], 0, 2)
 
 
-@pytest.mark.parametrize("text, value", [("0", 0), ("10G", 10 << 30), ("512M", 512 << 20),
-                                         ("4k", 4096), ("1GiB", 1 << 30), ("7", 7), (" 3T ", 3 << 40)])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("0", 0),
+        ("10G", 10 << 30),
+        ("512M", 512 << 20),
+        ("4k", 4096),
+        ("1GiB", 1 << 30),
+        ("7", 7),
+        (" 3T ", 3 << 40),
+    ],
+)
 def test_parse_size(text: str, value: int) -> None:
     assert parse_size(text) == value
 
@@ -72,13 +82,16 @@ def test_scan_of_a_wide_tree_needs_one_fd_per_level(tmp_path: Path) -> None:
         (tmp_path / f"d{i}" / "sub").mkdir(parents=True)
         (tmp_path / f"d{i}" / "sub" / "f").write_bytes(b"s" * (i * 100))
     os.link(tmp_path / "d1" / "sub" / "f", tmp_path / "hard")
-    script = ("import os, resource, sys\n"
-              "from vfusefs import native\n"
-              "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
-              "resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))\n"
-              "print(*native.scan(os.open(sys.argv[1], os.O_PATH)))\n")
-    out = subprocess.run([os.sys.executable, "-c", script, str(tmp_path)], capture_output=True,
-                         text=True, check=True).stdout.split()
+    script = (
+        "import os, resource, sys\n"
+        "from vfusefs import native\n"
+        "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))\n"
+        "print(*native.scan(os.open(sys.argv[1], os.O_PATH)))\n"
+    )
+    out = subprocess.run(
+        [os.sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert (int(out[0]), int(out[1])) == du(tmp_path)
 
 
@@ -119,8 +132,21 @@ def test_usage_is_exact_after_random_workloads(daemon: Daemon) -> None:
     for step in range(600):
         name = rng.choice(names)
         p = vf / name
-        op = rng.choice(["write", "write", "sparse", "truncate", "link", "rename", "unlink",
-                         "mkdir", "rmdir", "symlink", "xattr"])
+        op = rng.choice(
+            [
+                "write",
+                "write",
+                "sparse",
+                "truncate",
+                "link",
+                "rename",
+                "unlink",
+                "mkdir",
+                "rmdir",
+                "symlink",
+                "xattr",
+            ]
+        )
         try:
             if op == "write":
                 with open(p, "ab") as f:
@@ -150,7 +176,9 @@ def test_usage_is_exact_after_random_workloads(daemon: Daemon) -> None:
         if step % 100 == 99:
             assert usage(daemon, vf) == du(native), f"after step {step}"
     # concurrent writers from several processes, into their own and a shared file
-    procs = [multiprocessing.Process(target=_writer, args=(str(vf / f"par{i % 3}"), i)) for i in range(6)]
+    procs = [
+        multiprocessing.Process(target=_writer, args=(str(vf / f"par{i % 3}"), i)) for i in range(6)
+    ]
     for proc in procs:
         proc.start()
     for proc in procs:
@@ -160,20 +188,27 @@ def test_usage_is_exact_after_random_workloads(daemon: Daemon) -> None:
 
 def test_edquot_bypass_attempts(daemon: Daemon, world_dir: Path) -> None:
     limit = 4 * MiB
-    vf = Path(daemon.create_vfolder(quota_bytes=limit, quota_inodes=50,
-                                    grants=[{"principal": "*", "mode": "rwd"}])["path"])
+    vf = Path(
+        daemon.create_vfolder(
+            quota_bytes=limit, quota_inodes=50, grants=[{"principal": "*", "mode": "rwd"}]
+        )["path"]
+    )
     native = native_of(daemon, vf)
 
     def over_by() -> int:
         return du(native)[0] - limit
 
-    r = subprocess.run(["dd", "if=/dev/zero", f"of={vf}/dd", "bs=1M", "count=10"], capture_output=True, text=True)
+    r = subprocess.run(
+        ["dd", "if=/dev/zero", f"of={vf}/dd", "bs=1M", "count=10"], capture_output=True, text=True
+    )
     assert r.returncode != 0 and "Disk quota exceeded" in r.stderr
     assert over_by() <= 0  # checked before each write: never over at all
     os.unlink(vf / "dd")
     # fallocate(2) cannot reach the daemon (pyfuse3 has no handler): refused, nothing allocated
     r = subprocess.run(["fallocate", "-l", "100M", str(vf / "fa")], capture_output=True, text=True)
-    assert r.returncode != 0 and not (native / "fa").exists() or (native / "fa").stat().st_blocks == 0
+    assert (
+        r.returncode != 0 and not (native / "fa").exists() or (native / "fa").stat().st_blocks == 0
+    )
     # an extending truncate allocates nothing; writing into the hole is what counts
     with open(vf / "holes", "wb") as f:
         f.truncate(100 * MiB)
@@ -199,8 +234,12 @@ def test_edquot_bypass_attempts(daemon: Daemon, world_dir: Path) -> None:
     assert over_by() <= 0
     os.unlink(vf / "mapped")
     # O_APPEND from many processes at once
-    procs = [subprocess.Popen(["sh", "-c", f"while printf '%4096s' x >> {vf}/log; do :; done"],
-                              stderr=subprocess.PIPE) for _ in range(6)]
+    procs = [
+        subprocess.Popen(
+            ["sh", "-c", f"while printf '%4096s' x >> {vf}/log; do :; done"], stderr=subprocess.PIPE
+        )
+        for _ in range(6)
+    ]
     for proc in procs:
         proc.wait(60)
     assert over_by() <= 0
@@ -252,8 +291,14 @@ def test_quota_xattrs_api_and_cli(daemon: Daemon) -> None:
     native = native_of(daemon, vf)
     (vf / "f").write_bytes(b"x" * 100000)
     attrs = run("getfattr", "-d", "-m", "user.vfusefs", str(vf)).stdout
-    for key in ("quota.bytes=\"0\"", "quota.inodes=\"0\"", f"usage.bytes=\"{du(native)[0]}\"",
-                "usage.inodes=\"1\"", "scope=\"\"", "mode=\"admin\""):
+    for key in (
+        'quota.bytes="0"',
+        'quota.inodes="0"',
+        f'usage.bytes="{du(native)[0]}"',
+        'usage.inodes="1"',
+        'scope=""',
+        'mode="admin"',
+    ):
         assert f"user.vfusefs.{key}" in attrs, attrs
     run("setfattr", "-n", "user.vfusefs.quota.bytes", "-v", "10G", str(vf))
     run("setfattr", "-n", "user.vfusefs.quota.inodes", "-v", "1000", str(vf))
@@ -261,22 +306,57 @@ def test_quota_xattrs_api_and_cli(daemon: Daemon) -> None:
     info = json.loads(daemon.cli("vfolder", "quota", "local", vf.name, "--json").stdout)
     assert (info["quota_bytes"], info["quota_inodes"]) == (10 << 30, 1000)
     for value in ("lots", "-5", "1.5G", ""):
-        r = subprocess.run(["setfattr", "-n", "user.vfusefs.quota.bytes", "-v", value, str(vf)],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["setfattr", "-n", "user.vfusefs.quota.bytes", "-v", value, str(vf)],
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode != 0 and "Invalid argument" in r.stderr, value
-    r = subprocess.run(["setfattr", "-n", "user.vfusefs.usage.bytes", "-v", "1", str(vf)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["setfattr", "-n", "user.vfusefs.usage.bytes", "-v", "1", str(vf)],
+        capture_output=True,
+        text=True,
+    )
     assert "Operation not permitted" in r.stderr
     os.chmod(vf, 0o777)
     daemon.cli("grant", "local", vf.name, "uid:1000", "rwd")
-    r = subprocess.run(["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "setfattr", "-n",
-                        "user.vfusefs.quota.bytes", "-v", "1T", str(vf)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=1000",
+            "--regid=1000",
+            "--clear-groups",
+            "setfattr",
+            "-n",
+            "user.vfusefs.quota.bytes",
+            "-v",
+            "1T",
+            str(vf),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert "Operation not permitted" in r.stderr  # only admins set limits
-    r = subprocess.run(["setpriv", "--reuid=1000", "--regid=1000", "--clear-groups", "getfattr",
-                        "--only-values", "-n", "user.vfusefs.usage.inodes", str(vf)], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=1000",
+            "--regid=1000",
+            "--clear-groups",
+            "getfattr",
+            "--only-values",
+            "-n",
+            "user.vfusefs.usage.inodes",
+            str(vf),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.stdout == "1"
     daemon.cli("vfolder", "quota", "local", vf.name, "--bytes", "512M", "--inodes", "0")
-    assert daemon.api("GET", f"/v1/hosts/local/vfolders/{vf.name}").json()["quota_bytes"] == 512 * MiB
+    assert (
+        daemon.api("GET", f"/v1/hosts/local/vfolders/{vf.name}").json()["quota_bytes"] == 512 * MiB
+    )
     r = daemon.api("PATCH", f"/v1/hosts/local/vfolders/{vf.name}", {"quota_bytes": "much"})
     assert r.status_code == 400 and r.json()["error"] == "bad_quota"
     r = daemon.cli("vfolder", "quota", "local", vf.name, "--bytes", "much", check=False)
@@ -344,8 +424,12 @@ def test_rescan_corrects_drift(daemon: Daemon) -> None:
 
 
 def df(path: str, *flags: str, runner: list[str] | None = None) -> list[str]:
-    out = subprocess.run((runner or []) + ["df", "--output=size,used,avail", *flags, path],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        (runner or []) + ["df", "--output=size,used,avail", *flags, path],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return out.splitlines()[1].split()
 
 
@@ -356,16 +440,28 @@ def test_df_and_getfattr_show_the_quota_to_admins_and_containers(daemon: Daemon)
         pytest.skip("no cgroup v2 hierarchy")
     container = Container()
     try:
-        vf = Path(daemon.create_vfolder(quota_bytes="64M", quota_inodes=100, grants=[
-            {"principal": f"cgroup:{container.cgroup}", "mode": "rw"}])["path"])
+        vf = Path(
+            daemon.create_vfolder(
+                quota_bytes="64M",
+                quota_inodes=100,
+                grants=[{"principal": f"cgroup:{container.cgroup}", "mode": "rw"}],
+            )["path"]
+        )
         (vf / "data").write_bytes(b"d" * (10 * MiB))
         used = usage(daemon, vf)
         # as the admin, with 1K blocks: size is the quota, used what vfusefs counts
         size, used_k, avail = map(int, df(str(vf), "-k"))
         assert size == 64 * 1024 and used_k == used[0] // 1024 and avail == 64 * 1024 - used_k
-        itotal, iused, ifree = subprocess.run(["df", "--output=itotal,iused,iavail", str(vf)],
-                                              capture_output=True, text=True,
-                                              check=True).stdout.splitlines()[1].split()
+        itotal, iused, ifree = (
+            subprocess.run(
+                ["df", "--output=itotal,iused,iavail", str(vf)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            .stdout.splitlines()[1]
+            .split()
+        )
         assert (int(itotal), int(iused), int(ifree)) == (100, used[1], 100 - used[1])
         # another vfolder without quota shows the native filesystem
         other = daemon.vfolder()
@@ -374,9 +470,15 @@ def test_df_and_getfattr_show_the_quota_to_admins_and_containers(daemon: Daemon)
         # inside the container, through its bind mount, df and getfattr -d show the same
         r = container.sh(vf, "df --output=size,used,avail -k . && getfattr -d -m user.vfusefs .")
         lines = r.stdout.splitlines()
-        assert lines[1].split() == [str(64 * 1024), str(used_k), str(64 * 1024 - used_k)], r.stdout + r.stderr
-        for key in ("quota.bytes=\"67108864\"", "quota.inodes=\"100\"", f"usage.bytes=\"{used[0]}\"",
-                    "mode=\"rw\""):
+        assert lines[1].split() == [str(64 * 1024), str(used_k), str(64 * 1024 - used_k)], (
+            r.stdout + r.stderr
+        )
+        for key in (
+            'quota.bytes="67108864"',
+            'quota.inodes="100"',
+            f'usage.bytes="{used[0]}"',
+            'mode="rw"',
+        ):
             assert f"user.vfusefs.{key}" in r.stdout, r.stdout
         r = container.sh(vf, "setfattr -n user.vfusefs.quota.bytes -v 1T .")
         assert "Operation not permitted" in r.stderr  # root in a container is not an admin
@@ -390,7 +492,9 @@ def test_writeback_cache_reports_edquot_by_fsync_and_close(world_dir: Path) -> N
     d = Daemon(world_dir, daemon_opts={"writeback_cache": True}).start()
     try:
         limit = 4 * MiB
-        vf = Path(d.create_vfolder(quota_bytes=limit, grants=[{"principal": "*", "mode": "rwd"}])["path"])
+        vf = Path(
+            d.create_vfolder(quota_bytes=limit, grants=[{"principal": "*", "mode": "rwd"}])["path"]
+        )
         native = native_of(d, vf)
         fd = os.open(vf / "wb", os.O_WRONLY | os.O_CREAT, 0o644)
         failed_at = None

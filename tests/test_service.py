@@ -65,15 +65,16 @@ class NotifyListener:
 def test_notify_ready_status_watchdog_stopping(world_dir: Path) -> None:
     d = Daemon(world_dir)
     listener = NotifyListener(world_dir / "notify.sock")
-    d.env = {"NOTIFY_SOCKET": listener.path, "WATCHDOG_USEC": "600000",
-             "VFUSEFS_TEST_HOOKS": "1"}
+    d.env = {"NOTIFY_SOCKET": listener.path, "WATCHDOG_USEC": "600000", "VFUSEFS_TEST_HOOKS": "1"}
     d.allowed_errors = []
     try:
         d.start()
         d.vfolder()
         t_ready, ready = listener.wait_for("READY")
         assert ready["READY"] == "1" and ready["MAINPID"] == str(d.proc.pid)  # type: ignore[union-attr]
-        assert "serving 0 vfolder(s) of 1 host(s)" in ready["STATUS"] and "local ok" in ready["STATUS"]
+        assert (
+            "serving 0 vfolder(s) of 1 host(s)" in ready["STATUS"] and "local ok" in ready["STATUS"]
+        )
         # READY came only once the mount answered: nothing but STATUS/WATCHDOG before it
         before = [m for t, m in listener.messages if t < t_ready]
         assert all(set(m) <= {"STATUS", "WATCHDOG"} for m in before), before
@@ -134,8 +135,9 @@ def test_kill9_during_writes_then_restart_recovers(world_dir: Path) -> None:
     d = Daemon(world_dir).start()
     vf = d.vfolder()
     native = native_of(d, vf)
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(vf)], stdout=subprocess.PIPE,
-                              text=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(vf)], stdout=subprocess.PIPE, text=True
+    )
     assert writer.stdout is not None
     done = []
     for line in writer.stdout:
@@ -187,15 +189,16 @@ def test_sigterm_unmounts_and_detaches_lazily_when_busy(world_dir: Path) -> None
 
 
 def test_sighup_adds_removes_and_refuses_broken_config(world_dir: Path) -> None:
-    hosts = {"local": {"path": str(world_dir / "n-local")},
-             "b": {"path": str(world_dir / "n-b")}}
+    hosts = {"local": {"path": str(world_dir / "n-local")}, "b": {"path": str(world_dir / "n-b")}}
     d = Daemon(world_dir, hosts=hosts).start()
     d.allowed_errors = ["reload refused"]
     vf_local = d.vfolder()
     vf_b = d.vfolder("b")
     (vf_b / "keep").write_bytes(b"k" * 50000)
-    assert d.api("GET", f"/v1/hosts/b/vfolders/{vf_b.name}").json()["usage_bytes"] == \
-        du(world_dir / "n-b" / vf_b.name)[0]
+    assert (
+        d.api("GET", f"/v1/hosts/b/vfolders/{vf_b.name}").json()["usage_bytes"]
+        == du(world_dir / "n-b" / vf_b.name)[0]
+    )
     holder = subprocess.Popen(["sleep", "60"], cwd=vf_local)  # the mount stays in use throughout
     # and a process keeps b's file open while b is removed and added back
     holder_b = subprocess.Popen(["sleep", "60"], cwd=vf_b, stdin=open(vf_b / "keep", "rb"))
@@ -238,8 +241,10 @@ def test_sighup_adds_removes_and_refuses_broken_config(world_dir: Path) -> None:
         d.hosts["bad"] = {"path": str(world_dir / "missing")}
         d.write_config()
         reload("reload refused")
-        assert "hosts.bad.path" in d.log().splitlines()[-1] or \
-            "hosts.bad.path" in [x for x in d.log().splitlines() if "reload refused" in x][-1]
+        assert (
+            "hosts.bad.path" in d.log().splitlines()[-1]
+            or "hosts.bad.path" in [x for x in d.log().splitlines() if "reload refused" in x][-1]
+        )
         assert sorted(os.listdir(d.mnt)) == ["c", "local"]
         del d.hosts["bad"]
 
@@ -253,8 +258,10 @@ def test_sighup_adds_removes_and_refuses_broken_config(world_dir: Path) -> None:
         assert (world_dir / "n-b" / vf_b.name / "keep2").read_bytes() == b"2"
         deadline = time.monotonic() + 15
         native_b = world_dir / "n-b" / vf_b.name
-        while d.api("GET", f"/v1/hosts/b/vfolders/{vf_b.name}").json()["usage_bytes"] != \
-                du(native_b)[0]:
+        while (
+            d.api("GET", f"/v1/hosts/b/vfolders/{vf_b.name}").json()["usage_bytes"]
+            != du(native_b)[0]
+        ):
             assert time.monotonic() < deadline
             time.sleep(0.1)
 
@@ -307,8 +314,7 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     exe = str(Path(sys.executable).parent / "vfusefs")
     (tmp_path / "vfusefs.service").write_text(unit.replace("/usr/local/bin/vfusefs", exe))
     r = run("systemd-analyze", "verify", str(tmp_path / "vfusefs.service"), check=False)
-    problems = [line for line in (r.stdout + r.stderr).splitlines()
-                if "vfusefs.service" in line]
+    problems = [line for line in (r.stdout + r.stderr).splitlines() if "vfusefs.service" in line]
     assert r.returncode == 0 and not problems, r.stdout + r.stderr
 
 
@@ -323,14 +329,19 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
 
 
 def test_metrics_count_what_was_done(world_dir: Path) -> None:
     port = _free_port()
     d = Daemon(world_dir, daemon_opts={"metrics_listen": f"127.0.0.1:{port}"}).start()
-    vf = d.vfolder(grants=[{"principal": "*", "mode": "rwd"}, {"principal": "uid:1000", "mode": "ro"}])
+    vf = d.vfolder(
+        grants=[{"principal": "*", "mode": "rwd"}, {"principal": "uid:1000", "mode": "ro"}]
+    )
     os.chmod(vf, 0o777)  # mode bits let uid 1000 try: the ro grant is what refuses it
     for i in range(7):
         os.mkdir(vf / f"d{i}")
@@ -357,8 +368,11 @@ def test_metrics_count_what_was_done(world_dir: Path) -> None:
     assert get("vfusefs_op_seconds_count", host="local", op="mkdir") == 7
     assert get("vfusefs_op_seconds_bucket", host="local", op="mkdir", le="+Inf") == 7
     assert get("vfusefs_denied_total", host="local", reason="read_only") == 5
-    edquot = sum(v for (name, labels), v in m.items() if name == "vfusefs_ops_total"
-                 and ("result", "EDQUOT") in labels)
+    edquot = sum(
+        v
+        for (name, labels), v in m.items()
+        if name == "vfusefs_ops_total" and ("result", "EDQUOT") in labels
+    )
     assert edquot >= 1 and get("vfusefs_denied_total", host="local", reason="quota") == edquot
     assert get("vfusefs_bytes_read_total", host="local") == 3 << 20
     written = get("vfusefs_bytes_written_total", host="local")
@@ -425,12 +439,20 @@ def test_examples_run_as_written(world_dir: Path) -> None:
     vf = d.vfolder(grants=[])  # nobody but admins
     (vf / "data").write_text("shared\n")
     script = str(repo / "examples" / "agent-bind-mount.sh")
-    env = {**os.environ, "VFUSEFS_CONFIG": str(d.config),
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "VFUSEFS_CONFIG": str(d.config),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
 
     def agent(mode: str, cmd: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([script, "local", vf.name, mode, "sh", "-c", cmd], env=env,
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [script, "local", vf.name, mode, "sh", "-c", cmd],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     r = agent("ro", "pwd; cat data; cat /proc/self/cgroup; touch new")
     assert r.returncode == 1, r.stdout + r.stderr
@@ -452,17 +474,21 @@ def test_fewer_requests_large_reads_and_no_flush_on_read_only_close(world_dir: P
     data = os.urandom(16 << 20)
     (vf / "f").write_bytes(data)
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    before = scrape(port).get(("vfusefs_ops_total", (("host", "local"), ("op", "read"),
-                                                     ("result", "ok"))), 0.0)
+    before = scrape(port).get(
+        ("vfusefs_ops_total", (("host", "local"), ("op", "read"), ("result", "ok"))), 0.0
+    )
     assert hashlib.sha256((vf / "f").read_bytes()).digest() == hashlib.sha256(data).digest()
-    reads = scrape(port)[("vfusefs_ops_total", (("host", "local"), ("op", "read"),
-                                                 ("result", "ok")))] - before
+    reads = (
+        scrape(port)[("vfusefs_ops_total", (("host", "local"), ("op", "read"), ("result", "ok")))]
+        - before
+    )
     assert reads <= 16 + 4, reads  # 1 MiB each (128 KiB, 128 requests, without read_ahead_kb)
 
     # closing a file opened read-only sends no FLUSH (FOPEN_NOFLUSH); one written to does
     def flushes() -> float:
-        return scrape(port).get(("vfusefs_ops_total", (("host", "local"), ("op", "flush"),
-                                                        ("result", "ok"))), 0.0)
+        return scrape(port).get(
+            ("vfusefs_ops_total", (("host", "local"), ("op", "flush"), ("result", "ok"))), 0.0
+        )
 
     before = flushes()
     for _ in range(5):
@@ -482,11 +508,17 @@ def test_busy_metrics_port_is_one_line_and_nothing_mounted(world_dir: Path) -> N
         taken.listen()
         port = taken.getsockname()[1]
         d = Daemon(world_dir, daemon_opts={"metrics_listen": f"127.0.0.1:{port}"})
-        r = subprocess.run([VFUSEFS, "serve", "--config", str(d.config)], capture_output=True,
-                           text=True, timeout=60)
+        r = subprocess.run(
+            [VFUSEFS, "serve", "--config", str(d.config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     errors = [line for line in r.stderr.splitlines() if " ERROR " in line]
-    assert len(errors) == 1 and f"metrics_listen 127.0.0.1:{port}: Address already in use" in errors[0]
+    assert (
+        len(errors) == 1 and f"metrics_listen 127.0.0.1:{port}: Address already in use" in errors[0]
+    )
     assert not os.path.ismount(d.mnt)
     # and when it is free, hypercorn has nothing to complain about (ASGI lifespan answered)
     d.start()
@@ -494,17 +526,24 @@ def test_busy_metrics_port_is_one_line_and_nothing_mounted(world_dir: Path) -> N
     assert "Lifespan" not in d.log()
 
 
-@pytest.mark.parametrize("opts,expect", [
-    ({"control_socket": "/proc/nope/control.sock"}, "control socket /proc/nope/control.sock: cannot"),
-    ({"mountpoint": "/proc/nope/mnt"}, "mountpoint /proc/nope/mnt: cannot create it"),
-    ({"mountpoint": "/etc/hostname"}, "mountpoint /etc/hostname: not a directory"),
-])
+@pytest.mark.parametrize(
+    "opts,expect",
+    [
+        (
+            {"control_socket": "/proc/nope/control.sock"},
+            "control socket /proc/nope/control.sock: cannot",
+        ),
+        ({"mountpoint": "/proc/nope/mnt"}, "mountpoint /proc/nope/mnt: cannot create it"),
+        ({"mountpoint": "/etc/hostname"}, "mountpoint /etc/hostname: not a directory"),
+    ],
+)
 def test_unusable_places_fail_start_in_one_line(world_dir: Path, opts: dict, expect: str) -> None:
     from conftest import VFUSEFS
 
     d = Daemon(world_dir, daemon_opts=opts)
-    r = subprocess.run([VFUSEFS, "serve", "--config", str(d.config)], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [VFUSEFS, "serve", "--config", str(d.config)], capture_output=True, text=True, timeout=60
+    )
     errors = [line for line in r.stderr.splitlines() if " ERROR " in line]
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert len(errors) == 1 and expect in errors[0], r.stderr
@@ -537,18 +576,31 @@ def test_make_install_stages_a_package_with_destdir(tmp_path: Path) -> None:
     """make install DESTDIR=...: the daemon's venv (running from PREFIX once unpacked), the
     command link, the unit and the example config, staged; no packages installed, no systemctl."""
     root = tmp_path / "pkg"
-    r = subprocess.run(["make", "-C", str(Path(__file__).parent.parent), "install", f"DESTDIR={root}"],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        ["make", "-C", str(Path(__file__).parent.parent), "install", f"DESTDIR={root}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "apt-get" not in r.stdout and "daemon-reload" not in r.stdout
     assert os.readlink(root / "usr/local/bin/vfusefs") == "/opt/vfusefs/bin/vfusefs"
-    assert (root / "etc/vfusefs/vfusefs.toml").read_text() == \
-        (Path(__file__).parent.parent / "examples/vfs.toml").read_text()
-    assert "ExecStart=/usr/local/bin/vfusefs" in (root / "etc/systemd/system/vfusefs.service").read_text()
+    assert (root / "etc/vfusefs/vfusefs.toml").read_text() == (
+        Path(__file__).parent.parent / "examples/vfs.toml"
+    ).read_text()
+    assert (
+        "ExecStart=/usr/local/bin/vfusefs"
+        in (root / "etc/systemd/system/vfusefs.service").read_text()
+    )
     assert (root / "opt/vfusefs/bin/vfusefs").read_text().startswith("#!/opt/vfusefs/bin/python")
-    staged = subprocess.run(["grep", "-rlI", str(root), str(root / "opt/vfusefs/bin")],
-                            capture_output=True, text=True)
+    staged = subprocess.run(
+        ["grep", "-rlI", str(root), str(root / "opt/vfusefs/bin")], capture_output=True, text=True
+    )
     assert staged.stdout == ""  # nothing points into the staging directory
-    out = subprocess.run([str(root / "opt/vfusefs/bin/python"), "-m", "vfusefs", "--version"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [str(root / "opt/vfusefs/bin/python"), "-m", "vfusefs", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.startswith("vfusefs, version ")

@@ -30,12 +30,27 @@ MiB = 1 << 20
 # what a process may meet in this load; anything else (EIO, ESTALE, EBADF...) is a defect
 # (EPERM: deletes under rw, links to directories, user xattrs on symlinks; EROFS: changes under
 # ro; ELOOP: a symlink planted on a name that a symlink resolves through)
-EXPECTED = {"ok", "ENOENT", "EEXIST", "ENOTEMPTY", "ENOTDIR", "EISDIR", "EDQUOT", "EACCES",
-            "EPERM", "EROFS", "EINVAL", "ENODATA", "ELOOP"}
+EXPECTED = {
+    "ok",
+    "ENOENT",
+    "EEXIST",
+    "ENOTEMPTY",
+    "ENOTDIR",
+    "EISDIR",
+    "EDQUOT",
+    "EACCES",
+    "EPERM",
+    "EROFS",
+    "EINVAL",
+    "ENODATA",
+    "ELOOP",
+}
 EXPECTED_OF = {"xattr:ENOSPC"}  # ext4: the inode's one xattr block is full
 
 
-def test_mixed_load_keeps_usage_exact_and_the_quota_held(world_dir: Path, container: Container) -> None:
+def test_mixed_load_keeps_usage_exact_and_the_quota_held(
+    world_dir: Path, container: Container
+) -> None:
     seconds = float(os.environ.get("SOAK_SECONDS", 20))
     d = Daemon(world_dir, daemon_opts={"inode_fds": 64})
     d.start()
@@ -44,10 +59,26 @@ def test_mixed_load_keeps_usage_exact_and_the_quota_held(world_dir: Path, contai
         who = f"cgroup:{container.cgroup}"
         vf = d.vfolder(grants=[{"principal": who, "mode": "rwd"}], quota_bytes=limit)
         native = native_of(d, vf)
-        procs = [subprocess.Popen(container.wrap(vf, [sys.executable, str(STRESS), f"p{i}",
-                                                      "--seconds", str(seconds), "--seed", str(i)]),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for i in range(3)]
+        procs = [
+            subprocess.Popen(
+                container.wrap(
+                    vf,
+                    [
+                        sys.executable,
+                        str(STRESS),
+                        f"p{i}",
+                        "--seconds",
+                        str(seconds),
+                        "--seed",
+                        str(i),
+                    ],
+                ),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in range(3)
+        ]
         stop = threading.Event()
         flips = {"grants": 0, "rescans": 0, "drops": 0}
 
@@ -75,8 +106,12 @@ def test_mixed_load_keeps_usage_exact_and_the_quota_held(world_dir: Path, contai
             stop.set()
             t.join()
         grant(d, vf, who, "rwd")
-        odd = {k: n for r in results for k, n in r.items()
-               if k.rpartition(":")[2] not in EXPECTED and k not in EXPECTED_OF}
+        odd = {
+            k: n
+            for r in results
+            for k, n in r.items()
+            if k.rpartition(":")[2] not in EXPECTED and k not in EXPECTED_OF
+        }
         assert not odd, odd
         total = sum(sum(r.values()) for r in results)
         edquot = sum(n for r in results for k, n in r.items() if k.endswith(":EDQUOT"))
@@ -86,8 +121,10 @@ def test_mixed_load_keeps_usage_exact_and_the_quota_held(world_dir: Path, contai
         while usage(d, vf) != du(native) and time.monotonic() < deadline:
             time.sleep(0.3)
         got, real = usage(d, vf), du(native)
-        print(f"soak {seconds:.0f}s: {total} ops, {edquot} EDQUOT, {flips}, usage {got}, du {real}, "
-              f"limit {limit}")
+        print(
+            f"soak {seconds:.0f}s: {total} ops, {edquot} EDQUOT, {flips}, usage {got}, du {real}, "
+            f"limit {limit}"
+        )
         assert got == real
         assert real[0] <= limit + MiB  # at most one write request over
         d.check_log()

@@ -48,8 +48,13 @@ def record(**kw: object) -> VfolderRecord:
 
 def test_vfolders_round_trip_between_handles(store_pair: tuple[Store, Store]) -> None:
     a, b = store_pair
-    r1 = record(scope=f"user:{uuid.uuid4()}", quota_bytes=10, quota_inodes=2,
-                grants={"*": "ro", "uid:1000": "rwd"}, created=1.0)
+    r1 = record(
+        scope=f"user:{uuid.uuid4()}",
+        quota_bytes=10,
+        quota_inodes=2,
+        grants={"*": "ro", "uid:1000": "rwd"},
+        created=1.0,
+    )
     r2 = record(created=2.0)
     a.put_vfolder(r1)
     a.put_vfolder(r2)
@@ -96,8 +101,11 @@ def test_the_change_feed_reports_every_writer(store_pair: tuple[Store, Store]) -
     a.delete_vfolder(r.id, None)
     a.add_usage("n1", [(r.id, 1, 1)])  # usage is not a feed change: it moves every second
     got = b.changes(start)
-    assert [(c.kind, c.key) for c in got] == [("vfolder", r.id), ("scope", got[1].key),
-                                              ("vfolder", r.id)]
+    assert [(c.kind, c.key) for c in got] == [
+        ("vfolder", r.id),
+        ("scope", got[1].key),
+        ("vfolder", r.id),
+    ]
     assert [c.seq for c in got] == sorted(c.seq for c in got) and got[0].seq > start
     assert b.changes(got[-1].seq) == [] and b.last_change() == got[-1].seq
     assert b.changes(got[0].seq) == got[1:]
@@ -137,7 +145,9 @@ def test_trash_is_claimed_by_one_node_at_a_time(store_pair: tuple[Store, Store])
     assert a.trash() == []
 
 
-def test_a_deleted_vfolder_is_restored_from_its_trash_entry(store_pair: tuple[Store, Store]) -> None:
+def test_a_deleted_vfolder_is_restored_from_its_trash_entry(
+    store_pair: tuple[Store, Store],
+) -> None:
     a, b = store_pair
     r = record(quota_bytes=7, grants={"uid:1000": "rw"})
     a.put_vfolder(r)
@@ -237,8 +247,10 @@ def test_another_writers_changes_reach_the_mount(daemon: Daemon, container: Cont
         assert container.sh(vf, "cat f").stdout == "a\n"  # still readable: ro
         assert daemon.api("GET", f"/v1/hosts/local/vfolders/{vf.name}").json()["quota_inodes"] == 7
         # a vfolder created by another writer, its directory made by it, appears
-        new = record(native_path=str(Path(daemon.hosts["local"]["path"]) / str(uuid.uuid4())),
-                     grants={who: "rwd"})
+        new = record(
+            native_path=str(Path(daemon.hosts["local"]["path"]) / str(uuid.uuid4())),
+            grants={who: "rwd"},
+        )
         new.id = Path(new.native_path).name
         Path(new.native_path).mkdir()
         other.put_vfolder(new)

@@ -268,7 +268,7 @@ def test_pread_cached_reads_only_the_page_cache_and_starts_the_rest() -> None:
         os.pread(fd, 128 << 10, 0)
         evict(fd, 128 << 10)
         got, whole = pread_cached(fd, 256 << 10, 0, 0.0)
-        assert not whole and 0 < len(got) < 256 << 10 and got == data[:len(got)]
+        assert not whole and 0 < len(got) < 256 << 10 and got == data[: len(got)]
         assert pread_cached(fd, 256 << 10, 0, 1.0) == (data, True)
         # end of file: short, and whole
         assert pread_cached(fd, 1 << 20, (256 << 10) - 5, 0.0) == (data[-5:], True)
@@ -319,7 +319,9 @@ async def test_a_read_slower_than_the_spin_stops_the_spinning() -> None:
             real = workers.pread_cached
             try:  # a device that takes longer than any spin: nothing ever comes
                 workers.pread_cached = lambda fd, size, off, spin, tid=0: (  # type: ignore[assignment]
-                    time.sleep(spin), (b"", False))[1]
+                    time.sleep(spin),
+                    (b"", False),
+                )[1]
                 for _ in range(20):
                     assert w.read_cached(f.fileno(), 4096, 0) == (b"", False)
                 assert w.slow_ewma >= FAST_WAIT

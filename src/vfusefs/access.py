@@ -30,14 +30,21 @@ class Mode(enum.IntEnum):
 
     @property
     def label(self) -> str:
-        return {Mode.NONE: "none", Mode.RO: "ro", Mode.RW: "rw", Mode.RWD: "rwd",
-                Mode.ADMIN: "admin"}[self]
+        return {
+            Mode.NONE: "none",
+            Mode.RO: "ro",
+            Mode.RW: "rw",
+            Mode.RWD: "rwd",
+            Mode.ADMIN: "admin",
+        }[self]
 
 
 class Need(enum.Enum):
-    READ = "read"        # lookup, getattr, readdir, open for read, read, readlink, get/listxattr, statfs
-    WRITE = "write"      # create, mkdir, mknod, symlink, link, write, truncate, setattr, set/removexattr
-    DELETE = "delete"    # unlink, rmdir, rename that replaces an existing entry
+    READ = "read"  # lookup, getattr, readdir, open for read, read, readlink, get/listxattr, statfs
+    WRITE = (
+        "write"  # create, mkdir, mknod, symlink, link, write, truncate, setattr, set/removexattr
+    )
+    DELETE = "delete"  # unlink, rmdir, rename that replaces an existing entry
 
 
 MODE_NAMES = {"ro": Mode.RO, "rw": Mode.RW, "rwd": Mode.RWD, "wd": Mode.RWD}
@@ -51,7 +58,9 @@ def parse_mode(text: str) -> Mode:
     try:
         return MODE_NAMES[text]
     except (KeyError, TypeError):
-        raise BadGrant(f"bad mode {str(text)[:40]!r}: use ro, rw or rwd (wd is an alias of rwd)") from None
+        raise BadGrant(
+            f"bad mode {str(text)[:40]!r}: use ro, rw or rwd (wd is an alias of rwd)"
+        ) from None
 
 
 def canonical_mode(text: str) -> str:
@@ -76,11 +85,18 @@ def parse_principal(text: str) -> str:
             return f"{kind}:{int(value)}"
         raise BadGrant(f"bad principal {text[:80]!r}: {kind}: needs a number below 2^32")
     if sep and kind == "cgroup":
-        if value.startswith("/") and not _CONTROL_RE.search(value) and "//" not in value and \
-                len(value) <= 4096 and not any(part in (".", "..") for part in value.split("/")):
+        if (
+            value.startswith("/")
+            and not _CONTROL_RE.search(value)
+            and "//" not in value
+            and len(value) <= 4096
+            and not any(part in (".", "..") for part in value.split("/"))
+        ):
             return "cgroup:" + (value.rstrip("/") or "/")
-        raise BadGrant(f"bad principal {text[:80]!r}: cgroup: needs an absolute cgroup-v2 path "
-                       f"(no control characters, '//', '.' or '..')")
+        raise BadGrant(
+            f"bad principal {text[:80]!r}: cgroup: needs an absolute cgroup-v2 path "
+            f"(no control characters, '//', '.' or '..')"
+        )
     raise BadGrant(f"bad principal {text[:80]!r}: use cgroup:/path, uid:N, gid:N or *")
 
 

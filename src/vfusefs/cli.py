@@ -39,9 +39,11 @@ def die(message: str, usage: bool = False) -> NoReturn:
 
 
 # what to do about an API error, said in CLI terms (the API's own hint names API parameters)
-HINTS = {"in_use": "add --force to delete anyway",
-         "native_exists": "add --adopt to serve what it holds",
-         "not_in_trash": "see `vfusefs vfolder trash HOST`"}
+HINTS = {
+    "in_use": "add --force to delete anyway",
+    "native_exists": "add --adopt to serve what it holds",
+    "not_in_trash": "see `vfusefs vfolder trash HOST`",
+}
 
 
 class Client:
@@ -49,10 +51,13 @@ class Client:
 
     def __init__(self, socket_path: str) -> None:
         self.socket_path = socket_path
-        self.http = httpx.Client(transport=httpx.HTTPTransport(uds=socket_path),
-                                 base_url="http://vfusefs", timeout=60.0)
+        self.http = httpx.Client(
+            transport=httpx.HTTPTransport(uds=socket_path), base_url="http://vfusefs", timeout=60.0
+        )
 
-    def call(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> Any:
+    def call(
+        self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None
+    ) -> Any:
         try:
             r = self.http.request(method, "/v1" + path, json=body, params=params)
         except (httpx.ConnectError, OSError) as exc:
@@ -92,8 +97,15 @@ def _client(ctx: click.Context) -> Client:
 
 def vf_path(host: str, vfid: str, *rest: str) -> str:
     """The control API path of a vfolder (and of something under it), each part URL-quoted."""
-    return "/".join(["/hosts", quote(host, safe=""), "vfolders", quote(vfid, safe=""),
-                     *(quote(p, safe="") for p in rest)])
+    return "/".join(
+        [
+            "/hosts",
+            quote(host, safe=""),
+            "vfolders",
+            quote(vfid, safe=""),
+            *(quote(p, safe="") for p in rest),
+        ]
+    )
 
 
 Column = tuple[str, str, str]  # key, title, kind ("": as is, "size", "limit", "count_limit")
@@ -132,25 +144,39 @@ def _cell(value: Any, kind: str = "") -> str:
     if kind in ("size", "limit") and isinstance(value, int):
         return human(value)
     if isinstance(value, list):
-        return ",".join(f"{g['principal']}={g['mode']}" if isinstance(g, dict) else str(g)
-                        for g in value) or "-"
+        return (
+            ",".join(
+                f"{g['principal']}={g['mode']}" if isinstance(g, dict) else str(g) for g in value
+            )
+            or "-"
+        )
     if isinstance(value, float):
         return f"{value:.0f}"
     return str(value)
 
 
 VFOLDER_COLUMNS: list[Column] = [
-    ("host", "host", ""), ("id", "id", ""), ("scope", "scope", ""),
-    ("quota_bytes", "quota", "limit"), ("usage_bytes", "used", "size"),
-    ("grants", "grants", ""), ("path", "path", "")]
+    ("host", "host", ""),
+    ("id", "id", ""),
+    ("scope", "scope", ""),
+    ("quota_bytes", "quota", "limit"),
+    ("usage_bytes", "used", "size"),
+    ("grants", "grants", ""),
+    ("path", "path", ""),
+]
 QUOTA_COLUMNS: list[Column] = [
-    ("host", "host", ""), ("id", "id", ""), ("quota_bytes", "quota bytes", "limit"),
-    ("usage_bytes", "used bytes", "size"), ("quota_inodes", "quota inodes", "count_limit"),
-    ("usage_inodes", "used inodes", "")]
+    ("host", "host", ""),
+    ("id", "id", ""),
+    ("quota_bytes", "quota bytes", "limit"),
+    ("usage_bytes", "used bytes", "size"),
+    ("quota_inodes", "quota inodes", "count_limit"),
+    ("usage_inodes", "used inodes", ""),
+]
 
 
 def json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--json on a command; `vfusefs --json COMMAND` means the same."""
+
     @functools.wraps(fn)
     def command(*args: Any, as_json: bool, **kw: Any) -> Any:
         root = click.get_current_context().find_root().obj or {}
@@ -159,16 +185,22 @@ def json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="print JSON for scripts")(command)
 
 
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", metavar="PATH", help="config file (default "
-              "$VFUSEFS_CONFIG or /etc/vfusefs/vfusefs.toml)")
-@click.option("--socket", "socket_path", metavar="PATH", help="control socket (default from config)")
+@click.option(
+    "--config",
+    "config_path",
+    metavar="PATH",
+    help="config file (default $VFUSEFS_CONFIG or /etc/vfusefs/vfusefs.toml)",
+)
+@click.option(
+    "--socket", "socket_path", metavar="PATH", help="control socket (default from config)"
+)
 @click.option("--json", "as_json", is_flag=True, help="print JSON for scripts (every command)")
 @click.version_option(__version__, prog_name="vfusefs")
 @click.pass_context
-def cli(ctx: click.Context, config_path: str | None, socket_path: str | None, as_json: bool) -> None:
+def cli(
+    ctx: click.Context, config_path: str | None, socket_path: str | None, as_json: bool
+) -> None:
     """vfusefs: virtual folders over shared storage, with per-caller access and quota.
 
     Shell completion: eval "$(_VFUSEFS_COMPLETE=bash_source vfusefs)" (zsh_source, fish_source).
@@ -214,8 +246,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
     data = _client(ctx).call("GET", "/status")
     if as_json:
         return emit(data, True)
-    click.echo(f"vfusefs {data['version']}  mounted at {data['mountpoint']}  "
-               f"({data['vfolders']} vfolders)")
+    click.echo(
+        f"vfusefs {data['version']}  mounted at {data['mountpoint']}  ({data['vfolders']} vfolders)"
+    )
     emit([{"host": h, "health": s} for h, s in data["hosts"].items()], False)
 
 
@@ -224,10 +257,19 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def hosts(ctx: click.Context, as_json: bool) -> None:
     """List the configured storage hosts."""
-    emit(_client(ctx).call("GET", "/hosts"), as_json,
-         [("name", "host", ""), ("backend", "backend", ""), ("layout", "layout", ""),
-          ("health", "health", ""), ("vfolders", "vfolders", ""), ("fs_type", "fs", ""),
-          ("path", "native path", "")])
+    emit(
+        _client(ctx).call("GET", "/hosts"),
+        as_json,
+        [
+            ("name", "host", ""),
+            ("backend", "backend", ""),
+            ("layout", "layout", ""),
+            ("health", "health", ""),
+            ("vfolders", "vfolders", ""),
+            ("fs_type", "fs", ""),
+            ("path", "native path", ""),
+        ],
+    )
 
 
 @cli.group()
@@ -249,13 +291,25 @@ def _grants(values: tuple[str, ...]) -> list[dict[str, str]]:
 @click.argument("host")
 @click.option("--id", "vfid", help="UUID to use (default: a new random one)")
 @click.option("--scope", help="quota scope, user:<uuid> or project:<uuid>")
-@click.option("--grant", "grants", multiple=True, metavar="PRINCIPAL=MODE",
-              help="grant at creation, repeatable (uid:1000=rw, cgroup:/docker/x=rwd, '*=ro')")
+@click.option(
+    "--grant",
+    "grants",
+    multiple=True,
+    metavar="PRINCIPAL=MODE",
+    help="grant at creation, repeatable (uid:1000=rw, cgroup:/docker/x=rwd, '*=ro')",
+)
 @click.option("--adopt", is_flag=True, help="use an existing native directory")
 @json_option
 @click.pass_context
-def vfolder_create(ctx: click.Context, host: str, vfid: str | None, scope: str | None,
-                   grants: tuple[str, ...], adopt: bool, as_json: bool) -> None:
+def vfolder_create(
+    ctx: click.Context,
+    host: str,
+    vfid: str | None,
+    scope: str | None,
+    grants: tuple[str, ...],
+    adopt: bool,
+    as_json: bool,
+) -> None:
     """Create a vfolder on HOST."""
     body: dict[str, Any] = {"grants": _grants(grants)}
     if vfid:
@@ -264,8 +318,11 @@ def vfolder_create(ctx: click.Context, host: str, vfid: str | None, scope: str |
         body["scope"] = scope
     if adopt:
         body["adopt"] = True
-    emit(_client(ctx).call("POST", f"/hosts/{quote(host, safe='')}/vfolders", body), as_json,
-         VFOLDER_COLUMNS)
+    emit(
+        _client(ctx).call("POST", f"/hosts/{quote(host, safe='')}/vfolders", body),
+        as_json,
+        VFOLDER_COLUMNS,
+    )
 
 
 @vfolder.command("ls")
@@ -276,7 +333,9 @@ def vfolder_ls(ctx: click.Context, host: str | None, as_json: bool) -> None:
     """List vfolders (of HOST, or of every host)."""
     client = _client(ctx)
     names = [host] if host else [h["name"] for h in client.call("GET", "/hosts")]
-    rows = [vf for name in names for vf in client.call("GET", f"/hosts/{quote(name, safe='')}/vfolders")]
+    rows = [
+        vf for name in names for vf in client.call("GET", f"/hosts/{quote(name, safe='')}/vfolders")
+    ]
     emit(rows, as_json, VFOLDER_COLUMNS)
 
 
@@ -291,8 +350,19 @@ def vfolder_info(ctx: click.Context, host: str, vfid: str, as_json: bool) -> Non
     if as_json:
         return emit(data, True)
     kinds = {"quota_bytes": "limit", "usage_bytes": "size", "quota_inodes": "count_limit"}
-    for key in ("id", "host", "path", "native_path", "scope", "quota_bytes", "quota_inodes",
-                "usage_bytes", "usage_inodes", "grants", "open_handles"):
+    for key in (
+        "id",
+        "host",
+        "path",
+        "native_path",
+        "scope",
+        "quota_bytes",
+        "quota_inodes",
+        "usage_bytes",
+        "usage_inodes",
+        "grants",
+        "open_handles",
+    ):
         value, kind = data.get(key), kinds.get(key, "")
         shown = _cell(value, kind)
         if kind in ("size", "limit") and isinstance(value, int) and value >= 1024:
@@ -307,21 +377,30 @@ def vfolder_info(ctx: click.Context, host: str, vfid: str, as_json: bool) -> Non
 @click.option("--yes", "-y", is_flag=True, help="do not ask for confirmation")
 @json_option
 @click.pass_context
-def vfolder_rm(ctx: click.Context, host: str, vfid: str, force: bool, yes: bool,
-               as_json: bool) -> None:
+def vfolder_rm(
+    ctx: click.Context, host: str, vfid: str, force: bool, yes: bool, as_json: bool
+) -> None:
     """Delete a vfolder: its data goes to the host's trash, where `vfolder restore` can bring it
     back until trash_retention (default 24 h) has passed; then it is purged.  Asks first on a
     terminal unless --yes."""
     client = _client(ctx)
     if not yes and sys.stdin.isatty():
         info = client.call("GET", vf_path(host, vfid))
-        click.confirm(f"delete vfolder {info['id']} on {host} ({human(info['usage_bytes'] or 0)}, "
-                      f"{info['usage_inodes']} inodes)?", abort=True, err=True)
+        click.confirm(
+            f"delete vfolder {info['id']} on {host} ({human(info['usage_bytes'] or 0)}, "
+            f"{info['usage_inodes']} inodes)?",
+            abort=True,
+            err=True,
+        )
     data = client.call("DELETE", vf_path(host, vfid), params={"force": "1"} if force else None)
     if as_json:
         return emit(data, True)
-    click.echo(f"deleted {data['deleted']} (in the trash: vfusefs vfolder restore {host} "
-               f"{data['deleted']})" if data.get("trash") else f"deleted {data['deleted']}")
+    click.echo(
+        f"deleted {data['deleted']} (in the trash: vfusefs vfolder restore {host} "
+        f"{data['deleted']})"
+        if data.get("trash")
+        else f"deleted {data['deleted']}"
+    )
 
 
 @vfolder.command("restore")
@@ -347,8 +426,17 @@ def vfolder_trash(ctx: click.Context, host: str, as_json: bool) -> None:
     for row in rows:
         for key in ("deleted", "purge_after"):
             row[key] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row[key]))
-    emit(rows, False, [("id", "id", ""), ("scope", "scope", ""), ("deleted", "deleted", ""),
-                       ("purge_after", "purged after", ""), ("restorable", "restorable", "")])
+    emit(
+        rows,
+        False,
+        [
+            ("id", "id", ""),
+            ("scope", "scope", ""),
+            ("deleted", "deleted", ""),
+            ("purge_after", "purged after", ""),
+            ("restorable", "restorable", ""),
+        ],
+    )
 
 
 def _not_yet(what: str, method: str = "POST") -> Any:
@@ -381,22 +469,34 @@ def vfolder_rescan(ctx: click.Context, host: str, vfid: str, no_wait: bool, as_j
         return emit(task, True)
     if task["state"] == "failed":
         die(f"rescan failed: {task['error']}")
-    click.echo(f"{task['state']}: {task['entries']} inodes, {task['bytes']} bytes" if not no_wait
-               else task["id"])
+    click.echo(
+        f"{task['state']}: {task['entries']} inodes, {task['bytes']} bytes"
+        if not no_wait
+        else task["id"]
+    )
 
 
 def wait_task(client: Client, task: dict[str, Any], show: bool) -> dict[str, Any]:
     """Poll a background task until it ends, with a progress line for people."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=Console(stderr=True), disable=not show, transient=True) as progress:
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        disable=not show,
+        transient=True,
+    ) as progress:
         bar = progress.add_task(f"{task['kind']} {task['vfolder']}", total=None)
         while task["state"] == "running":
             time.sleep(0.2)
             task = client.call("GET", f"/tasks/{quote(task['id'], safe='')}")
-            progress.update(bar, description=f"{task['kind']} {task['vfolder']}: "
-                                             f"{task['entries']} inodes, {task['bytes']} bytes")
+            progress.update(
+                bar,
+                description=f"{task['kind']} {task['vfolder']}: "
+                f"{task['entries']} inodes, {task['bytes']} bytes",
+            )
     return task
 
 
@@ -407,15 +507,17 @@ def wait_task(client: Client, task: dict[str, Any], show: bool) -> dict[str, Any
 @click.option("--inodes", "qinodes", metavar="N", help="inode limit, 0 for none")
 @json_option
 @click.pass_context
-def vfolder_quota(ctx: click.Context, host: str, vfid: str, qbytes: str | None, qinodes: str | None,
-                  as_json: bool) -> None:
+def vfolder_quota(
+    ctx: click.Context, host: str, vfid: str, qbytes: str | None, qinodes: str | None, as_json: bool
+) -> None:
     """Show a vfolder's limits and usage, or set them."""
     data = show_or_set_limits(_client(ctx), vf_path(host, vfid), "PATCH", qbytes, qinodes)
     emit(data, as_json, QUOTA_COLUMNS)
 
 
-def show_or_set_limits(client: Client, path: str, method: str, qbytes: str | None,
-                       qinodes: str | None) -> Any:
+def show_or_set_limits(
+    client: Client, path: str, method: str, qbytes: str | None, qinodes: str | None
+) -> Any:
     """GET path, or send the limits given (the daemon parses sizes like 10G)."""
     if qbytes is None and qinodes is None:
         return client.call("GET", path)
@@ -430,7 +532,9 @@ def show_or_set_limits(client: Client, path: str, method: str, qbytes: str | Non
 @click.argument("mode")
 @json_option
 @click.pass_context
-def grant(ctx: click.Context, host: str, vfid: str, principal: str, mode: str, as_json: bool) -> None:
+def grant(
+    ctx: click.Context, host: str, vfid: str, principal: str, mode: str, as_json: bool
+) -> None:
     """Grant PRINCIPAL (cgroup:/path, uid:N, gid:N or '*') MODE (ro, rw, rwd) on a vfolder."""
     data = _client(ctx).call("PUT", vf_path(host, vfid, "grants", principal), {"mode": mode})
     emit(data, as_json, VFOLDER_COLUMNS)
@@ -454,12 +558,16 @@ def revoke(ctx: click.Context, host: str, vfid: str, principal: str, as_json: bo
 @click.option("--inodes", "qinodes", metavar="N", help="inode limit over all its vfolders")
 @json_option
 @click.pass_context
-def scope(ctx: click.Context, scope_id: str, qbytes: str | None, qinodes: str | None,
-          as_json: bool) -> None:
+def scope(
+    ctx: click.Context, scope_id: str, qbytes: str | None, qinodes: str | None, as_json: bool
+) -> None:
     """Show a quota scope's (user:<uuid> or project:<uuid>) limits and usage, or set them."""
-    data = show_or_set_limits(_client(ctx), f"/scopes/{quote(scope_id, safe='')}", "PUT",
-                              qbytes, qinodes)
-    emit(data, as_json, [("scope", "scope", "")] + QUOTA_COLUMNS[2:] + [("vfolders", "vfolders", "")])
+    data = show_or_set_limits(
+        _client(ctx), f"/scopes/{quote(scope_id, safe='')}", "PUT", qbytes, qinodes
+    )
+    emit(
+        data, as_json, [("scope", "scope", "")] + QUOTA_COLUMNS[2:] + [("vfolders", "vfolders", "")]
+    )
 
 
 @cli.command()

@@ -72,70 +72,199 @@ def _non_negative(value: float) -> str | None:
 
 DAEMON_OPTIONS: tuple[Option, ...] = (
     Option("mountpoint", str, "/mnt/vfroot", False, "where the vfusefs tree is mounted", _absolute),
-    Option("state_dir", str, "/var/lib/vfusefs", False, "embedded store, trash bookkeeping, pid", _absolute),
-    Option("control_socket", str, "/run/vfusefs/control.sock", False,
-           "HTTP+JSON control API on a unix socket, mode 0600 (root only)", _absolute),
-    Option("control_listen", str, "", False, "optional TCP HOST:PORT for the control API (Bearer token)",
-           _listen_address),
-    Option("control_token_file", str, "", True, "file holding the Bearer token for control_listen",
-           _absolute_or_empty),
-    Option("metrics_listen", str, "127.0.0.1:9321", False, "Prometheus HOST:PORT; empty disables",
-           _listen_address),
-    Option("metrics_vfolders", bool, True, True,
-           "export per-vfolder usage and quota gauges (one series each: switch off for very "
-           "large installations)"),
-    Option("admin_uids", list, [0], True, "uids that are admins when not in a confined cgroup", item=int),
-    Option("confined_cgroups", list, ["/docker", "/system.slice/docker-", "/kubepods", "/machine.slice"],
-           True, "cgroup-v2 path prefixes of containers: callers there are never admins", item=str),
-    Option("log_format", str, "text", True, "'text' for people, 'json' (one object a line) for Loki",
-           _one_of("text", "json")),
-    Option("log_level", str, "info", True, "debug, info, warning or error",
-           _one_of("debug", "info", "warning", "error")),
-    Option("writeback_cache", bool, False, False,
-           "let the kernel batch writes in its page cache: faster small writes, but a narrowed "
-           "grant or EDQUOT then surfaces at fsync/close instead of at write()"),
-    Option("entry_timeout", (int, float), 1.0, False,
-           "seconds the kernel may cache names and attributes inside vfolders", _non_negative),
-    Option("read_ahead_kb", int, 1024, False,
-           "kernel read-ahead for the mount, KiB (sequential reads reach the daemon in requests "
-           "this large, up to 1024; 0 keeps the kernel's default of 128)", _non_negative),
+    Option(
+        "state_dir",
+        str,
+        "/var/lib/vfusefs",
+        False,
+        "embedded store, trash bookkeeping, pid",
+        _absolute,
+    ),
+    Option(
+        "control_socket",
+        str,
+        "/run/vfusefs/control.sock",
+        False,
+        "HTTP+JSON control API on a unix socket, mode 0600 (root only)",
+        _absolute,
+    ),
+    Option(
+        "control_listen",
+        str,
+        "",
+        False,
+        "optional TCP HOST:PORT for the control API (Bearer token)",
+        _listen_address,
+    ),
+    Option(
+        "control_token_file",
+        str,
+        "",
+        True,
+        "file holding the Bearer token for control_listen",
+        _absolute_or_empty,
+    ),
+    Option(
+        "metrics_listen",
+        str,
+        "127.0.0.1:9321",
+        False,
+        "Prometheus HOST:PORT; empty disables",
+        _listen_address,
+    ),
+    Option(
+        "metrics_vfolders",
+        bool,
+        True,
+        True,
+        "export per-vfolder usage and quota gauges (one series each: switch off for very "
+        "large installations)",
+    ),
+    Option(
+        "admin_uids",
+        list,
+        [0],
+        True,
+        "uids that are admins when not in a confined cgroup",
+        item=int,
+    ),
+    Option(
+        "confined_cgroups",
+        list,
+        ["/docker", "/system.slice/docker-", "/kubepods", "/machine.slice"],
+        True,
+        "cgroup-v2 path prefixes of containers: callers there are never admins",
+        item=str,
+    ),
+    Option(
+        "log_format",
+        str,
+        "text",
+        True,
+        "'text' for people, 'json' (one object a line) for Loki",
+        _one_of("text", "json"),
+    ),
+    Option(
+        "log_level",
+        str,
+        "info",
+        True,
+        "debug, info, warning or error",
+        _one_of("debug", "info", "warning", "error"),
+    ),
+    Option(
+        "writeback_cache",
+        bool,
+        False,
+        False,
+        "let the kernel batch writes in its page cache: faster small writes, but a narrowed "
+        "grant or EDQUOT then surfaces at fsync/close instead of at write()",
+    ),
+    Option(
+        "entry_timeout",
+        (int, float),
+        1.0,
+        False,
+        "seconds the kernel may cache names and attributes inside vfolders",
+        _non_negative,
+    ),
+    Option(
+        "read_ahead_kb",
+        int,
+        1024,
+        False,
+        "kernel read-ahead for the mount, KiB (sequential reads reach the daemon in requests "
+        "this large, up to 1024; 0 keeps the kernel's default of 128)",
+        _non_negative,
+    ),
     Option("io_threads", int, 16, False, "worker threads per host for native syscalls", _positive),
-    Option("busy_poll_us", int, 100, True,
-           "after each reply, microseconds the daemon polls /dev/fuse for the next request "
-           "before its event loop sleeps (waking a sleeping CPU costs more than most requests; "
-           "0: off, and so is keeping a reading process's CPU awake while its read waits for "
-           "the disk)",
-           _non_negative),
-    Option("inode_fds", int, 0, False,
-           "O_PATH fds kept for inodes the kernel caches (0: from RLIMIT_NOFILE); above it the "
-           "kernel is asked to forget its oldest entries", _non_negative),
-    Option("max_tasks", int, 64, False, "concurrent FUSE requests the daemon works on at once", _positive),
-    Option("trash_retention", (int, float), 86400.0, True,
-           "seconds a deleted vfolder's data stays in its host's trash, restorable with "
-           "`vfusefs vfolder restore`, before it is purged in the background (0: at once)",
-           _non_negative),
-    Option("scan_interval", (int, float), 3600.0, True,
-           "seconds between background rescans that correct usage for changes made behind "
-           "vfusefs (0: only on request and after an unclean stop)", _non_negative),
+    Option(
+        "busy_poll_us",
+        int,
+        100,
+        True,
+        "after each reply, microseconds the daemon polls /dev/fuse for the next request "
+        "before its event loop sleeps (waking a sleeping CPU costs more than most requests; "
+        "0: off, and so is keeping a reading process's CPU awake while its read waits for "
+        "the disk)",
+        _non_negative,
+    ),
+    Option(
+        "inode_fds",
+        int,
+        0,
+        False,
+        "O_PATH fds kept for inodes the kernel caches (0: from RLIMIT_NOFILE); above it the "
+        "kernel is asked to forget its oldest entries",
+        _non_negative,
+    ),
+    Option(
+        "max_tasks",
+        int,
+        64,
+        False,
+        "concurrent FUSE requests the daemon works on at once",
+        _positive,
+    ),
+    Option(
+        "trash_retention",
+        (int, float),
+        86400.0,
+        True,
+        "seconds a deleted vfolder's data stays in its host's trash, restorable with "
+        "`vfusefs vfolder restore`, before it is purged in the background (0: at once)",
+        _non_negative,
+    ),
+    Option(
+        "scan_interval",
+        (int, float),
+        3600.0,
+        True,
+        "seconds between background rescans that correct usage for changes made behind "
+        "vfusefs (0: only on request and after an unclean stop)",
+        _non_negative,
+    ),
 )
 
 STORE_OPTIONS: tuple[Option, ...] = (
-    Option("url", str, "", False,
-           "sqlite:///ABS/PATH (default: state.db in state_dir) or redis://host:port/db"),
+    Option(
+        "url",
+        str,
+        "",
+        False,
+        "sqlite:///ABS/PATH (default: state.db in state_dir) or redis://host:port/db",
+    ),
 )
 
 HOST_OPTIONS: tuple[Option, ...] = (
     Option("backend", str, "vfs", True, "backend entry point in group vfusefs.backends"),
     Option("path", str, None, True, "native directory holding the host's vfolders", _absolute),
-    Option("layout", str, "flat", True, "'flat' (<path>/<uuid>) or 'backendai'",
-           _one_of("flat", "backendai")),
+    Option(
+        "layout",
+        str,
+        "flat",
+        True,
+        "'flat' (<path>/<uuid>) or 'backendai'",
+        _one_of("flat", "backendai"),
+    ),
     Option("servers", list, [], True, "storage network endpoints watched for health", item=str),
-    Option("op_timeout", (int, float), 30.0, True,
-           "seconds before an operation on a stuck host fails with EIO", _positive),
-    Option("allow_privileged", bool, False, True,
-           "let confined callers (containers) create block/char device nodes, set setuid/setgid "
-           "bits on files and set security.capability (off: EPERM; native storage is often "
-           "mounted without nosuid/nodev on hosts that are not this mount)"),
+    Option(
+        "op_timeout",
+        (int, float),
+        30.0,
+        True,
+        "seconds before an operation on a stuck host fails with EIO",
+        _positive,
+    ),
+    Option(
+        "allow_privileged",
+        bool,
+        False,
+        True,
+        "let confined callers (containers) create block/char device nodes, set setuid/setgid "
+        "bits on files and set security.capability (off: EPERM; native storage is often "
+        "mounted without nosuid/nodev on hosts that are not this mount)",
+    ),
     Option("options", dict, {}, True, "backend-specific options (see the backend's docs)"),
 )
 
@@ -190,21 +319,30 @@ def _plain(value: Any) -> Any:
 
 
 def _type_name(kind: type | tuple[type, ...]) -> str:
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
-             list: "a list", dict: "a table"}
+    names = {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        list: "a list",
+        dict: "a table",
+    }
     if isinstance(kind, tuple):
         return "a number"
     return names.get(kind, kind.__name__)
 
 
-def _read_section(path: str, section: str, table: Any, options: tuple[Option, ...]) -> dict[str, Any]:
+def _read_section(
+    path: str, section: str, table: Any, options: tuple[Option, ...]
+) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: {section}: must be a table")
     known = {o.key for o in options}
     for key in table:
         if key not in known:
-            raise ConfigError(f"{path}: {section}.{key}: unknown key "
-                              f"(known: {', '.join(sorted(known))})")
+            raise ConfigError(
+                f"{path}: {section}.{key}: unknown key (known: {', '.join(sorted(known))})"
+            )
     values: dict[str, Any] = {}
     for opt in options:
         name = f"{section}.{opt.key}"
@@ -222,8 +360,10 @@ def _read_section(path: str, section: str, table: Any, options: tuple[Option, ..
             elements = cast(list[Any], value)  # a list: checked just above
             for element in elements:
                 if isinstance(element, bool) or not isinstance(element, opt.item):
-                    raise ConfigError(f"{path}: {name}: every element must be "
-                                      f"{_type_name(opt.item)}, not {element!r}")
+                    raise ConfigError(
+                        f"{path}: {name}: every element must be "
+                        f"{_type_name(opt.item)}, not {element!r}"
+                    )
         if opt.check is not None and (problem := opt.check(value)) is not None:
             raise ConfigError(f"{path}: {name}: {problem}")
         values[opt.key] = value
@@ -245,10 +385,15 @@ def parse(text: str, path: str = "<config>", check_paths: bool = True) -> Config
     daemon["entry_timeout"] = float(daemon["entry_timeout"])
     store = _read_section(path, "store", doc.get("store", {}), STORE_OPTIONS)
     store_url = store["url"] or f"sqlite://{daemon['state_dir']}/state.db"
-    if not (store_url.startswith("sqlite:///") or store_url.startswith("redis://")
-            or store_url.startswith("unix://")):
-        raise ConfigError(f"{path}: store.url: must start with sqlite:/// (absolute path) "
-                          f"or redis://, not {store_url!r}")
+    if not (
+        store_url.startswith("sqlite:///")
+        or store_url.startswith("redis://")
+        or store_url.startswith("unix://")
+    ):
+        raise ConfigError(
+            f"{path}: store.url: must start with sqlite:/// (absolute path) "
+            f"or redis://, not {store_url!r}"
+        )
 
     hosts_table = doc.get("hosts", {})
     if not isinstance(hosts_table, dict):
@@ -257,20 +402,31 @@ def parse(text: str, path: str = "<config>", check_paths: bool = True) -> Config
     native_paths: dict[str, str] = {}
     for name, table in hosts_table.items():
         if not HOST_NAME_RE.match(name):
-            raise ConfigError(f"{path}: hosts.{name}: host name must be 1-63 letters, digits, "
-                              f"'.', '_' or '-', starting with a letter or digit")
+            raise ConfigError(
+                f"{path}: hosts.{name}: host name must be 1-63 letters, digits, "
+                f"'.', '_' or '-', starting with a letter or digit"
+            )
         values = _read_section(path, f"hosts.{name}", table, HOST_OPTIONS)
         real = os.path.realpath(values["path"])
         if check_paths and not os.path.isdir(real):
-            raise ConfigError(f"{path}: hosts.{name}.path: {values['path']} is not an existing directory")
+            raise ConfigError(
+                f"{path}: hosts.{name}.path: {values['path']} is not an existing directory"
+            )
         if real in native_paths:
-            raise ConfigError(f"{path}: hosts.{name}.path: same directory as hosts.{native_paths[real]}")
+            raise ConfigError(
+                f"{path}: hosts.{name}.path: same directory as hosts.{native_paths[real]}"
+            )
         native_paths[real] = name
-        hosts[name] = HostConfig(name=name, backend=values["backend"], path=values["path"],
-                                 layout=values["layout"], servers=tuple(values["servers"]),
-                                 op_timeout=float(values["op_timeout"]),
-                                 options=dict(values["options"]),
-                                 allow_privileged=values["allow_privileged"])
+        hosts[name] = HostConfig(
+            name=name,
+            backend=values["backend"],
+            path=values["path"],
+            layout=values["layout"],
+            servers=tuple(values["servers"]),
+            op_timeout=float(values["op_timeout"]),
+            options=dict(values["options"]),
+            allow_privileged=values["allow_privileged"],
+        )
     return Config(path=path, daemon=DaemonConfig(**daemon), store_url=store_url, hosts=hosts)
 
 
@@ -294,20 +450,35 @@ def load(explicit: str | None = None, check_paths: bool = True) -> Config:
 
 def options_json() -> list[dict[str, Any]]:
     """The option reference for scripts (`vfusefs config-doc --json`)."""
-    return [{"key": f"{section}.{o.key}", "type": _type_name(o.kind), "default": o.default,
-             "reload": o.reloadable, "doc": o.doc}
-            for section, options in (("daemon", DAEMON_OPTIONS), ("store", STORE_OPTIONS),
-                                     ("hosts.NAME", HOST_OPTIONS))
-            for o in options]
+    return [
+        {
+            "key": f"{section}.{o.key}",
+            "type": _type_name(o.kind),
+            "default": o.default,
+            "reload": o.reloadable,
+            "doc": o.doc,
+        }
+        for section, options in (
+            ("daemon", DAEMON_OPTIONS),
+            ("store", STORE_OPTIONS),
+            ("hosts.NAME", HOST_OPTIONS),
+        )
+        for o in options
+    ]
 
 
 def options_markdown() -> str:
     """The option reference, generated from the declarations above."""
     lines = ["| key | type | default | reload | meaning |", "|---|---|---|---|---|"]
-    for section, options in (("daemon", DAEMON_OPTIONS), ("store", STORE_OPTIONS),
-                             ("hosts.NAME", HOST_OPTIONS)):
+    for section, options in (
+        ("daemon", DAEMON_OPTIONS),
+        ("store", STORE_OPTIONS),
+        ("hosts.NAME", HOST_OPTIONS),
+    ):
         for o in options:
             default = "required" if o.default is None else repr(o.default)
-            lines.append(f"| `{section}.{o.key}` | {_type_name(o.kind)} | `{default}` | "
-                         f"{'yes' if o.reloadable else 'no'} | {o.doc} |")
+            lines.append(
+                f"| `{section}.{o.key}` | {_type_name(o.kind)} | `{default}` | "
+                f"{'yes' if o.reloadable else 'no'} | {o.doc} |"
+            )
     return "\n".join(lines) + "\n"

@@ -74,22 +74,29 @@ async def json_body(request: Request, allowed: set[str]) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
-        raise RegistryError(400, "bad_json", "request body is not valid JSON (or nests too "
-                                             "deeply)") from None
+        raise RegistryError(
+            400, "bad_json", "request body is not valid JSON (or nests too deeply)"
+        ) from None
     if _depth(body) > MAX_DEPTH:
         raise RegistryError(400, "bad_json", f"request body nests deeper than {MAX_DEPTH} levels")
     if not isinstance(body, dict):
         raise RegistryError(400, "bad_json", "request body must be a JSON object")
     unknown = set(body) - allowed
     if unknown:
-        raise RegistryError(400, "unknown_field", f"unknown field(s): {', '.join(sorted(unknown))} "
-                                                  f"(allowed: {', '.join(sorted(allowed))})")
+        raise RegistryError(
+            400,
+            "unknown_field",
+            f"unknown field(s): {', '.join(sorted(unknown))} "
+            f"(allowed: {', '.join(sorted(allowed))})",
+        )
     return body
 
 
 def not_yet(feature: str) -> Endpoint:
     async def handler(request: Request) -> Response:
-        return error(501, "not_implemented", f"{feature} is not implemented in vfusefs {__version__}")
+        return error(
+            501, "not_implemented", f"{feature} is not implemented in vfusefs {__version__}"
+        )
 
     return handler
 
@@ -103,12 +110,19 @@ def build_app(registry: Registry, token: str | None = None) -> Starlette:
 
     @endpoint
     async def status(request: Request) -> Response:
-        return JSONResponse({
-            "version": __version__, "mountpoint": mountpoint, "mounted": registry.mounted,
-            "started": registry.started, "config": registry.config.path,
-            "hosts": {name: h.health for name, h in registry.hosts.items()},
-            "vfolders": len(registry.vfolders), "inodes": len(registry.table),
-            "open_handles": sum(vf.handles for vf in registry.vfolders.values())})
+        return JSONResponse(
+            {
+                "version": __version__,
+                "mountpoint": mountpoint,
+                "mounted": registry.mounted,
+                "started": registry.started,
+                "config": registry.config.path,
+                "hosts": {name: h.health for name, h in registry.hosts.items()},
+                "vfolders": len(registry.vfolders),
+                "inodes": len(registry.table),
+                "open_handles": sum(vf.handles for vf in registry.vfolders.values()),
+            }
+        )
 
     @endpoint
     async def hosts(request: Request) -> Response:
@@ -125,10 +139,18 @@ def build_app(registry: Registry, token: str | None = None) -> Starlette:
             for vf in list(h.vfolders.values()):
                 await registry.reconcile(vf)
             return JSONResponse([vf_json(vf) for vf in h.vfolders.values()])
-        body = await json_body(request, {"id", "scope", "quota_bytes", "quota_inodes", "grants", "adopt"})
+        body = await json_body(
+            request, {"id", "scope", "quota_bytes", "quota_inodes", "grants", "adopt"}
+        )
         vf = await registry.create_vfolder(
-            h.name, body.get("id"), body.get("scope"), body.get("quota_bytes", 0),
-            body.get("quota_inodes", 0), body.get("grants"), body.get("adopt", False))
+            h.name,
+            body.get("id"),
+            body.get("scope"),
+            body.get("quota_bytes", 0),
+            body.get("quota_inodes", 0),
+            body.get("grants"),
+            body.get("adopt", False),
+        )
         return JSONResponse(vf_json(vf), status_code=201)
 
     @endpoint
@@ -143,8 +165,9 @@ def build_app(registry: Registry, token: str | None = None) -> Starlette:
             moved = await registry.delete_vfolder(p["host"], p["id"], force)
             return JSONResponse({"deleted": p["id"], "trash": moved}, status_code=200)
         body = await json_body(request, {"quota_bytes", "quota_inodes"})
-        vf = await registry.set_limits(p["host"], p["id"], body.get("quota_bytes"),
-                                       body.get("quota_inodes"))
+        vf = await registry.set_limits(
+            p["host"], p["id"], body.get("quota_bytes"), body.get("quota_inodes")
+        )
         return JSONResponse(vf_json(vf))
 
     @endpoint
@@ -180,8 +203,9 @@ def build_app(registry: Registry, token: str | None = None) -> Starlette:
                     await registry.reconcile(vf)
             return JSONResponse(registry.scope_info(name))
         body = await json_body(request, {"quota_bytes", "quota_inodes"})
-        return JSONResponse(await registry.set_scope(name, body.get("quota_bytes"),
-                                                     body.get("quota_inodes")))
+        return JSONResponse(
+            await registry.set_scope(name, body.get("quota_bytes"), body.get("quota_inodes"))
+        )
 
     @endpoint
     async def grant(request: Request) -> Response:
@@ -193,7 +217,7 @@ def build_app(registry: Registry, token: str | None = None) -> Starlette:
             return JSONResponse(vf_json(vf))
         body = await json_body(request, {"mode"})
         if "mode" not in body:
-            raise RegistryError(400, "bad_grant", "body needs {\"mode\": \"ro|rw|rwd\"}")
+            raise RegistryError(400, "bad_grant", 'body needs {"mode": "ro|rw|rwd"}')
         vf = await registry.set_grant(p["host"], p["id"], principal, body["mode"])
         return JSONResponse(vf_json(vf))
 
@@ -211,7 +235,9 @@ def build_app(registry: Registry, token: str | None = None) -> Starlette:
         return error(404, "not_found", f"no such endpoint: {request.method} {request.url.path}")
 
     async def not_allowed(request: Request, exc: Exception) -> Response:
-        return error(405, "method_not_allowed", f"{request.method} not allowed on {request.url.path}")
+        return error(
+            405, "method_not_allowed", f"{request.method} not allowed on {request.url.path}"
+        )
 
     routes = [
         Route("/v1/status", status),
@@ -219,7 +245,11 @@ def build_app(registry: Registry, token: str | None = None) -> Starlette:
         Route("/v1/hosts/{host}", host),
         Route("/v1/hosts/{host}/vfolders", vfolders, methods=["GET", "POST"]),
         Route("/v1/hosts/{host}/vfolders/{id}", vfolder, methods=["GET", "PATCH", "DELETE"]),
-        Route("/v1/hosts/{host}/vfolders/{id}/grants/{principal:path}", grant, methods=["PUT", "DELETE"]),
+        Route(
+            "/v1/hosts/{host}/vfolders/{id}/grants/{principal:path}",
+            grant,
+            methods=["PUT", "DELETE"],
+        ),
         Route("/v1/hosts/{host}/vfolders/{id}/clone", not_yet("clone"), methods=["POST"]),
         Route("/v1/hosts/{host}/vfolders/{id}/rescan", rescan, methods=["POST"]),
         Route("/v1/hosts/{host}/vfolders/{id}/restore", restore, methods=["POST"]),
@@ -247,7 +277,8 @@ class BearerAuth:
             auth = dict(scope.get("headers") or []).get(b"authorization", b"")
             if not auth.startswith(b"Bearer "):
                 return await error(401, "unauthorized", "missing Authorization: Bearer <token>")(
-                    scope, receive, send)
+                    scope, receive, send
+                )
             if not hmac.compare_digest(auth[7:].strip(), self.token):
                 return await error(403, "forbidden", "wrong token")(scope, receive, send)
         await self.app(scope, receive, send)

@@ -79,7 +79,9 @@ async def clear_stale_mount(mountpoint: str) -> None:
         try:
             os.makedirs(mountpoint, mode=0o755, exist_ok=True)
         except OSError as exc:
-            raise StartupError(f"mountpoint {mountpoint}: cannot create it: {exc.strerror}") from None
+            raise StartupError(
+                f"mountpoint {mountpoint}: cannot create it: {exc.strerror}"
+            ) from None
         return
     except OSError as exc:
         if exc.errno != errno.ENOTCONN:
@@ -96,18 +98,25 @@ async def clear_stale_mount(mountpoint: str) -> None:
             if exc.errno != errno.ENOTCONN:
                 raise StartupError(f"mountpoint {mountpoint}: {exc.strerror}") from None
         else:
-            raise StartupError(f"mountpoint {mountpoint}: a vfusefs daemon is already serving there")
+            raise StartupError(
+                f"mountpoint {mountpoint}: a vfusefs daemon is already serving there"
+            )
     if scope.cancelled_caught:
-        raise StartupError(f"mountpoint {mountpoint}: the vfusefs mount there does not answer "
-                           f"(a hung daemon?): stop it, or run umount -l {mountpoint}")
-    log.warning("mountpoint %s has a stale mount (transport endpoint not connected): "
-                "unmounting it lazily", mountpoint)
+        raise StartupError(
+            f"mountpoint {mountpoint}: the vfusefs mount there does not answer "
+            f"(a hung daemon?): stop it, or run umount -l {mountpoint}"
+        )
+    log.warning(
+        "mountpoint %s has a stale mount (transport endpoint not connected): unmounting it lazily",
+        mountpoint,
+    )
     try:
         mounts.umount(mountpoint, lazy=True)
         os.stat(mountpoint)
     except OSError as exc:
-        raise StartupError(f"mountpoint {mountpoint}: stale mount could not be cleared: "
-                           f"{exc.strerror}") from None
+        raise StartupError(
+            f"mountpoint {mountpoint}: stale mount could not be cleared: {exc.strerror}"
+        ) from None
 
 
 def check_socket_free(path: str) -> None:
@@ -116,8 +125,9 @@ def check_socket_free(path: str) -> None:
         try:
             os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
         except OSError as exc:
-            raise StartupError(f"control socket {path}: cannot create its directory: "
-                               f"{exc.strerror}") from None
+            raise StartupError(
+                f"control socket {path}: cannot create its directory: {exc.strerror}"
+            ) from None
         return
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         try:
@@ -127,8 +137,14 @@ def check_socket_free(path: str) -> None:
     raise StartupError(f"control socket {path}: another vfusefs daemon is answering there")
 
 
-async def serve_asgi(app: Any, bind: str, what: str, *, unix_umask: int | None = None,
-                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_asgi(
+    app: Any,
+    bind: str,
+    what: str,
+    *,
+    unix_umask: int | None = None,
+    task_status: Any = trio.TASK_STATUS_IGNORED,
+) -> None:
     """Serve an ASGI app with hypercorn on the event loop; a bind failure is a StartupError."""
     from hypercorn.config import Config as HyperConfig
     from hypercorn.trio import serve
@@ -158,7 +174,9 @@ def read_token(path: str) -> str:
     except OSError as exc:
         raise StartupError(f"daemon.control_token_file {path}: {exc.strerror}") from None
     if len(token) < 16:
-        raise StartupError(f"daemon.control_token_file {path}: token must be at least 16 characters")
+        raise StartupError(
+            f"daemon.control_token_file {path}: token must be at least 16 characters"
+        )
     return token
 
 
@@ -175,8 +193,11 @@ async def purge_trash_periodically(registry: Registry) -> None:
             return
         except Exception:
             log.exception("trash purge failed")
-        wait = TRASH_PURGE_INTERVAL if due is None else min(TRASH_PURGE_INTERVAL,
-                                                           max(0.0, due - time.time()) + 0.05)
+        wait = (
+            TRASH_PURGE_INTERVAL
+            if due is None
+            else min(TRASH_PURGE_INTERVAL, max(0.0, due - time.time()) + 0.05)
+        )
         with trio.move_on_after(wait):
             await registry.trash_waiting.wait()
         registry.trash_waiting = trio.Event()
@@ -194,8 +215,13 @@ def set_read_ahead(mountpoint: str, kb: int) -> None:
         with open(f"/sys/class/bdi/{top.dev}/read_ahead_kb", "w") as f:
             f.write(str(kb))
     except OSError as exc:
-        log.warning("cannot set read-ahead of %s to %d KiB (%s): sequential reads stay at "
-                    "128 KiB per request", mountpoint, kb, exc.strerror or exc)
+        log.warning(
+            "cannot set read-ahead of %s to %d KiB (%s): sequential reads stay at "
+            "128 KiB per request",
+            mountpoint,
+            kb,
+            exc.strerror or exc,
+        )
 
 
 class Service:
@@ -220,8 +246,10 @@ class Service:
             return "starting"
         health = ", ".join(f"{name} {h.health}" for name, h in r.hosts.items()) or "none"
         handles = len(self.ops.handles) if self.ops is not None else 0
-        return (f"serving {len(r.vfolders)} vfolder(s) of {len(r.hosts)} host(s) at "
-                f"{self.cfg.daemon.mountpoint}; hosts: {health}; {handles} open handle(s)")
+        return (
+            f"serving {len(r.vfolders)} vfolder(s) of {len(r.hosts)} host(s) at "
+            f"{self.cfg.daemon.mountpoint}; hosts: {health}; {handles} open handle(s)"
+        )
 
     def update_status(self) -> None:
         line = self.status_line()
@@ -273,8 +301,10 @@ class Service:
                     self.stopping = True
                     self.nursery.cancel_scope.cancel()
                     continue
-                log.info("%s received: stopping (no new requests, usage flushed, then unmount)",
-                         signal.Signals(signum).name)
+                log.info(
+                    "%s received: stopping (no new requests, usage flushed, then unmount)",
+                    signal.Signals(signum).name,
+                )
                 self.stopping = True
                 self.notifier.stopping(f"stopping: unmounting {self.cfg.daemon.mountpoint}")
                 pyfuse3.terminate()  # further signals are absorbed above until we are gone
@@ -292,8 +322,10 @@ class Service:
                 load_backend(hc)
         except ConfigError as exc:
             text = str(exc)
-            log.error("reload refused, the previous configuration stays in force: %s",
-                      text if text.startswith(path) else f"{path}: {text}")
+            log.error(
+                "reload refused, the previous configuration stays in force: %s",
+                text if text.startswith(path) else f"{path}: {text}",
+            )
             self.notifier.ready(self.status_line())
             return
         changes = self._apply_daemon(new.daemon)
@@ -303,8 +335,11 @@ class Service:
             log.exception("reload partly applied: %s", exc)
         d = self.cfg.daemon
         self.cfg = self.registry.config = dataclasses.replace(
-            new, daemon=d, store_url=self.cfg.store_url,
-            hosts={name: h.config for name, h in self.registry.hosts.items()})
+            new,
+            daemon=d,
+            store_url=self.cfg.store_url,
+            hosts={name: h.config for name, h in self.registry.hosts.items()},
+        )
         log.info("configuration reloaded: %s", "; ".join(changes) if changes else "nothing changed")
         self.last_status = self.status_line()
         self.notifier.ready(self.last_status)
@@ -314,15 +349,22 @@ class Service:
         saying it needs a restart."""
         assert self.registry is not None and self.ops is not None
         old = self.cfg.daemon
-        changed = {o.key: o for o in config_mod.DAEMON_OPTIONS
-                   if getattr(old, o.key) != getattr(new, o.key)}
+        changed = {
+            o.key: o
+            for o in config_mod.DAEMON_OPTIONS
+            if getattr(old, o.key) != getattr(new, o.key)
+        }
         applied: dict[str, Any] = {}
         for key, opt in changed.items():
             if opt.reloadable:
                 applied[key] = getattr(new, key)
             else:
-                log.warning("daemon.%s changed to %r: takes effect at the next restart "
-                            "(still %r)", key, getattr(new, key), getattr(old, key))
+                log.warning(
+                    "daemon.%s changed to %r: takes effect at the next restart (still %r)",
+                    key,
+                    getattr(new, key),
+                    getattr(old, key),
+                )
         if "control_token_file" in applied and self.tcp_app is not None:
             try:
                 self.tcp_app.token = read_token(applied["control_token_file"]).encode()
@@ -356,7 +398,9 @@ class Service:
             stack.callback(nursery.cancel_scope.cancel)
             nursery.start_soon(self.watchdog)
             self.nursery = nursery
-            nursery.start_soon(self.watch_signals)  # early: SIGHUP must never kill a starting daemon
+            nursery.start_soon(
+                self.watch_signals
+            )  # early: SIGHUP must never kill a starting daemon
             self.notifier.status("loading vfolders")
             table = InodeTable()
             registry = self.registry = Registry(self.cfg, store, table, token)
@@ -364,9 +408,15 @@ class Service:
             await registry.load()
             await clear_stale_mount(d.mountpoint)
             check_socket_free(d.control_socket)
-            await nursery.start(functools.partial(serve_asgi, build_app(registry),
-                                                  f"unix:{d.control_socket}", "control_socket",
-                                                  unix_umask=0o177))  # socket file 0600
+            await nursery.start(
+                functools.partial(
+                    serve_asgi,
+                    build_app(registry),
+                    f"unix:{d.control_socket}",
+                    "control_socket",
+                    unix_umask=0o177,
+                )
+            )  # socket file 0600
             if d.control_listen:
                 self.tcp_app = build_app(registry, read_token(d.control_token_file))
                 await nursery.start(serve_asgi, self.tcp_app, d.control_listen, "control_listen")
@@ -376,8 +426,9 @@ class Service:
 
             ops = self.ops = Operations(registry, d)
             if d.metrics_listen:
-                await nursery.start(serve_asgi, metrics.build_app(ops, registry),
-                                    d.metrics_listen, "metrics_listen")
+                await nursery.start(
+                    serve_asgi, metrics.build_app(ops, registry), d.metrics_listen, "metrics_listen"
+                )
             options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
             options |= {"fsname=vfusefs", "subtype=vfusefs", "allow_other"}
             os.umask(0)  # native nodes get exactly the mode the caller asked for (already masked)
@@ -387,8 +438,10 @@ class Service:
                 raise StartupError(f"cannot mount {d.mountpoint}: {exc}") from None
             registry.mounted = True
             if not fuseshim.active():
-                log.warning("statfs shim not active (vfusefs/_fuseshim*.so missing?): df will "
-                            "show host totals instead of each vfolder's quota")
+                log.warning(
+                    "statfs shim not active (vfusefs/_fuseshim*.so missing?): df will "
+                    "show host totals instead of each vfolder's quota"
+                )
             session_open = True
 
             def close_session() -> None:  # on errors: libfuse unmounts (lazily) and closes
@@ -409,8 +462,14 @@ class Service:
             log.info("FUSE loop ended: no more requests are served")
             await registry.mark_clean()  # usage persisted: the next start may trust it
             for (host, op, code), st in sorted(ops.stats.items()):
-                log.debug("served %-8s %-12s errno %-3d x%-8d %8.1f us each", host, op, code,
-                          st.count, st.seconds / st.count * 1e6)
+                log.debug(
+                    "served %-8s %-12s errno %-3d x%-8d %8.1f us each",
+                    host,
+                    op,
+                    code,
+                    st.count,
+                    st.seconds / st.count * 1e6,
+                )
             registry.mounted = False
             await self.unmount()
             pyfuse3.close(unmount=False)
@@ -440,8 +499,11 @@ class Service:
         if scope.cancelled_caught:
             log.warning("unmounting %s did not finish in 10 s: closing the FUSE session", mp)
         elif result == "busy":
-            log.warning("%s is busy (open files or a working directory inside): detached it "
-                        "lazily; processes still using it get ENOTCONN from now on", mp)
+            log.warning(
+                "%s is busy (open files or a working directory inside): detached it "
+                "lazily; processes still using it get ENOTCONN from now on",
+                mp,
+            )
         else:
             log.info("unmounted %s", mp)
 
@@ -459,8 +521,11 @@ class Service:
                     await registry.reconcile(vf)
                 except (trio.TooSlowError, StoppedError) as exc:  # a hung or removed host
                     stuck.add(vf.host.name)
-                    log.warning("host %s: usage of recently written files not reconciled this "
-                                "round: %s", vf.host.name, exc)
+                    log.warning(
+                        "host %s: usage of recently written files not reconciled this round: %s",
+                        vf.host.name,
+                        exc,
+                    )
             try:
                 await registry.flush_usage()
             except Exception:
@@ -534,13 +599,18 @@ def serve(config_path: str | None) -> int:
         return 2
     setup_logging(cfg.daemon.log_format, cfg.daemon.log_level)
     if os.geteuid() != 0:
-        print("vfusefs: serve must run as root (it mounts with allow_other and serves all users)",
-              file=sys.stderr)
+        print(
+            "vfusefs: serve must run as root (it mounts with allow_other and serves all users)",
+            file=sys.stderr,
+        )
         return 1
     fds = raise_fd_limit()
     if fds < 65536:
-        log.warning("only %d file descriptors allowed (RLIMIT_NOFILE): the kernel will be asked "
-                    "to forget cached entries often; raise it (systemd: LimitNOFILE=1048576)", fds)
+        log.warning(
+            "only %d file descriptors allowed (RLIMIT_NOFILE): the kernel will be asked "
+            "to forget cached entries often; raise it (systemd: LimitNOFILE=1048576)",
+            fds,
+        )
     service = Service(cfg)
     try:
         trio.run(service.run)

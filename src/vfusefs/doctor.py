@@ -63,34 +63,62 @@ def bounded(fn: Callable[..., Any], *args: Any, seconds: float = PROBE_SECONDS) 
 def check_system() -> list[Check]:
     out = []
     root = os.geteuid() == 0
-    out.append(Check("root", "ok" if root else "fail",
-                     "running as root" if root else f"running as uid {os.geteuid()}",
-                     "" if root else "run `vfusefs serve` (and this check) as root; systemd does"))
+    out.append(
+        Check(
+            "root",
+            "ok" if root else "fail",
+            "running as root" if root else f"running as uid {os.geteuid()}",
+            "" if root else "run `vfusefs serve` (and this check) as root; systemd does",
+        )
+    )
     try:
         with open("/proc/filesystems") as f:
             has_fuse = any(line.split()[-1] == "fuse" for line in f if line.strip())
     except OSError:
         has_fuse = False
-    out.append(Check("kernel fuse", "ok" if has_fuse else "fail",
-                     "fuse filesystem registered" if has_fuse else "no fuse in /proc/filesystems",
-                     "" if has_fuse else "modprobe fuse"))
+    out.append(
+        Check(
+            "kernel fuse",
+            "ok" if has_fuse else "fail",
+            "fuse filesystem registered" if has_fuse else "no fuse in /proc/filesystems",
+            "" if has_fuse else "modprobe fuse",
+        )
+    )
     out.append(_dev_fuse())
     tool = shutil.which("fusermount3")
-    out.append(Check("fusermount3", "ok" if tool else "warn", tool or "not found in PATH",
-                     "" if tool else "apt-get install fuse3 (used to unmount when not root)"))
+    out.append(
+        Check(
+            "fusermount3",
+            "ok" if tool else "warn",
+            tool or "not found in PATH",
+            "" if tool else "apt-get install fuse3 (used to unmount when not root)",
+        )
+    )
     if root:
         out.append(Check("user_allow_other", "ok", "not needed: allow_other as root"))
     else:
         allowed = _fuse_conf_allows_other()
-        out.append(Check("user_allow_other", "ok" if allowed else "fail",
-                         "set in /etc/fuse.conf" if allowed else "missing in /etc/fuse.conf",
-                         "" if allowed else "add a line `user_allow_other` to /etc/fuse.conf"))
+        out.append(
+            Check(
+                "user_allow_other",
+                "ok" if allowed else "fail",
+                "set in /etc/fuse.conf" if allowed else "missing in /etc/fuse.conf",
+                "" if allowed else "add a line `user_allow_other` to /etc/fuse.conf",
+            )
+        )
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     enough = hard >= 65536
-    out.append(Check("open files", "ok" if enough else "warn",
-                     f"RLIMIT_NOFILE soft {soft}, hard {hard}",
-                     "" if enough else "raise the hard limit (systemd: LimitNOFILE=1048576, as "
-                                       "systemd/vfusefs.service sets): each cached inode holds a fd"))
+    out.append(
+        Check(
+            "open files",
+            "ok" if enough else "warn",
+            f"RLIMIT_NOFILE soft {soft}, hard {hard}",
+            ""
+            if enough
+            else "raise the hard limit (systemd: LimitNOFILE=1048576, as "
+            "systemd/vfusefs.service sets): each cached inode holds a fd",
+        )
+    )
     return out
 
 
@@ -98,16 +126,28 @@ def _dev_fuse() -> Check:
     try:
         st = os.stat("/dev/fuse")
     except OSError as exc:
-        return Check("/dev/fuse", "fail", exc.strerror or str(exc),
-                     "modprobe fuse; in a container, pass --device /dev/fuse")
+        return Check(
+            "/dev/fuse",
+            "fail",
+            exc.strerror or str(exc),
+            "modprobe fuse; in a container, pass --device /dev/fuse",
+        )
     if not stat.S_ISCHR(st.st_mode):
-        return Check("/dev/fuse", "fail", "exists but is not a character device",
-                     "remove it and `modprobe fuse` (udev recreates it)")
+        return Check(
+            "/dev/fuse",
+            "fail",
+            "exists but is not a character device",
+            "remove it and `modprobe fuse` (udev recreates it)",
+        )
     try:
         os.close(os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC))
     except OSError as exc:
-        return Check("/dev/fuse", "fail", f"cannot open: {exc.strerror}",
-                     "run as root; in a container, allow the device (cgroup devices c 10:229)")
+        return Check(
+            "/dev/fuse",
+            "fail",
+            f"cannot open: {exc.strerror}",
+            "run as root; in a container, allow the device (cgroup devices c 10:229)",
+        )
     return Check("/dev/fuse", "ok", "character device, opens read-write")
 
 
@@ -125,8 +165,11 @@ def check_config(path: str | None) -> tuple[Config | None, list[Check]]:
         for hc in cfg.hosts.values():
             load_backend(hc)
     except ConfigError as exc:
-        return None, [Check("config", "fail", str(exc), "fix the file; `vfusefs check-config` "
-                                                        "checks it again")]
+        return None, [
+            Check(
+                "config", "fail", str(exc), "fix the file; `vfusefs check-config` checks it again"
+            )
+        ]
     return cfg, [Check("config", "ok", f"{cfg.path}: {len(cfg.hosts)} host(s)")]
 
 
@@ -141,21 +184,39 @@ def check_mountpoint(mp: str) -> Check:
             bounded(os.statvfs, mp)
         except OSError as exc:
             if exc.errno == errno.ENOTCONN:
-                return Check(name, "fail", "stale vfusefs mount (its daemon died)",
-                             f"umount -l {mp} (vfusefs serve also clears it at start)")
+                return Check(
+                    name,
+                    "fail",
+                    "stale vfusefs mount (its daemon died)",
+                    f"umount -l {mp} (vfusefs serve also clears it at start)",
+                )
             return Check(name, "fail", f"vfusefs mount answers {exc.strerror}", f"umount -l {mp}")
         except TimeoutError:
-            return Check(name, "fail", "vfusefs mount does not answer (a hung daemon?)",
-                         f"stop the daemon (systemctl restart vfusefs) or umount -l {mp}")
+            return Check(
+                name,
+                "fail",
+                "vfusefs mount does not answer (a hung daemon?)",
+                f"stop the daemon (systemctl restart vfusefs) or umount -l {mp}",
+            )
         return Check(name, "ok", "served by a running vfusefs daemon")
     if mounted:
-        return Check(name, "warn", f"a {mounted} filesystem is mounted there: vfusefs would "
-                                   "hide it", "pick another daemon.mountpoint or unmount it")
+        return Check(
+            name,
+            "warn",
+            f"a {mounted} filesystem is mounted there: vfusefs would hide it",
+            "pick another daemon.mountpoint or unmount it",
+        )
     if not os.path.isdir(mp):
-        return Check(name, "fail", "exists but is not a directory", "remove it or pick another path")
+        return Check(
+            name, "fail", "exists but is not a directory", "remove it or pick another path"
+        )
     if os.listdir(mp):
-        return Check(name, "warn", "directory is not empty: its files are hidden while mounted",
-                     "use an empty directory")
+        return Check(
+            name,
+            "warn",
+            "directory is not empty: its files are hidden while mounted",
+            "use an empty directory",
+        )
     return Check(name, "ok", "empty directory")
 
 
@@ -164,35 +225,59 @@ def check_state(cfg: Config) -> list[Check]:
     sd = cfg.daemon.state_dir
     if os.path.isdir(sd):
         ok = os.access(sd, os.W_OK | os.X_OK)
-        out.append(Check(f"state_dir {sd}", "ok" if ok else "fail",
-                         "writable" if ok else "not writable", "" if ok else f"chown root {sd}"))
+        out.append(
+            Check(
+                f"state_dir {sd}",
+                "ok" if ok else "fail",
+                "writable" if ok else "not writable",
+                "" if ok else f"chown root {sd}",
+            )
+        )
     else:
         parent = _existing_parent(sd)
         ok = os.access(parent, os.W_OK | os.X_OK)
-        out.append(Check(f"state_dir {sd}", "ok" if ok else "fail",
-                         "created at start" if ok else f"cannot be created under {parent}",
-                         "" if ok else f"mkdir -p {sd}"))
+        out.append(
+            Check(
+                f"state_dir {sd}",
+                "ok" if ok else "fail",
+                "created at start" if ok else f"cannot be created under {parent}",
+                "" if ok else f"mkdir -p {sd}",
+            )
+        )
     url = cfg.store_url
     try:
         path = sqlite_path(url)
     except StoreError:
-        out.append(Check("store", "fail", f"{url}: only sqlite:/// is supported by this version",
-                         "use the embedded default (leave store.url unset)"))
+        out.append(
+            Check(
+                "store",
+                "fail",
+                f"{url}: only sqlite:/// is supported by this version",
+                "use the embedded default (leave store.url unset)",
+            )
+        )
         return out
     if not os.path.exists(path):
         out.append(Check(f"store {path}", "ok", "does not exist yet: created at start"))
         return out
     try:
-        db = sqlite3.connect(f"{pathlib.Path(path).as_uri()}?mode=ro", uri=True,
-                             timeout=PROBE_SECONDS)
+        db = sqlite3.connect(
+            f"{pathlib.Path(path).as_uri()}?mode=ro", uri=True, timeout=PROBE_SECONDS
+        )
         try:
             (n,) = db.execute("SELECT count(*) FROM vfolders").fetchone()
         finally:
             db.close()
     except sqlite3.Error as exc:
-        out.append(Check(f"store {path}", "fail", f"cannot read: {exc}",
-                         "restore it from a backup, or move it aside to start empty (vfolder "
-                         "data stays on the hosts; re-create with adopt)"))
+        out.append(
+            Check(
+                f"store {path}",
+                "fail",
+                f"cannot read: {exc}",
+                "restore it from a backup, or move it aside to start empty (vfolder "
+                "data stays on the hosts; re-create with adopt)",
+            )
+        )
         return out
     out.append(Check(f"store {path}", "ok", f"readable, {n} vfolder(s)"))
     return out
@@ -213,26 +298,55 @@ def check_hosts(cfg: Config) -> list[Check]:
             ok = bounded(os.access, hc.path, os.R_OK | os.W_OK | os.X_OK)
             health = bounded(load_backend(hc).probe)
         except TimeoutError as exc:
-            out.append(Check(label, "fail", f"storage does not answer: {exc}",
-                             "check the storage server and network path, then `mount` of it"))
+            out.append(
+                Check(
+                    label,
+                    "fail",
+                    f"storage does not answer: {exc}",
+                    "check the storage server and network path, then `mount` of it",
+                )
+            )
             continue
         except (OSError, BackendError, ConfigError) as exc:
             detail = getattr(exc, "strerror", None) or str(exc)
-            out.append(Check(label, "fail", detail, f"mount the storage at {hc.path} or fix "
-                                                   f"hosts.{name}.path"))
+            out.append(
+                Check(
+                    label,
+                    "fail",
+                    detail,
+                    f"mount the storage at {hc.path} or fix hosts.{name}.path",
+                )
+            )
             continue
         if not ok:
-            out.append(Check(label, "fail", "not readable and writable by root",
-                             f"fix permissions (or root squashing) on {hc.path}"))
+            out.append(
+                Check(
+                    label,
+                    "fail",
+                    "not readable and writable by root",
+                    f"fix permissions (or root squashing) on {hc.path}",
+                )
+            )
             continue
         free = st.f_bavail * st.f_frsize
         level = "ok" if health == "ok" else "fail"
-        out.append(Check(label, level, f"{mounts.fs_type(hc.path)}, {free / 2**30:.1f} GiB free, "
-                                       f"backend says {health}",
-                         "" if level == "ok" else "see the backend's docs"))
+        out.append(
+            Check(
+                label,
+                level,
+                f"{mounts.fs_type(hc.path)}, {free / 2**30:.1f} GiB free, backend says {health}",
+                "" if level == "ok" else "see the backend's docs",
+            )
+        )
     if not cfg.hosts:
-        out.append(Check("hosts", "warn", "no [hosts.NAME] configured: the mount will be empty",
-                         "add a host (see examples/)"))
+        out.append(
+            Check(
+                "hosts",
+                "warn",
+                "no [hosts.NAME] configured: the mount will be empty",
+                "add a host (see examples/)",
+            )
+        )
     return out
 
 

@@ -73,13 +73,25 @@ def to_errno(exc: BaseException, op: str = "", host: str = "-") -> int:
     for kind, code in MAPPED:
         if isinstance(exc, kind):
             if code == errno.EIO and (quiet := _should_log(host, op, kind)) is not None:
-                log.warning("%s on host %s: %s: %s%s", op, host, type(exc).__name__, exc,
-                            f" ({quiet} more like it not logged)" if quiet else "", extra=fields)
+                log.warning(
+                    "%s on host %s: %s: %s%s",
+                    op,
+                    host,
+                    type(exc).__name__,
+                    exc,
+                    f" ({quiet} more like it not logged)" if quiet else "",
+                    extra=fields,
+                )
             return code
     if (quiet := _should_log(host, op, type(exc))) is not None:
-        log.error("unexpected error in FUSE handler %s (host %s), answering EIO%s", op, host,
-                  f" ({quiet} more like it not logged)" if quiet else "", exc_info=exc,
-                  extra=fields)
+        log.error(
+            "unexpected error in FUSE handler %s (host %s), answering EIO%s",
+            op,
+            host,
+            f" ({quiet} more like it not logged)" if quiet else "",
+            exc_info=exc,
+            extra=fields,
+        )
     return errno.EIO
 
 
@@ -91,8 +103,12 @@ def handler(fn: F) -> F:
     @functools.wraps(fn)
     async def wrapper(self: Any, *args: Any) -> Any:
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s%r", name, tuple(a for a in args if not isinstance(a, (bytes, bytearray))
-                                          or len(a) < 64), extra={"op": name})
+            log.debug(
+                "%s%r",
+                name,
+                tuple(a for a in args if not isinstance(a, (bytes, bytearray)) or len(a) < 64),
+                extra={"op": name},
+            )
         host = self.host_label(name, args)  # before fn: release drops the handle it names
         start = time.perf_counter()
         try:

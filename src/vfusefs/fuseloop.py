@@ -70,8 +70,9 @@ class ReadLock:
 
 
 # where this trio keeps its run loop's state (None: not where we expect it, see runnable)
-_RUN_CONTEXT = getattr(getattr(getattr(trio, "_core", None), "_run", None), "GLOBAL_RUN_CONTEXT",
-                       None)
+_RUN_CONTEXT = getattr(
+    getattr(getattr(trio, "_core", None), "_run", None), "GLOBAL_RUN_CONTEXT", None
+)
 
 
 def runnable() -> int:

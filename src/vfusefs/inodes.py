@@ -32,11 +32,35 @@ class Kind(enum.Enum):
 
 
 class Node:
-    __slots__ = ("ino", "kind", "fd", "key", "nlookup", "vf", "host", "parent", "name", "xattrs",
-                 "xattrs_until", "st", "st_until", "lock", "alloc", "opens", "orphan")
+    __slots__ = (
+        "ino",
+        "kind",
+        "fd",
+        "key",
+        "nlookup",
+        "vf",
+        "host",
+        "parent",
+        "name",
+        "xattrs",
+        "xattrs_until",
+        "st",
+        "st_until",
+        "lock",
+        "alloc",
+        "opens",
+        "orphan",
+    )
 
-    def __init__(self, ino: int, kind: Kind, fd: int = -1, key: tuple[Any, ...] | None = None,
-                 vf: Vfolder | None = None, host: Host | None = None) -> None:
+    def __init__(
+        self,
+        ino: int,
+        kind: Kind,
+        fd: int = -1,
+        key: tuple[Any, ...] | None = None,
+        vf: Vfolder | None = None,
+        host: Host | None = None,
+    ) -> None:
         self.ino = ino
         self.kind = kind
         self.fd = fd
@@ -88,7 +112,9 @@ class InodeTable:
         self.by_ino[node.ino] = node
         return node
 
-    def add(self, kind: Kind, fd: int, st: Any, vf: Vfolder, parent: int, name: bytes = b"") -> Node:
+    def add(
+        self, kind: Kind, fd: int, st: Any, vf: Vfolder, parent: int, name: bytes = b""
+    ) -> Node:
         key = (vf.id, st.st_dev, st.st_ino)
         node = Node(next(self._next), kind, fd, key, vf, vf.host)
         node.parent = parent
@@ -128,7 +154,11 @@ class InodeTable:
 
     def remove(self, node: Node) -> int:
         """Drop a node; returns its fd for the caller to close on a worker thread."""
-        if self.by_ino.pop(node.ino, None) is not None and node.kind is Kind.NATIVE and node.fd >= 0:
+        if (
+            self.by_ino.pop(node.ino, None) is not None
+            and node.kind is Kind.NATIVE
+            and node.fd >= 0
+        ):
             self.native_fds -= 1
         if node.key is not None and self.by_key.get(node.key) is node:
             del self.by_key[node.key]

@@ -24,11 +24,32 @@ if TYPE_CHECKING:
 
 # upper bounds of the op latency buckets, seconds (a request answered from memory takes
 # ~30 us from a client on a small VM)
-BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-           1.0, 2.5, 5.0, 10.0, 30.0)
+BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
 # errno -> reason label of vfusefs_denied_total
-DENIAL_REASONS = {errno.EACCES: "no_access", errno.EROFS: "read_only", errno.EPERM: "no_delete",
-                  errno.EDQUOT: "quota"}
+DENIAL_REASONS = {
+    errno.EACCES: "no_access",
+    errno.EROFS: "read_only",
+    errno.EPERM: "no_delete",
+    errno.EDQUOT: "quota",
+}
 READ_ONLY_TREE = "read_only_tree"  # writes to the virtual root and host directories
 PRIVILEGED = "privileged"  # device nodes, set-ID bits, file capabilities from containers
 FOREIGN_LINK = "foreign_link"  # a file with hard links outside its vfolder
@@ -60,10 +81,12 @@ class VfusefsCollector(Collector):
         self.registry = registry
 
     def collect(self) -> Iterator[Any]:
-        ops_total = CounterMetricFamily("vfusefs_ops", "FUSE operations served",
-                                        labels=["host", "op", "result"])
-        seconds = HistogramMetricFamily("vfusefs_op_seconds", "time to serve a FUSE operation",
-                                        labels=["host", "op"])
+        ops_total = CounterMetricFamily(
+            "vfusefs_ops", "FUSE operations served", labels=["host", "op", "result"]
+        )
+        seconds = HistogramMetricFamily(
+            "vfusefs_op_seconds", "time to serve a FUSE operation", labels=["host", "op"]
+        )
         merged: dict[tuple[str, str], OpStat] = {}
         for (host_name, op, code), st in sorted(self.ops.stats.items()):
             ops_total.add_metric([host_name, op, result_label(code)], st.count)
@@ -80,14 +103,18 @@ class VfusefsCollector(Collector):
         yield ops_total
         yield seconds
 
-        read = CounterMetricFamily("vfusefs_bytes_read", "bytes read through the mount",
-                                   labels=["host"])
-        written = CounterMetricFamily("vfusefs_bytes_written", "bytes written through the mount",
-                                      labels=["host"])
-        up = GaugeMetricFamily("vfusefs_host_up", "1 while the host's storage answers",
-                               labels=["host"])
-        vfolders = GaugeMetricFamily("vfusefs_host_vfolders", "vfolders served per host",
-                                     labels=["host"])
+        read = CounterMetricFamily(
+            "vfusefs_bytes_read", "bytes read through the mount", labels=["host"]
+        )
+        written = CounterMetricFamily(
+            "vfusefs_bytes_written", "bytes written through the mount", labels=["host"]
+        )
+        up = GaugeMetricFamily(
+            "vfusefs_host_up", "1 while the host's storage answers", labels=["host"]
+        )
+        vfolders = GaugeMetricFamily(
+            "vfusefs_host_vfolders", "vfolders served per host", labels=["host"]
+        )
         for name, host in sorted(self.registry.hosts.items()):
             read.add_metric([name], host.bytes_read)
             written.add_metric([name], host.bytes_written)
@@ -95,8 +122,9 @@ class VfusefsCollector(Collector):
             vfolders.add_metric([name], len(host.vfolders))
         yield from (read, written, up, vfolders)
 
-        denied = CounterMetricFamily("vfusefs_denied", "requests refused by access mode or quota",
-                                     labels=["host", "reason"])
+        denied = CounterMetricFamily(
+            "vfusefs_denied", "requests refused by access mode or quota", labels=["host", "reason"]
+        )
         for (host_name, reason), n in sorted(self.ops.denied.items()):
             denied.add_metric([host_name, reason], n)
         yield denied
@@ -110,10 +138,14 @@ class VfusefsCollector(Collector):
 
         if not self.registry.config.daemon.metrics_vfolders:  # read live: SIGHUP may change it
             return
-        usage = GaugeMetricFamily("vfusefs_vfolder_usage_bytes", "bytes a vfolder uses",
-                                  labels=["host", "vfolder"])
-        quota = GaugeMetricFamily("vfusefs_vfolder_quota_bytes", "a vfolder's byte limit (0: none)",
-                                  labels=["host", "vfolder"])
+        usage = GaugeMetricFamily(
+            "vfusefs_vfolder_usage_bytes", "bytes a vfolder uses", labels=["host", "vfolder"]
+        )
+        quota = GaugeMetricFamily(
+            "vfusefs_vfolder_quota_bytes",
+            "a vfolder's byte limit (0: none)",
+            labels=["host", "vfolder"],
+        )
         for vf in self.registry.vfolders.values():
             acc = self.registry.ledger.account(vf.quota_keys[0])
             usage.add_metric([vf.host.name, vf.id], acc.used_bytes)

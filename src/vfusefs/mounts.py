@@ -26,8 +26,12 @@ class Mount(NamedTuple):
 
 
 def _unescape(field: str) -> str:
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n") \
+    return (
+        field.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
         .replace("\\134", "\\")
+    )
 
 
 def table() -> Iterator[Mount]:
@@ -41,8 +45,12 @@ def table() -> Iterator[Mount]:
         fields = line.split()
         try:
             dash = fields.index("-")
-            yield Mount(_unescape(fields[4]), fields[2], fields[dash + 1],
-                        _unescape(fields[dash + 2]) if len(fields) > dash + 2 else "")
+            yield Mount(
+                _unescape(fields[4]),
+                fields[2],
+                fields[dash + 1],
+                _unescape(fields[dash + 2]) if len(fields) > dash + 2 else "",
+            )
         except (IndexError, ValueError):
             continue
 
@@ -62,8 +70,9 @@ def mount_of(path: str) -> Mount | None:
     real = os.path.realpath(path)
     best: Mount | None = None
     for m in table():
-        if (real == m.point or real.startswith(m.point.rstrip("/") + "/")) \
-                and (best is None or len(m.point) >= len(best.point)):
+        if (real == m.point or real.startswith(m.point.rstrip("/") + "/")) and (
+            best is None or len(m.point) >= len(best.point)
+        ):
             best = m
     return best
 

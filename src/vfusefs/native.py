@@ -76,9 +76,10 @@ def xattr_names(dirfd: int, name: bytes) -> frozenset[bytes] | None:
     try:
         raw = listxattr_at(dirfd, name)
         if raw is None:  # a kernel before 6.13: the same through /proc, slower
-            return frozenset(os.fsencode(n) for n in
-                             os.listxattr(b"/proc/self/fd/%d/%s" % (dirfd, name),
-                                          follow_symlinks=False))
+            return frozenset(
+                os.fsencode(n)
+                for n in os.listxattr(b"/proc/self/fd/%d/%s" % (dirfd, name), follow_symlinks=False)
+            )
     except OSError:
         return None
     return frozenset(raw.split(b"\0")[:-1]) if raw else _NO_XATTRS
@@ -117,8 +118,13 @@ def _own(dirfd: int, name: bytes, uid: int, gid: int, mode: int) -> None:
     chown clears set-user/group-ID bits, so those are put back afterwards.
     """
     parent = os.fstat(dirfd)
-    os.chown(name, uid, -1 if parent.st_mode & stat_mod.S_ISGID else gid, dir_fd=dirfd,
-             follow_symlinks=False)
+    os.chown(
+        name,
+        uid,
+        -1 if parent.st_mode & stat_mod.S_ISGID else gid,
+        dir_fd=dirfd,
+        follow_symlinks=False,
+    )
     if mode & (stat_mod.S_ISUID | stat_mod.S_ISGID) and not stat_mod.S_ISLNK(mode):
         os.chmod(name, stat_mod.S_IMODE(mode), dir_fd=dirfd)
 
@@ -126,6 +132,7 @@ def _own(dirfd: int, name: bytes, uid: int, gid: int, mode: int) -> None:
 # Functions that change a directory also return its stat taken afterwards ("pst"), so the
 # kernel's next getattr on it (it drops the dir's cached attributes) needs no second hop, and
 # the change in allocated bytes they caused (stats before and after, same hop) for quota.
+
 
 def _alloc(st: os.stat_result | None) -> int:
     return st.st_blocks * 512 if st is not None else 0
@@ -196,8 +203,14 @@ class Renamed(NamedTuple):
 def mknod(dirfd: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Made:
     before = os.fstat(dirfd)
     if stat_mod.S_ISREG(mode):
-        os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         stat_mod.S_IMODE(mode), dir_fd=dirfd))
+        os.close(
+            os.open(
+                name,
+                os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                stat_mod.S_IMODE(mode),
+                dir_fd=dirfd,
+            )
+        )
     else:
         os.mknod(name, mode, rdev, dir_fd=dirfd)
     _own(dirfd, name, uid, gid, mode)
@@ -220,8 +233,13 @@ def mkdir(dirfd: int, name: bytes, mode: int, uid: int, gid: int) -> Made:
 def symlink(dirfd: int, name: bytes, target: bytes, uid: int, gid: int) -> Made:
     before = os.fstat(dirfd)
     os.symlink(target, name, dir_fd=dirfd)
-    os.chown(name, uid, -1 if before.st_mode & stat_mod.S_ISGID else gid,
-             dir_fd=dirfd, follow_symlinks=False)
+    os.chown(
+        name,
+        uid,
+        -1 if before.st_mode & stat_mod.S_ISGID else gid,
+        dir_fd=dirfd,
+        follow_symlinks=False,
+    )
     return _made(dirfd, name, before)
 
 
@@ -250,7 +268,9 @@ def create(dirfd: int, name: bytes, flags: int, mode: int, uid: int, gid: int) -
             _own(dirfd, name, uid, gid, mode | stat_mod.S_IFREG)
         entry = _reopen_path(datafd)
         after = os.fstat(dirfd)
-        grown = _alloc(after) - _alloc(before) + _alloc(entry.st) - (0 if created else _alloc(existing))
+        grown = (
+            _alloc(after) - _alloc(before) + _alloc(entry.st) - (0 if created else _alloc(existing))
+        )
         return Created(datafd, entry, after, grown, 1 if created else 0)
     except BaseException:
         os.close(datafd)
@@ -268,8 +288,12 @@ def _reopen_path(datafd: int) -> Entry:
 
 def _reopen(fd: int, flags: int) -> int:
     # O_NOFOLLOW was for the kernel's walk; here it would refuse the /proc magic link itself
-    return NewFd(os.open(proc(fd), (flags | os.O_CLOEXEC)
-                         & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW)))
+    return NewFd(
+        os.open(
+            proc(fd),
+            (flags | os.O_CLOEXEC) & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW),
+        )
+    )
 
 
 def open_data(fd: int, flags: int) -> tuple[int, os.stat_result]:
@@ -296,9 +320,18 @@ def open_truncating(fd: int, flags: int) -> Opened:
     return Opened(datafd, after, _alloc(after) - _alloc(before))
 
 
-def setattr(fd: int, datafd: int | None, mode: int | None, uid: int, gid: int, size: int | None,
-            atime_ns: int | None, mtime_ns: int | None, now_a: bool,
-            now_m: bool) -> Changed:
+def setattr(
+    fd: int,
+    datafd: int | None,
+    mode: int | None,
+    uid: int,
+    gid: int,
+    size: int | None,
+    atime_ns: int | None,
+    mtime_ns: int | None,
+    now_a: bool,
+    now_m: bool,
+) -> Changed:
     """Returns the new stat and the change in allocated bytes (a truncate may free blocks)."""
     path = proc(fd)
     before = os.fstat(fd) if size is not None else None
@@ -328,7 +361,9 @@ _utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.POINTER(_Timespec),
 _AT_FDCWD = -100
 
 
-def _utimens(path: str, atime_ns: int | None, mtime_ns: int | None, now_a: bool, now_m: bool) -> None:
+def _utimens(
+    path: str, atime_ns: int | None, mtime_ns: int | None, now_a: bool, now_m: bool
+) -> None:
     def ts(value: int | None, now: bool) -> _Timespec:
         if now:
             return _Timespec(0, _UTIME_NOW)
@@ -380,7 +415,9 @@ def stat_at(dirfd: int, name: bytes) -> os.stat_result | None:
 
 def rename(olddirfd: int, old: bytes, newdirfd: int, new: bytes, flags: int) -> Renamed:
     victim = None if flags & RENAME_EXCHANGE else stat_at(newdirfd, new)
-    before = _alloc(os.fstat(olddirfd)) + (_alloc(os.fstat(newdirfd)) if newdirfd != olddirfd else 0)
+    before = _alloc(os.fstat(olddirfd)) + (
+        _alloc(os.fstat(newdirfd)) if newdirfd != olddirfd else 0
+    )
     if _renameat2(olddirfd, old, newdirfd, new, flags) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
@@ -476,7 +513,7 @@ def read_direct(datafd: int, size: int, off: int) -> bytes:
     if not size:
         return b""
     with mmap.mmap(-1, size) as buf:
-        return buf[:os.preadv(datafd, [buf], off)]
+        return buf[: os.preadv(datafd, [buf], off)]
 
 
 def write_direct(datafd: int, buf: bytes, off: int, reserved: int = -1) -> Written:
@@ -494,8 +531,9 @@ def fallocate(datafd: int, mode: int, off: int, length: int) -> None:
 
 
 # filesystems on local block devices (or memory): close() has nothing to report or push there
-LOCAL_FS_TYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "zfs", "f2fs",
-                            "bcachefs", "jfs", "reiserfs"})
+LOCAL_FS_TYPES = frozenset(
+    {"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "zfs", "f2fs", "bcachefs", "jfs", "reiserfs"}
+)
 
 # filesystems whose buffered reads honour RWF_NOWAIT: answered from the page cache or refused
 # at once (the kernel starts reading the pages in), never waiting for the device or a server.
@@ -561,7 +599,9 @@ def write_back(fd: int, dev: int, ino: int) -> None:
     wait.  fd is the file's O_PATH fd; data only, no journal commit (not fsync).  Quietly does
     nothing when the fd no longer refers to (dev, ino) or the file cannot be opened."""
     try:
-        data = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NOATIME | os.O_NONBLOCK | os.O_CLOEXEC)
+        data = os.open(
+            f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NOATIME | os.O_NONBLOCK | os.O_CLOEXEC
+        )
     except OSError:
         return
     try:
@@ -584,8 +624,9 @@ class Scan(NamedTuple):
     seen: dict[tuple[int, int], int]
 
 
-def scan(root_fd: int, progress: Any = None,
-         watched: frozenset[tuple[int, int]] = frozenset()) -> Scan:
+def scan(
+    root_fd: int, progress: Any = None, watched: frozenset[tuple[int, int]] = frozenset()
+) -> Scan:
     """Walk a vfolder's native tree: allocated bytes (du -s) and inodes below the root.
 
     Hard links count once, as du counts them, and their names per inode (`Scan.links`).  Never
@@ -635,8 +676,9 @@ def scan(root_fd: int, progress: Any = None,
                 stack.pop()
                 continue
             try:
-                child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                dir_fd=dfd)
+                child = os.open(
+                    name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd
+                )
             except FileNotFoundError:
                 continue  # removed since we listed it
             stack.append((child, iter(())))  # held first, so `finally` closes it if listing fails

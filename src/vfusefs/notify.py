@@ -24,8 +24,9 @@ class Notifier:
         path = os.environ.pop("NOTIFY_SOCKET", "")  # children (umount) must not inherit it
         if path:
             self.address = "\0" + path[1:] if path.startswith("@") else path
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
-                                      | socket.SOCK_NONBLOCK)
+            self.sock = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            )
         self.watchdog_seconds = self._watchdog()
 
     @staticmethod
@@ -62,8 +63,11 @@ class Notifier:
         self.send(f"STATUS={status}")
 
     def reloading(self) -> None:
-        self.send("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}",
-                  "STATUS=reloading the configuration")
+        self.send(
+            "RELOADING=1",
+            f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}",
+            "STATUS=reloading the configuration",
+        )
 
     def stopping(self, status: str) -> None:
         self.send("STOPPING=1", f"STATUS={status}")

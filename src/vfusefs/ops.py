@@ -44,8 +44,9 @@ from vfusefs.registry import Host, Registry, Vfolder
 log = logging.getLogger(__name__)
 
 # operations whose first argument is a file handle, not an inode (for the host label)
-FH_OPS = frozenset({"read", "write", "flush", "fsync", "release", "readdir", "releasedir",
-                    "fsyncdir"})
+FH_OPS = frozenset(
+    {"read", "write", "flush", "fsync", "release", "readdir", "releasedir", "fsyncdir"}
+)
 READDIR_CHUNK = 256  # native entries read (and stat'ed) per worker hop
 FD_WAIT = 0.05  # seconds without a FORGET after which a listing at the fd limit stops waiting
 BLOCK = native.BLOCK
@@ -97,8 +98,9 @@ def fail(code: int) -> pyfuse3.FUSEError:
 class FileHandle:
     __slots__ = ("fd", "node", "caller", "admin", "dirty", "writable", "direct", "cached")
 
-    def __init__(self, fd: int, node: Node, caller: Caller, admin: bool, writable: bool,
-                 flags: int) -> None:
+    def __init__(
+        self, fd: int, node: Node, caller: Caller, admin: bool, writable: bool, flags: int
+    ) -> None:
         self.fd = fd
         self.node = node
         self.caller = caller
@@ -112,8 +114,17 @@ class FileHandle:
 
 
 class DirHandle:
-    __slots__ = ("node", "caller", "admin", "stream", "buffer", "next_off", "virtual", "dot_attrs",
-                 "fd_wait")
+    __slots__ = (
+        "node",
+        "caller",
+        "admin",
+        "stream",
+        "buffer",
+        "next_off",
+        "virtual",
+        "dot_attrs",
+        "fd_wait",
+    )
 
     def __init__(self, node: Node, caller: Caller, admin: bool) -> None:
         self.node = node
@@ -191,8 +202,10 @@ class Operations(pyfuse3.Operations):
 
     def _deny(self, node: Node, code: int, reason: str | None = None) -> pyfuse3.FUSEError:
         """Count a refusal by access mode or quota (vfusefs_denied_total) and return its error."""
-        key = (node.host.name if node.host is not None else "-",
-               reason or DENIAL_REASONS.get(code, "other"))
+        key = (
+            node.host.name if node.host is not None else "-",
+            reason or DENIAL_REASONS.get(code, "other"),
+        )
         self.denied[key] = self.denied.get(key, 0) + 1
         return fail(code)
 
@@ -388,8 +401,15 @@ class Operations(pyfuse3.Operations):
         return await host.workers.run(fn, *args)
 
     # -- quota ----------------------------------------------------------------------------------
-    async def _charged(self, node: Node, nbytes: int, inodes: int, fn: Callable[..., G],
-                       *args: Any, lock: tuple[Node, ...] = ()) -> G:
+    async def _charged(
+        self,
+        node: Node,
+        nbytes: int,
+        inodes: int,
+        fn: Callable[..., G],
+        *args: Any,
+        lock: tuple[Node, ...] = (),
+    ) -> G:
         """Run fn on node's host with room reserved for nbytes/inodes of growth.
 
         The reservation is taken before the first await (EDQUOT here, nothing changed); fn
@@ -430,8 +450,9 @@ class Operations(pyfuse3.Operations):
         if vf is not None and node.kind is Kind.NATIVE:
             vf.recent[node.ino] = (node, time.monotonic() + RECONCILE_WINDOW)
 
-    def _victim_correction(self, vf: Vfolder | None, victim: os.stat_result | None,
-                           inodes: int) -> tuple[int, int]:
+    def _victim_correction(
+        self, vf: Vfolder | None, victim: os.stat_result | None, inodes: int
+    ) -> tuple[int, int]:
         """What to add to the refund of a removed last link taken from its stat (its blocks and
         one inode): the ledger may hold another figure for it (node.alloc: the native fs settled
         it since), and a file still open keeps its blocks, and its charge, until the last close
@@ -487,16 +508,21 @@ class Operations(pyfuse3.Operations):
         held = self.table.native_fds
         # give the FORGETs time to arrive before asking again, unless the table keeps growing
         # meanwhile (a listing brings in entries far faster than 0.2 s apart)
-        if not self.registry.mounted or (now < self._pruned_at + again_after
-                                         and held < self._prune_level):
+        if not self.registry.mounted or (
+            now < self._pruned_at + again_after and held < self._prune_level
+        ):
             return
         self._pruned_at = now
         self._prune_level = held + max(16, (self.fd_high - self.fd_low) // 4)
         nodes = self.table.oldest(held - self.fd_low, self._busy_dirs)
         if nodes and now >= self._prune_logged + 10:
             self._prune_logged = now
-            log.info("%d native fds held (limit %d): asking the kernel to forget %d old entries",
-                     held, self.fd_limit, len(nodes))
+            log.info(
+                "%d native fds held (limit %d): asking the kernel to forget %d old entries",
+                held,
+                self.fd_limit,
+                len(nodes),
+            )
         for node in nodes:
             pyfuse3.invalidate_entry_async(node.parent, node.name, ignore_enoent=True)
 
@@ -560,8 +586,11 @@ class Operations(pyfuse3.Operations):
 
     def _absent_xattr(self, node: Node, name: bytes) -> bool:
         """True if the cached name list (fresh as cached attributes are) says name is absent."""
-        return node.xattrs is not None and name not in node.xattrs and \
-            time.monotonic() < node.xattrs_until
+        return (
+            node.xattrs is not None
+            and name not in node.xattrs
+            and time.monotonic() < node.xattrs_until
+        )
 
     @staticmethod
     def _xattr_changed(node: Node, name: bytes, present: bool) -> None:
@@ -575,8 +604,9 @@ class Operations(pyfuse3.Operations):
 
     # -- names ----------------------------------------------------------------------------------
     @handler
-    async def lookup(self, parent_inode: int, name: bytes,
-                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         parent = self._node(parent_inode)
         if parent.kind is Kind.ROOT:
             host = self.registry.hosts.get(name.decode(errors="replace"))
@@ -598,8 +628,8 @@ class Operations(pyfuse3.Operations):
         self._allow(ctx, parent, Need.READ)
         if self._fds_held() >= self.fd_hard:  # an O_PATH fd for an inode new to the kernel
             await self._fd_room(parent)
-        entry = await self._run(parent, native.lookup, parent.fd, name, self.table.by_key,
-                                parent.vf.id)  # type: ignore[union-attr]
+        vfid = parent.vf.id  # type: ignore[union-attr]
+        entry = await self._run(parent, native.lookup, parent.fd, name, self.table.by_key, vfid)
         node = await self._reach(parent, name, entry)
         return self._entry(node, entry.st)
 
@@ -613,8 +643,12 @@ class Operations(pyfuse3.Operations):
                 continue
             host = node.host
             vf = node.vf
-            if vf is not None and node.ino in vf.recent and node.nlookup <= count \
-                    and node.kind is Kind.NATIVE:
+            if (
+                vf is not None
+                and node.ino in vf.recent
+                and node.nlookup <= count
+                and node.kind is Kind.NATIVE
+            ):
                 # changed lately: the native fs may still settle its blocks (delayed allocation),
                 # so its fd stays until its watch ends (Registry.reconcile drops it then)
                 node.nlookup = 0
@@ -635,8 +669,14 @@ class Operations(pyfuse3.Operations):
         return self._attrs(node, await self._stat(node))
 
     @handler
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
-                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
         self._allow(ctx, node, Need.WRITE)
         await self._own_links(node)
@@ -656,26 +696,43 @@ class Operations(pyfuse3.Operations):
         datafd = h.fd if isinstance(h, FileHandle) else None
         # a truncate allocates nothing (the new range is a hole): reserve 0, charge what changed
         self._watch(node)
-        st = (await self._charged(
-            node, 0, 0, _tracked(node, native.setattr), node.fd, datafd,
-            attr.st_mode if fields.update_mode else None,
-            attr.st_uid if fields.update_uid else -1,
-            attr.st_gid if fields.update_gid else -1,
-            attr.st_size if fields.update_size else None,
-            attr.st_atime_ns if fields.update_atime else None,
-            attr.st_mtime_ns if fields.update_mtime else None, False, False)).st
+        st = (
+            await self._charged(
+                node,
+                0,
+                0,
+                _tracked(node, native.setattr),
+                node.fd,
+                datafd,
+                attr.st_mode if fields.update_mode else None,
+                attr.st_uid if fields.update_uid else -1,
+                attr.st_gid if fields.update_gid else -1,
+                attr.st_size if fields.update_size else None,
+                attr.st_atime_ns if fields.update_atime else None,
+                attr.st_mtime_ns if fields.update_mtime else None,
+                False,
+                False,
+            )
+        ).st
         self._fresh(node, st)
         return self._attrs(node, st)
 
     @staticmethod
-    def _setattr_is_noop(node: Node, attr: pyfuse3.EntryAttributes,
-                         fields: pyfuse3.SetattrFields) -> bool:
+    def _setattr_is_noop(
+        node: Node, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields
+    ) -> bool:
         """Only an mtime the fresh remembered stat already has.  Never atime: reading a file or
         listing a directory through us moves the native atime without a new stat."""
         st = node.st
-        if st is None or time.monotonic() >= node.st_until or fields.update_mode \
-                or fields.update_uid or fields.update_gid or fields.update_size \
-                or fields.update_atime:
+        if (
+            st is None
+            or time.monotonic() >= node.st_until
+            or fields.update_mode
+            or fields.update_uid
+            or fields.update_gid
+            or fields.update_size
+            or fields.update_atime
+        ):
             return False
         return not (fields.update_mtime and attr.st_mtime_ns != st.st_mtime_ns)
 
@@ -698,29 +755,60 @@ class Operations(pyfuse3.Operations):
         return self._entry(node, made.entry.st)
 
     @handler
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
-                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         parent = self._mkparent(parent_inode, ctx)
         if plants_privilege(mode):
             self._no_plants(ctx, parent)
-        made = await self._charged(parent, BLOCK, 1, native.mknod, parent.fd, name,
-                                   mode & ~ctx.umask, rdev, ctx.uid, ctx.gid)
+        made = await self._charged(
+            parent,
+            BLOCK,
+            1,
+            native.mknod,
+            parent.fd,
+            name,
+            mode & ~ctx.umask,
+            rdev,
+            ctx.uid,
+            ctx.gid,
+        )
         return await self._made(parent, name, made)
 
     @handler
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
-                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         parent = self._mkparent(parent_inode, ctx)
-        made = await self._charged(parent, 2 * BLOCK, 1, native.mkdir, parent.fd, name,
-                                   mode & ~ctx.umask & 0o7777, ctx.uid, ctx.gid)
+        made = await self._charged(
+            parent,
+            2 * BLOCK,
+            1,
+            native.mkdir,
+            parent.fd,
+            name,
+            mode & ~ctx.umask & 0o7777,
+            ctx.uid,
+            ctx.gid,
+        )
         return await self._made(parent, name, made)
 
     @handler
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
-                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         parent = self._mkparent(parent_inode, ctx)
-        made = await self._charged(parent, BLOCK + -(-len(target) // BLOCK) * BLOCK, 1,
-                                   native.symlink, parent.fd, name, target, ctx.uid, ctx.gid)
+        made = await self._charged(
+            parent,
+            BLOCK + -(-len(target) // BLOCK) * BLOCK,
+            1,
+            native.symlink,
+            parent.fd,
+            name,
+            target,
+            ctx.uid,
+            ctx.gid,
+        )
         return await self._made(parent, name, made)
 
     @staticmethod
@@ -734,8 +822,9 @@ class Operations(pyfuse3.Operations):
         return a.vf
 
     @handler
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
-                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
         parent = self._node(new_parent_inode)
         vf = self._same_vfolder(node, parent)
@@ -752,8 +841,9 @@ class Operations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         self._allow(ctx, parent, Need.DELETE)
         with changing(parent.vf):
-            gone = await self._run(parent, _locked, self._locks((parent,)), native.unlink,
-                                   parent.fd, name)
+            gone = await self._run(
+                parent, _locked, self._locks((parent,)), native.unlink, parent.fd, name
+            )
             victim = gone.victim
             self._link_removed(parent.vf, victim)
             more_bytes, more_inodes = self._victim_correction(parent.vf, victim, gone.grown_inodes)
@@ -766,14 +856,22 @@ class Operations(pyfuse3.Operations):
         parent = self._node(parent_inode)
         self._allow(ctx, parent, Need.DELETE)
         with changing(parent.vf):
-            gone = await self._run(parent, _locked, self._locks((parent,)), native.rmdir,
-                                   parent.fd, name)
+            gone = await self._run(
+                parent, _locked, self._locks((parent,)), native.rmdir, parent.fd, name
+            )
             self._release(parent, gone.grown_bytes, gone.grown_inodes)
         self._fresh(parent, gone.parent_st)
 
     @handler
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
-                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
         old = self._node(parent_inode_old)
         new = self._node(parent_inode_new)
         vf = self._same_vfolder(old, new)
@@ -791,8 +889,17 @@ class Operations(pyfuse3.Operations):
         try:
             # the target directory may grow by a block; a replaced last link frees its bytes
             renamed = await self._charged(
-                old, BLOCK, whiteout, native.rename, old.fd, name_old, new.fd, name_new,
-                flags | (native.RENAME_NOREPLACE if forbid_replace else 0), lock=(old, new))
+                old,
+                BLOCK,
+                whiteout,
+                native.rename,
+                old.fd,
+                name_old,
+                new.fd,
+                name_new,
+                flags | (native.RENAME_NOREPLACE if forbid_replace else 0),
+                lock=(old, new),
+            )
         except FileExistsError:
             if forbid_replace:
                 raise self._deny(old, errno.EPERM) from None
@@ -832,8 +939,9 @@ class Operations(pyfuse3.Operations):
         if flags & os.O_TRUNC:  # a change like a truncate: new size and times, blocks freed
             await self._own_links(node)  # before it changes anything; again below
             self._watch(node)
-            fd, st, *_ = await self._charged(node, 0, 0, _tracked(node, native.open_truncating),
-                                             node.fd, self._open_flags(flags))
+            fd, st, *_ = await self._charged(
+                node, 0, 0, _tracked(node, native.open_truncating), node.fd, self._open_flags(flags)
+            )
         else:
             fd, st = await self._run(node, native.open_data, node.fd, self._open_flags(flags))
         self._fresh(node, st)
@@ -847,15 +955,25 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @handler
-    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
-                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent = self._mkparent(parent_inode, ctx)
         caller, admin = self._caller(ctx)
         if plants_privilege(stat_mod.S_IFREG | mode):
             self._no_plants(ctx, parent)
         created = await self._charged(
-            parent, BLOCK, 1, native.create, parent.fd, name, self._open_flags(flags),
-            mode & ~ctx.umask & 0o7777, ctx.uid, ctx.gid)
+            parent,
+            BLOCK,
+            1,
+            native.create,
+            parent.fd,
+            name,
+            self._open_flags(flags),
+            mode & ~ctx.umask & 0o7777,
+            ctx.uid,
+            ctx.gid,
+        )
         fd, entry = created.fd, created.entry
         self._fresh(parent, created.parent_st)
         try:
@@ -892,8 +1010,13 @@ class Operations(pyfuse3.Operations):
             except OSError:  # e.g. EOPNOTSUPP: a worker reads it, and the next ones, as before
                 h.cached = False
         if not whole:  # the rest is on its way from the device (or the file is not cached)
-            rest = await self._run(h.node, native.read_direct if h.direct else native.read,
-                                   h.fd, size - len(data), off + len(data))
+            rest = await self._run(
+                h.node,
+                native.read_direct if h.direct else native.read,
+                h.fd,
+                size - len(data),
+                off + len(data),
+            )
             data = data + rest if data else rest
         host.bytes_read += len(data)
         return data
@@ -929,8 +1052,12 @@ class Operations(pyfuse3.Operations):
         if vf is None:
             return
         for other in self.handles.values():
-            if other is not h and other.node is h.node and isinstance(other, FileHandle) \
-                    and other.writable:
+            if (
+                other is not h
+                and other.node is h.node
+                and isinstance(other, FileHandle)
+                and other.writable
+            ):
                 code = access.check(self._mode(other.caller, other.admin, vf), Need.WRITE)
                 if code:
                     raise self._deny(h.node, code)
@@ -971,12 +1098,18 @@ class Operations(pyfuse3.Operations):
         caller, admin = self._allow(ctx, node, Need.READ)
         h = DirHandle(node, caller, admin)
         if node.kind is Kind.ROOT:
-            h.virtual = [(name.encode(), host.node) for name, host in self.registry.hosts.items()
-                         if host.node is not None]
+            h.virtual = [
+                (name.encode(), host.node)
+                for name, host in self.registry.hosts.items()
+                if host.node is not None
+            ]
         elif node.kind is Kind.HOST:
             assert node.host is not None
-            h.virtual = [(vf.id.encode(), vf.root) for vf in node.host.vfolders.values()
-                         if vf.root is not None and self._visible(caller, admin, vf)]
+            h.virtual = [
+                (vf.id.encode(), vf.root)
+                for vf in node.host.vfolders.values()
+                if vf.root is not None and self._visible(caller, admin, vf)
+            ]
         else:
             h.stream, h.dot_attrs = await self._run(node, _open_stream, node.fd)
         return self._new_fh(h)
@@ -1000,7 +1133,11 @@ class Operations(pyfuse3.Operations):
             h.next_off = 1
         if h.next_off == 1:
             dotdot = self.table.get(node.parent) or node
-            attrs = self._virtual_attrs(dotdot) if dotdot.vf is None else self._attrs(dotdot, h.dot_attrs)
+            attrs = (
+                self._virtual_attrs(dotdot)
+                if dotdot.vf is None
+                else self._attrs(dotdot, h.dot_attrs)
+            )
             if not pyfuse3.readdir_reply(token, b"..", attrs, 2):
                 return
             h.next_off = 2
@@ -1030,8 +1167,13 @@ class Operations(pyfuse3.Operations):
                         # in vain: listing a directory bigger than the budget (the fds run out
                         # as they did before this wait): do not wait for every entry
                         h.fd_wait = room > 0
-                chunk = await self._run(node, h.stream.chunk, max(1, min(READDIR_CHUNK, room)),
-                                        self.table.by_key, node.vf.id)
+                chunk = await self._run(
+                    node,
+                    h.stream.chunk,
+                    max(1, min(READDIR_CHUNK, room)),
+                    self.table.by_key,
+                    node.vf.id,
+                )
                 if not chunk:
                     return
                 h.buffer.extend(chunk)
@@ -1056,8 +1198,11 @@ class Operations(pyfuse3.Operations):
             else:
                 # a vfolder root: listing a host dir must not wait on every vfolder's storage, so
                 # send what we last saw, uncached: the kernel's next stat asks us for fresh ones
-                attrs = self._attrs(child, child.st) if child.st is not None \
+                attrs = (
+                    self._attrs(child, child.st)
+                    if child.st is not None
                     else self._virtual_attrs(child)
+                )
                 attrs.attr_timeout = 0
                 attrs.entry_timeout = 0
             if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
@@ -1123,13 +1268,21 @@ class Operations(pyfuse3.Operations):
         scope = self.ledger.account(vf.quota_keys[1]) if len(vf.quota_keys) > 1 else None
         if vacc.limit_bytes or scope is not None and scope.limit_bytes:
             # the quota is the size, what is left (of the vfolder and its scope) is free
-            rooms = [r for r in (vacc.room_bytes(), scope.room_bytes() if scope else None) if r is not None]
+            rooms = [
+                r
+                for r in (vacc.room_bytes(), scope.room_bytes() if scope else None)
+                if r is not None
+            ]
             size = vacc.limit_bytes or vacc.used_bytes + min(rooms)
             free = min(rooms + [max(0, size - vacc.used_bytes)])
             out.f_blocks = -(-size // out.f_frsize)
             out.f_bfree = out.f_bavail = free // out.f_frsize
         if vacc.limit_inodes or scope is not None and scope.limit_inodes:
-            rooms = [r for r in (vacc.room_inodes(), scope.room_inodes() if scope else None) if r is not None]
+            rooms = [
+                r
+                for r in (vacc.room_inodes(), scope.room_inodes() if scope else None)
+                if r is not None
+            ]
             files = vacc.limit_inodes or vacc.used_inodes + min(rooms)
             out.f_files = files
             out.f_ffree = out.f_favail = min(rooms + [max(0, files - vacc.used_inodes)])
@@ -1174,7 +1327,9 @@ class Operations(pyfuse3.Operations):
         node = self._node(inode)
         if node.vf is None or node.kind is Kind.VFROOT and name.startswith(XATTR_PREFIX):
             if name.startswith(b"user.vfusefs.usage."):  # O(files changed lately), not O(tree)
-                for vf in ([node.vf] if node.vf else list(node.host.vfolders.values()) if node.host else []):
+                for vf in (
+                    [node.vf] if node.vf else list(node.host.vfolders.values()) if node.host else []
+                ):
                     await self.registry.reconcile(vf)
             return self._virtual_xattr(node, name, ctx)
         self._allow(ctx, node, Need.READ)
@@ -1197,15 +1352,25 @@ class Operations(pyfuse3.Operations):
         return names
 
     @handler
-    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
         if name.startswith(XATTR_PREFIX):
             return await self._set_limit(self._node(inode), name, value, ctx)
         node = await self._xattr_node(inode, ctx, Need.WRITE)
         if name == CAPABILITY_XATTR:
             self._no_plants(ctx, node)
         self._watch(node)
-        await self._charged(node, -(-(len(name) + len(value)) // BLOCK) * BLOCK, 0,
-                            _tracked(node, native.setxattr), node.fd, name, value, 0)
+        await self._charged(
+            node,
+            -(-(len(name) + len(value)) // BLOCK) * BLOCK,
+            0,
+            _tracked(node, native.setxattr),
+            node.fd,
+            name,
+            value,
+            0,
+        )
         self._xattr_changed(node, name, True)
         node.st_until = 0.0  # ctime changed
 
@@ -1220,13 +1385,16 @@ class Operations(pyfuse3.Operations):
         self._xattr_changed(node, name, False)
         node.st_until = 0.0  # ctime changed
 
-    async def _set_limit(self, node: Node, name: bytes, value: bytes,
-                         ctx: pyfuse3.RequestContext) -> None:
+    async def _set_limit(
+        self, node: Node, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
         """Admins set a vfolder's limits with setfattr; everything else under user.vfusefs. is
         read-only (EPERM), and a value that is not a size is EINVAL."""
         _, admin = self._caller(ctx)
-        field = {b"user.vfusefs.quota.bytes": "quota_bytes",
-                 b"user.vfusefs.quota.inodes": "quota_inodes"}.get(name)
+        field = {
+            b"user.vfusefs.quota.bytes": "quota_bytes",
+            b"user.vfusefs.quota.inodes": "quota_inodes",
+        }.get(name)
         if not admin or field is None or node.kind is not Kind.VFROOT or node.vf is None:
             raise fail(errno.EPERM)
         try:
@@ -1242,8 +1410,10 @@ class Operations(pyfuse3.Operations):
             return {}
         host = node.host
         assert host is not None
-        out = {b"user.vfusefs.backend": host.config.backend.encode(),
-               b"user.vfusefs.health": host.health.encode()}
+        out = {
+            b"user.vfusefs.backend": host.config.backend.encode(),
+            b"user.vfusefs.health": host.health.encode(),
+        }
         if node.kind is Kind.HOST:
             accounts = [self.ledger.account(vf.quota_keys[0]) for vf in host.vfolders.values()]
             out[b"user.vfusefs.host"] = host.name.encode()
@@ -1254,13 +1424,18 @@ class Operations(pyfuse3.Operations):
         vf = node.vf
         assert vf is not None
         acc = self.ledger.account(vf.quota_keys[0])
-        out.update({b"user.vfusefs.id": vf.id.encode(), b"user.vfusefs.host": host.name.encode(),
-                    b"user.vfusefs.mode": self._mode(caller, admin, vf).label.encode(),
-                    b"user.vfusefs.scope": vf.record.scope.encode(),
-                    b"user.vfusefs.quota.bytes": b"%d" % vf.record.quota_bytes,
-                    b"user.vfusefs.quota.inodes": b"%d" % vf.record.quota_inodes,
-                    b"user.vfusefs.usage.bytes": b"%d" % acc.used_bytes,
-                    b"user.vfusefs.usage.inodes": b"%d" % acc.used_inodes})
+        out.update(
+            {
+                b"user.vfusefs.id": vf.id.encode(),
+                b"user.vfusefs.host": host.name.encode(),
+                b"user.vfusefs.mode": self._mode(caller, admin, vf).label.encode(),
+                b"user.vfusefs.scope": vf.record.scope.encode(),
+                b"user.vfusefs.quota.bytes": b"%d" % vf.record.quota_bytes,
+                b"user.vfusefs.quota.inodes": b"%d" % vf.record.quota_inodes,
+                b"user.vfusefs.usage.bytes": b"%d" % acc.used_bytes,
+                b"user.vfusefs.usage.inodes": b"%d" % acc.used_inodes,
+            }
+        )
         return out
 
     def _virtual_xattr(self, node: Node, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
@@ -1304,6 +1479,7 @@ def _tracked(node: Node, fn: Callable[..., S]) -> Callable[..., S]:
     for it (node.alloc), so growth the native fs made on its own since our last look (delayed
     allocation) is charged too, then remember it.  Runs on the worker thread under node.lock
     (see _charged)."""
+
     def tracked(*args: Any) -> S:
         result = fn(*args)
         alloc = result.st.st_blocks * 512

@@ -73,11 +73,17 @@ class QuotaLedger:
         accounts = tuple(self.account(k) for k in keys)
         nbytes, inodes = max(0, nbytes), max(0, inodes)
         for key, acc in zip(keys, accounts, strict=True):
-            if nbytes and acc.limit_bytes and \
-                    acc.used_bytes + acc.reserved_bytes + nbytes > acc.limit_bytes:
+            if (
+                nbytes
+                and acc.limit_bytes
+                and acc.used_bytes + acc.reserved_bytes + nbytes > acc.limit_bytes
+            ):
                 raise QuotaExceeded(key)
-            if inodes and acc.limit_inodes and \
-                    acc.used_inodes + acc.reserved_inodes + inodes > acc.limit_inodes:
+            if (
+                inodes
+                and acc.limit_inodes
+                and acc.used_inodes + acc.reserved_inodes + inodes > acc.limit_inodes
+            ):
                 raise QuotaExceeded(key)
         for acc in accounts:
             acc.reserved_bytes += nbytes
@@ -116,14 +122,22 @@ class QuotaLedger:
 
 
 SIZE_RE = re.compile(r" *([0-9]{1,19}) *([kmgtpe]?)(?:i?b)? *", re.IGNORECASE)
-SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50,
-              "e": 1 << 60}
+SIZE_UNITS = {
+    "": 1,
+    "k": 1 << 10,
+    "m": 1 << 20,
+    "g": 1 << 30,
+    "t": 1 << 40,
+    "p": 1 << 50,
+    "e": 1 << 60,
+}
 COUNT_RE = re.compile(r" *([0-9]{1,19}) *([km]?) *", re.IGNORECASE)
 COUNT_UNITS = {"": 1, "k": 1000, "m": 1000_000}  # counts take decimal thousands
 
 
-def _parse_limit(text: str | bytes | int, pattern: re.Pattern[str], units: dict[str, int],
-                 usage: str) -> int:
+def _parse_limit(
+    text: str | bytes | int, pattern: re.Pattern[str], units: dict[str, int], usage: str
+) -> int:
     if isinstance(text, int) and not isinstance(text, bool):
         if text < 0:
             raise ValueError("a limit cannot be negative")
@@ -144,7 +158,9 @@ def _parse_limit(text: str | bytes | int, pattern: re.Pattern[str], units: dict[
 
 def parse_size(text: str | bytes | int) -> int:
     """Byte limits: '10G', '512M', '4k', '1GiB', '0' (binary units); ValueError if not."""
-    return _parse_limit(text, SIZE_RE, SIZE_UNITS, "use a whole number with an optional K, M, G, T or P")
+    return _parse_limit(
+        text, SIZE_RE, SIZE_UNITS, "use a whole number with an optional K, M, G, T or P"
+    )
 
 
 def parse_count(text: str | bytes | int) -> int:

@@ -70,14 +70,20 @@ class Vfolder:
     def describe(self, mountpoint: str, ledger: QuotaLedger | None = None) -> dict[str, Any]:
         r = self.record
         acc = ledger.account(self.quota_keys[0]) if ledger is not None and self.quota_keys else None
-        return {"id": self.id, "host": self.host.name,
-                "path": os.path.join(mountpoint, self.host.name, self.id),
-                "native_path": r.native_path, "scope": r.scope or None,
-                "quota_bytes": r.quota_bytes, "quota_inodes": r.quota_inodes,
-                "usage_bytes": acc.used_bytes if acc else None,
-                "usage_inodes": acc.used_inodes if acc else None,
-                "grants": [{"principal": p, "mode": m} for p, m in sorted(r.grants.items())],
-                "open_handles": self.handles, "created": r.created}
+        return {
+            "id": self.id,
+            "host": self.host.name,
+            "path": os.path.join(mountpoint, self.host.name, self.id),
+            "native_path": r.native_path,
+            "scope": r.scope or None,
+            "quota_bytes": r.quota_bytes,
+            "quota_inodes": r.quota_inodes,
+            "usage_bytes": acc.used_bytes if acc else None,
+            "usage_inodes": acc.used_inodes if acc else None,
+            "grants": [{"principal": p, "mode": m} for p, m in sorted(r.grants.items())],
+            "open_handles": self.handles,
+            "created": r.created,
+        }
 
 
 @dataclass(eq=False)
@@ -101,10 +107,16 @@ class Host:
     bytes_written: int = 0
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "backend": self.config.backend, "path": self.config.path,
-                "layout": self.config.layout, "health": self.health, "fs_type": self.fs_type,
-                "vfolders": len(self.vfolders),
-                "capabilities": self.backend.describe()["capabilities"]}
+        return {
+            "name": self.name,
+            "backend": self.config.backend,
+            "path": self.config.path,
+            "layout": self.config.layout,
+            "health": self.health,
+            "fs_type": self.fs_type,
+            "vfolders": len(self.vfolders),
+            "capabilities": self.backend.describe()["capabilities"],
+        }
 
 
 # the hyphenated form only (either case): uuid.UUID() also takes braces, "urn:uuid:", no
@@ -126,8 +138,12 @@ def strict_uuid(text: Any) -> str | None:
 def canonical_uuid(text: Any) -> str:
     vfid = strict_uuid(text)
     if vfid is None:
-        raise RegistryError(400, "bad_id", f"bad vfolder id {str(text)[:80]!r}: expected a UUID "
-                                           f"like 6f1c2a3e-0000-4000-8000-00000000d3e0")
+        raise RegistryError(
+            400,
+            "bad_id",
+            f"bad vfolder id {str(text)[:80]!r}: expected a UUID "
+            f"like 6f1c2a3e-0000-4000-8000-00000000d3e0",
+        )
     return vfid
 
 
@@ -139,13 +155,15 @@ def parse_scope(text: Any) -> str:
         scope_id = strict_uuid(value)
         if sep and kind in ("user", "project") and scope_id is not None:
             return f"{kind}:{scope_id}"
-    raise RegistryError(400, "bad_scope", f"bad scope {str(text)[:80]!r}: use user:<uuid> or "
-                                          f"project:<uuid>")
+    raise RegistryError(
+        400, "bad_scope", f"bad scope {str(text)[:80]!r}: use user:<uuid> or project:<uuid>"
+    )
 
 
 class Registry:
-    def __init__(self, config: Config, store: Store, table: InodeTable,
-                 token: trio.lowlevel.TrioToken) -> None:
+    def __init__(
+        self, config: Config, store: Store, table: InodeTable, token: trio.lowlevel.TrioToken
+    ) -> None:
         self.config = config
         self.store = store
         self.node = node_name()  # this daemon's name in shared state
@@ -167,6 +185,7 @@ class Registry:
         # stop is not "clean" and the next start recounts
         self.untrusted: set[str] = set()
         self._id_locks: dict[str, trio.Lock] = {}  # see _lifecycle
+
     # -- start-up -------------------------------------------------------------------------------
     async def load(self) -> None:
         for hc in self.config.hosts.values():
@@ -184,16 +203,21 @@ class Registry:
         for rec in records:
             host = self.hosts.get(rec.host)
             if host is None:
-                log.warning("vfolder %s belongs to host %r, which is not configured: not served",
-                            rec.id, rec.host, extra={"host": rec.host, "vfolder": rec.id})
+                log.warning(
+                    "vfolder %s belongs to host %r, which is not configured: not served",
+                    rec.id,
+                    rec.host,
+                    extra={"host": rec.host, "vfolder": rec.id},
+                )
                 continue
             vf = await self._attach_stored(host, rec, usage)
             if vf is not None and (not clean or rec.id not in usage):
                 self.needs_scan.append(vf)
                 self.untrusted.add(vf.id)
 
-    async def _attach_stored(self, host: Host, rec: VfolderRecord,
-                             usage: dict[str, tuple[int, int]]) -> Vfolder | None:
+    async def _attach_stored(
+        self, host: Host, rec: VfolderRecord, usage: dict[str, tuple[int, int]]
+    ) -> Vfolder | None:
         """Serve a vfolder from the store on host; None (logged) if its directory is missing."""
         try:
             vf = await self._attach(host, rec)
@@ -202,16 +226,27 @@ class Registry:
             if moved is None:
                 raise
             # a delete that stopped (a crash) between moving the data and the store: finish it
-            await self.store_workers.run(self.store.delete_vfolder, rec.id,
-                                         TrashRecord(moved, host.name, rec.id, time.time()))
+            await self.store_workers.run(
+                self.store.delete_vfolder,
+                rec.id,
+                TrashRecord(moved, host.name, rec.id, time.time()),
+            )
             self.trash_waiting.set()
-            log.info("vfolder %s: finished its deletion (data already in %s)", rec.id, moved,
-                     extra={"host": host.name, "vfolder": rec.id})
+            log.info(
+                "vfolder %s: finished its deletion (data already in %s)",
+                rec.id,
+                moved,
+                extra={"host": host.name, "vfolder": rec.id},
+            )
             return None
         except OSError as exc:
-            log.error("vfolder %s: native directory %s cannot be opened (%s): not served",
-                      rec.id, rec.native_path, exc.strerror,
-                      extra={"host": host.name, "vfolder": rec.id})
+            log.error(
+                "vfolder %s: native directory %s cannot be opened (%s): not served",
+                rec.id,
+                rec.native_path,
+                exc.strerror,
+                extra={"host": host.name, "vfolder": rec.id},
+            )
             return None
         if rec.id in usage:
             self.set_usage(vf, *usage[rec.id])
@@ -241,8 +276,13 @@ class Registry:
         try:
             host.fs_type = await host.admin.run(mounts.fs_type, host.config.path)
         except (OSError, trio.TooSlowError) as exc:
-            log.warning("host %s: cannot tell the filesystem type of %s: %s", host.name,
-                        host.config.path, exc, extra={"host": host.name})
+            log.warning(
+                "host %s: cannot tell the filesystem type of %s: %s",
+                host.name,
+                host.config.path,
+                exc,
+                extra={"host": host.name},
+            )
         host.flush_needed = host.fs_type not in native.LOCAL_FS_TYPES
         host.cached_reads = host.fs_type in native.NOWAIT_FS_TYPES
 
@@ -287,13 +327,15 @@ class Registry:
             elif _attach_fields(old.config) == _attach_fields(hc):
                 old.config = hc
                 old.workers.op_timeout = old.admin.op_timeout = hc.op_timeout
-                changes.append(f"host {name}: op_timeout {hc.op_timeout}s, servers "
-                               f"{list(hc.servers)}")
+                changes.append(
+                    f"host {name}: op_timeout {hc.op_timeout}s, servers {list(hc.servers)}"
+                )
             else:
                 await self._remove_host(name)
                 await self._add_host_live(hc)
-                changes.append(f"host {name} re-attached ({hc.backend} at {hc.path}, layout "
-                               f"{hc.layout})")
+                changes.append(
+                    f"host {name} re-attached ({hc.backend} at {hc.path}, layout {hc.layout})"
+                )
         if changes and self.mounted:
             pyfuse3.invalidate_inode(pyfuse3.ROOT_INODE, attr_only=True)  # its link count
         return changes
@@ -333,8 +375,13 @@ class Registry:
                 continue
             path = host.backend.native_path(uuid.UUID(rec.id), rec.scope)
             if path != rec.native_path:  # the host's path or layout changed
-                log.info("vfolder %s now at %s (was %s)", rec.id, path, rec.native_path,
-                         extra={"host": hc.name, "vfolder": rec.id})
+                log.info(
+                    "vfolder %s now at %s (was %s)",
+                    rec.id,
+                    path,
+                    rec.native_path,
+                    extra={"host": hc.name, "vfolder": rec.id},
+                )
                 rec = VfolderRecord(**{**rec.__dict__, "native_path": path})
                 await self.store_workers.run(self.store.put_vfolder, rec)
             vf = await self._attach_stored(host, rec, usage)
@@ -357,7 +404,9 @@ class Registry:
         try:
             return h.vfolders[vfid]
         except KeyError:
-            raise RegistryError(404, "no_such_vfolder", f"no vfolder {vfid} on host {host!r}") from None
+            raise RegistryError(
+                404, "no_such_vfolder", f"no vfolder {vfid} on host {host!r}"
+            ) from None
 
     # -- changes --------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -373,9 +422,16 @@ class Registry:
                 if not lock.statistics().tasks_waiting:
                     self._id_locks.pop(vfid, None)
 
-    async def create_vfolder(self, host_name: str, vfid: Any = None, scope: Any = None,
-                             quota_bytes: Any = 0, quota_inodes: Any = 0,
-                             grants: Any = None, adopt: Any = False) -> Vfolder:
+    async def create_vfolder(
+        self,
+        host_name: str,
+        vfid: Any = None,
+        scope: Any = None,
+        quota_bytes: Any = 0,
+        quota_inodes: Any = 0,
+        grants: Any = None,
+        adopt: Any = False,
+    ) -> Vfolder:
         # everything is validated before anything is changed: a refused create leaves nothing
         host = self.host(host_name)
         vfid = str(uuid.uuid4()) if vfid is None else canonical_uuid(vfid)
@@ -394,13 +450,20 @@ class Registry:
             try:
                 made = await host.admin.run(host.backend.create_vfolder, path, adopt)
             except AlreadyThere as exc:
-                raise RegistryError(409, "native_exists", f"{exc}; adopt it to serve what it "
-                                                          f"holds (\"adopt\": true)") from None
+                raise RegistryError(
+                    409, "native_exists", f'{exc}; adopt it to serve what it holds ("adopt": true)'
+                ) from None
             except BackendError as exc:
                 raise RegistryError(409, "backend", str(exc)) from None
-            rec = VfolderRecord(id=vfid, host=host.name, native_path=path, scope=scope,
-                                quota_bytes=quota_bytes, quota_inodes=quota_inodes,
-                                grants=grant_map)
+            rec = VfolderRecord(
+                id=vfid,
+                host=host.name,
+                native_path=path,
+                scope=scope,
+                quota_bytes=quota_bytes,
+                quota_inodes=quota_inodes,
+                grants=grant_map,
+            )
             try:
                 await self.store_workers.run(self.store.put_vfolder, rec)
                 vf = None
@@ -408,8 +471,9 @@ class Registry:
                     vf = await self._attach(host, rec)
                     if not adopt:  # an empty directory: its own blocks
                         found = await host.admin.run(native.scan, vf.root.fd)  # type: ignore[union-attr]
-                        await self.store_workers.run(self.store.set_usage, vf.id, found.bytes,
-                                                     found.inodes)
+                        await self.store_workers.run(
+                            self.store.set_usage, vf.id, found.bytes, found.inodes
+                        )
                         self.set_usage(vf, found.bytes, found.inodes)
                         vf.stored = (found.bytes, found.inodes)
                 except BaseException:
@@ -425,8 +489,13 @@ class Registry:
                 raise
             if adopt:
                 self.start_rescan(vf)
-        log.info("vfolder %s created on host %s at %s", vfid, host.name, path,
-                 extra={"host": host.name, "vfolder": vfid})
+        log.info(
+            "vfolder %s created on host %s at %s",
+            vfid,
+            host.name,
+            path,
+            extra={"host": host.name, "vfolder": vfid},
+        )
         return vf
 
     # -- quota ----------------------------------------------------------------------------------
@@ -476,8 +545,9 @@ class Registry:
         try:
             assert vf.root is not None
             with trio.fail_after(vf.host.config.op_timeout):
-                found = await trio.to_thread.run_sync(native.scan, vf.root.fd,
-                                                      abandon_on_cancel=True)
+                found = await trio.to_thread.run_sync(
+                    native.scan, vf.root.fd, abandon_on_cancel=True
+                )
             vf.links = found.links
         finally:
             vf.links_scan = None
@@ -490,33 +560,49 @@ class Registry:
         self.ledger.set_usage(vf.quota_keys[0], nbytes, inodes)
         self.ledger.apply(vf.quota_keys[1:], dbytes, dinodes)
 
-    async def set_limits(self, host_name: str, vfid: str, quota_bytes: Any = None,
-                         quota_inodes: Any = None) -> Vfolder:
+    async def set_limits(
+        self, host_name: str, vfid: str, quota_bytes: Any = None, quota_inodes: Any = None
+    ) -> Vfolder:
         qb, qi = parse_limits(quota_bytes, quota_inodes)
         async with self._lifecycle(self.vfolder(host_name, vfid).id):
             return await self._set_limits(self.vfolder(host_name, vfid), qb, qi)
 
     async def _set_limits(self, vf: Vfolder, qb: int | None, qi: int | None) -> Vfolder:
-        rec = VfolderRecord(**{**vf.record.__dict__,
-                               "quota_bytes": vf.record.quota_bytes if qb is None else qb,
-                               "quota_inodes": vf.record.quota_inodes if qi is None else qi})
+        rec = VfolderRecord(
+            **{
+                **vf.record.__dict__,
+                "quota_bytes": vf.record.quota_bytes if qb is None else qb,
+                "quota_inodes": vf.record.quota_inodes if qi is None else qi,
+            }
+        )
         await self.store_workers.run(self.store.put_vfolder, rec)
         vf.record = rec
         acc = self.ledger.account(vf.quota_keys[0])
         acc.limit_bytes, acc.limit_inodes = rec.quota_bytes, rec.quota_inodes
-        log.info("vfolder %s limits: %d bytes, %d inodes (0: unlimited)", vf.id, rec.quota_bytes,
-                 rec.quota_inodes, extra={"host": vf.host.name, "vfolder": vf.id})
+        log.info(
+            "vfolder %s limits: %d bytes, %d inodes (0: unlimited)",
+            vf.id,
+            rec.quota_bytes,
+            rec.quota_inodes,
+            extra={"host": vf.host.name, "vfolder": vf.id},
+        )
         return vf
 
     def scope_info(self, scope: str) -> dict[str, Any]:
         scope = parse_scope(scope)
         acc = self.ledger.account(f"scope:{scope}")
-        return {"scope": scope, "quota_bytes": acc.limit_bytes, "quota_inodes": acc.limit_inodes,
-                "usage_bytes": acc.used_bytes, "usage_inodes": acc.used_inodes,
-                "vfolders": [vf.id for vf in self.vfolders.values() if vf.record.scope == scope]}
+        return {
+            "scope": scope,
+            "quota_bytes": acc.limit_bytes,
+            "quota_inodes": acc.limit_inodes,
+            "usage_bytes": acc.used_bytes,
+            "usage_inodes": acc.used_inodes,
+            "vfolders": [vf.id for vf in self.vfolders.values() if vf.record.scope == scope],
+        }
 
-    async def set_scope(self, scope: str, quota_bytes: Any = None,
-                        quota_inodes: Any = None) -> dict[str, Any]:
+    async def set_scope(
+        self, scope: str, quota_bytes: Any = None, quota_inodes: Any = None
+    ) -> dict[str, Any]:
         scope = parse_scope(scope)
         if not scope:
             raise RegistryError(400, "bad_scope", "a scope is user:<uuid> or project:<uuid>")
@@ -555,8 +641,11 @@ class Registry:
         """Persist usage and, if every vfolder's usage is trusted, say the next start may use it."""
         await self.flush_usage()
         if self.untrusted & set(self.vfolders):
-            log.warning("stopping before the recount of %d vfolder(s) finished: the next start "
-                        "recounts again", len(self.untrusted & set(self.vfolders)))
+            log.warning(
+                "stopping before the recount of %d vfolder(s) finished: the next start "
+                "recounts again",
+                len(self.untrusted & set(self.vfolders)),
+            )
             return
         await self.store_workers.run(self.store.set_clean, self.node, True)
 
@@ -578,6 +667,7 @@ class Registry:
         is walked again, RESCAN_TRIES times in all, and keeps its usage if it never held still,
         unless its usage cannot be trusted at all (after an unclean stop): then the last count
         is taken as the best there is, and the next rescan corrects it."""
+
         def progress(entries: int, nbytes: int) -> None:
             task.entries, task.bytes = entries, nbytes
 
@@ -587,8 +677,12 @@ class Registry:
                 before = vf.changes if not vf.changing else None
                 watched = {node.ino: node for node, _ in vf.recent.values() if node.key is not None}
                 found = await trio.to_thread.run_sync(
-                    native.scan, vf.root.fd, progress,
-                    frozenset(n.key[1:] for n in watched.values() if n.key), abandon_on_cancel=True)
+                    native.scan,
+                    vf.root.fd,
+                    progress,
+                    frozenset(n.key[1:] for n in watched.values() if n.key),
+                    abandon_on_cancel=True,
+                )
                 quiet = before is not None and vf.changes == before
                 if quiet or vf.deleted:
                     break
@@ -596,8 +690,12 @@ class Registry:
                     await trio.sleep(RESCAN_RETRY)
         except Exception as exc:
             task.state, task.error = "failed", str(exc)
-            log.warning("rescan of vfolder %s failed: %s", vf.id, exc,
-                        extra={"host": vf.host.name, "vfolder": vf.id})
+            log.warning(
+                "rescan of vfolder %s failed: %s",
+                vf.id,
+                exc,
+                extra={"host": vf.host.name, "vfolder": vf.id},
+            )
         else:
             trusted = vf.id not in self.untrusted
             if not vf.deleted and (quiet or not trusted):
@@ -605,17 +703,26 @@ class Registry:
                 self._take_count(vf, found, watched)  # at once: nothing may change in between
                 task.applied = True
                 try:
-                    await self.store_workers.run(self.store.set_usage, vf.id, found.bytes,
-                                                 found.inodes)
+                    await self.store_workers.run(
+                        self.store.set_usage, vf.id, found.bytes, found.inodes
+                    )
                 except Exception as exc:  # the store keeps the old figure: flush the difference
                     vf.stored = before_stored
                     self.ledger.account(vf.quota_keys[0]).dirty = True
-                    log.warning("rescan of vfolder %s: count not stored: %s", vf.id, exc,
-                                extra={"host": vf.host.name, "vfolder": vf.id})
+                    log.warning(
+                        "rescan of vfolder %s: count not stored: %s",
+                        vf.id,
+                        exc,
+                        extra={"host": vf.host.name, "vfolder": vf.id},
+                    )
             elif not vf.deleted:
-                log.info("rescan of vfolder %s: changed through vfusefs during each of %d walks; "
-                         "usage kept", vf.id, RESCAN_TRIES,
-                         extra={"host": vf.host.name, "vfolder": vf.id})
+                log.info(
+                    "rescan of vfolder %s: changed through vfusefs during each of %d walks; "
+                    "usage kept",
+                    vf.id,
+                    RESCAN_TRIES,
+                    extra={"host": vf.host.name, "vfolder": vf.id},
+                )
             task.entries, task.bytes, task.state = found.inodes, found.bytes, "done"
         task.finished = time.time()
         if len(self.tasks) > 1000:  # keep the most recent ones
@@ -634,9 +741,15 @@ class Registry:
             node.orphan = False  # nameless: not counted by the scan, nothing to refund
         old = self.ledger.account(vf.quota_keys[0])
         if (old.used_bytes, old.used_inodes) != (found.bytes, found.inodes):
-            log.info("rescan of vfolder %s: usage %d -> %d bytes, %d -> %d inodes", vf.id,
-                     old.used_bytes, found.bytes, old.used_inodes, found.inodes,
-                     extra={"host": vf.host.name, "vfolder": vf.id})
+            log.info(
+                "rescan of vfolder %s: usage %d -> %d bytes, %d -> %d inodes",
+                vf.id,
+                old.used_bytes,
+                found.bytes,
+                old.used_inodes,
+                found.inodes,
+                extra={"host": vf.host.name, "vfolder": vf.id},
+            )
         self.set_usage(vf, found.bytes, found.inodes)
         vf.stored = (found.bytes, found.inodes)
         vf.links = found.links
@@ -649,8 +762,12 @@ class Registry:
     async def _delete_vfolder(self, host_name: str, vfid: str, force: bool) -> str:
         vf = self.vfolder(host_name, vfid)  # again: it may have gone while we waited
         if vf.handles and not force:
-            raise RegistryError(409, "in_use", f"vfolder {vf.id} is in use ({vf.handles} open "
-                                               f"handles); add ?force=1 to delete anyway")
+            raise RegistryError(
+                409,
+                "in_use",
+                f"vfolder {vf.id} is in use ({vf.handles} open "
+                f"handles); add ?force=1 to delete anyway",
+            )
         host = vf.host
         # hide it first so no new request reaches it, then move the data aside
         self._stop_serving(vf)
@@ -664,27 +781,41 @@ class Registry:
                 self.untrusted.add(again.id)
                 if self.nursery is not None:
                     self.start_rescan(again)
-            raise RegistryError(409, "backend", f"cannot move {vf.record.native_path} to trash: "
-                                                f"{exc.strerror}") from None
-        trash = TrashRecord(moved, host.name, vf.id, time.time(), record=vf.record) if moved else None
+            raise RegistryError(
+                409, "backend", f"cannot move {vf.record.native_path} to trash: {exc.strerror}"
+            ) from None
+        trash = (
+            TrashRecord(moved, host.name, vf.id, time.time(), record=vf.record) if moved else None
+        )
         await self.store_workers.run(self.store.delete_vfolder, vf.id, trash)
         self.trash_waiting.set()
-        log.info("vfolder %s deleted from host %s (data moved to %s)", vf.id, host.name,
-                 moved or "-", extra={"host": host.name, "vfolder": vf.id})
+        log.info(
+            "vfolder %s deleted from host %s (data moved to %s)",
+            vf.id,
+            host.name,
+            moved or "-",
+            extra={"host": host.name, "vfolder": vf.id},
+        )
         return moved
 
-    async def set_grant(self, host_name: str, vfid: str, principal: str, mode: str | None) -> Vfolder:
+    async def set_grant(
+        self, host_name: str, vfid: str, principal: str, mode: str | None
+    ) -> Vfolder:
         async with self._lifecycle(self.vfolder(host_name, vfid).id):
             return await self._set_grant(host_name, vfid, principal, mode)
 
-    async def _set_grant(self, host_name: str, vfid: str, principal: str, mode: str | None) -> Vfolder:
+    async def _set_grant(
+        self, host_name: str, vfid: str, principal: str, mode: str | None
+    ) -> Vfolder:
         vf = self.vfolder(host_name, vfid)
         try:
             principal = access.parse_principal(principal)
             grants = dict(vf.record.grants)
             if mode is None:
                 if principal not in grants:
-                    raise RegistryError(404, "no_such_grant", f"no grant for {principal} on {vf.id}")
+                    raise RegistryError(
+                        404, "no_such_grant", f"no grant for {principal} on {vf.id}"
+                    )
                 del grants[principal]
             else:
                 grants[principal] = access.canonical_mode(mode)
@@ -730,8 +861,9 @@ class Registry:
             if rec.deleted + retention > time.time():
                 due = rec.deleted + retention if due is None else min(due, rec.deleted + retention)
                 continue
-            if not await self.store_workers.run(self.store.claim_trash, rec.path, self.node,
-                                                TRASH_CLAIM):
+            if not await self.store_workers.run(
+                self.store.claim_trash, rec.path, self.node, TRASH_CLAIM
+            ):
                 continue  # another node is purging it, or it is being restored
             try:
                 # a stop does not wait for a big purge: it is queued still, and the next start
@@ -748,10 +880,19 @@ class Registry:
         """What a host's trash holds, oldest first: each deleted vfolder and when it goes."""
         host = self.host(host_name)
         retention = self.config.daemon.trash_retention
-        return [{"id": rec.vfolder, "host": rec.host, "trash": rec.path, "deleted": rec.deleted,
-                 "purge_after": rec.deleted + retention, "restorable": rec.record is not None,
-                 "scope": rec.record.scope or None if rec.record else None}
-                for rec in await self.store_workers.run(self.store.trash) if rec.host == host.name]
+        return [
+            {
+                "id": rec.vfolder,
+                "host": rec.host,
+                "trash": rec.path,
+                "deleted": rec.deleted,
+                "purge_after": rec.deleted + retention,
+                "restorable": rec.record is not None,
+                "scope": rec.record.scope or None if rec.record else None,
+            }
+            for rec in await self.store_workers.run(self.store.trash)
+            if rec.host == host.name
+        ]
 
     async def restore_vfolder(self, host_name: str, vfid: str) -> Vfolder:
         """Bring a deleted vfolder back from its host's trash, as it was when deleted (grants,
@@ -761,15 +902,23 @@ class Registry:
         async with self._lifecycle(vfid):
             if vfid in self.vfolders or await self.store_workers.run(self.store.has_vfolder, vfid):
                 raise RegistryError(409, "exists", f"vfolder {vfid} exists: nothing to restore")
-            entries = [t for t in await self.store_workers.run(self.store.trash)
-                       if t.vfolder == vfid and t.host == host.name and t.record is not None]
+            entries = [
+                t
+                for t in await self.store_workers.run(self.store.trash)
+                if t.vfolder == vfid and t.host == host.name and t.record is not None
+            ]
             if not entries:
-                raise RegistryError(404, "not_in_trash", f"vfolder {vfid} is not in the trash of "
-                                                         f"host {host.name!r} (purged, or never here)")
+                raise RegistryError(
+                    404,
+                    "not_in_trash",
+                    f"vfolder {vfid} is not in the trash of "
+                    f"host {host.name!r} (purged, or never here)",
+                )
             entry = entries[-1]  # the latest deletion
             assert entry.record is not None
-            if not await self.store_workers.run(self.store.claim_trash, entry.path, self.node,
-                                                TRASH_CLAIM):
+            if not await self.store_workers.run(
+                self.store.claim_trash, entry.path, self.node, TRASH_CLAIM
+            ):
                 raise RegistryError(409, "being_purged", f"vfolder {vfid} is being purged")
             path = host.backend.native_path(uuid.UUID(vfid), entry.record.scope)
             rec = VfolderRecord(**{**entry.record.__dict__, "native_path": path})
@@ -777,8 +926,12 @@ class Registry:
                 await host.admin.run(host.backend.restore_vfolder, entry.path, path)
             except (OSError, BackendError) as exc:
                 await self.store_workers.run(self.store.claim_trash, entry.path, self.node, 0)
-                raise RegistryError(409, "backend", f"cannot restore {entry.path} to {path}: "
-                                                    f"{getattr(exc, 'strerror', None) or exc}") from None
+                raise RegistryError(
+                    409,
+                    "backend",
+                    f"cannot restore {entry.path} to {path}: "
+                    f"{getattr(exc, 'strerror', None) or exc}",
+                ) from None
             try:
                 if not await self.store_workers.run(self.store.restore_vfolder, rec, entry.path):
                     raise RegistryError(409, "being_purged", f"vfolder {vfid} was purged meanwhile")
@@ -794,8 +947,13 @@ class Registry:
             self.untrusted.add(vf.id)
             if self.nursery is not None:
                 self.start_rescan(vf)
-        log.info("vfolder %s restored on host %s from %s", vfid, host.name, entry.path,
-                 extra={"host": host.name, "vfolder": vfid})
+        log.info(
+            "vfolder %s restored on host %s from %s",
+            vfid,
+            host.name,
+            entry.path,
+            extra={"host": host.name, "vfolder": vfid},
+        )
         return vf
 
     # -- the store's change feed -----------------------------------------------------------------
@@ -812,7 +970,9 @@ class Registry:
         for ch in changes:
             if ch.kind == "all":  # fell behind what the feed keeps: compare everything
                 vfids.update(dict.fromkeys(self.vfolders))
-                vfids.update((r.id, None) for r in await self.store_workers.run(self.store.vfolders))
+                vfids.update(
+                    (r.id, None) for r in await self.store_workers.run(self.store.vfolders)
+                )
                 scopes.update(dict.fromkeys(await self.store_workers.run(self.store.scopes)))
             elif ch.kind == "vfolder":
                 vfids[ch.key] = None
@@ -834,14 +994,20 @@ class Registry:
         vf = self.vfolders.get(vfid)
         if vf is not None and rec == vf.record:
             return
-        if vf is not None and (rec is None or (rec.host, rec.native_path, rec.scope) !=
-                               (vf.record.host, vf.record.native_path, vf.record.scope)):
+        if vf is not None and (
+            rec is None
+            or (rec.host, rec.native_path, rec.scope)
+            != (vf.record.host, vf.record.native_path, vf.record.scope)
+        ):
             # deleted elsewhere (its data is the deleter's to move), or moved: stop serving it
             self._stop_serving(vf)
             self._invalidate_entry(vf.host, vf.id)
-            log.info("vfolder %s %s in the store by another writer: no longer served here",
-                     vfid, "deleted" if rec is None else "moved",
-                     extra={"host": vf.host.name, "vfolder": vfid})
+            log.info(
+                "vfolder %s %s in the store by another writer: no longer served here",
+                vfid,
+                "deleted" if rec is None else "moved",
+                extra={"host": vf.host.name, "vfolder": vfid},
+            )
             vf = None
         if rec is None:
             return
@@ -857,8 +1023,11 @@ class Registry:
             if rec.id not in usage and self.nursery is not None:
                 self.untrusted.add(vf.id)
                 self.start_rescan(vf)
-            log.info("vfolder %s appeared in the store: served", vfid,
-                     extra={"host": host.name, "vfolder": vfid})
+            log.info(
+                "vfolder %s appeared in the store: served",
+                vfid,
+                extra={"host": host.name, "vfolder": vfid},
+            )
             return
         old, vf.record = vf.record, rec
         acc = self.ledger.account(vf.quota_keys[0])
@@ -866,8 +1035,11 @@ class Registry:
         if rec.grants != old.grants:
             vf.modes = {}
             await self._grants_changed(vf)
-        log.info("vfolder %s changed in the store: grants and limits applied", vfid,
-                 extra={"host": vf.host.name, "vfolder": vfid})
+        log.info(
+            "vfolder %s changed in the store: grants and limits applied",
+            vfid,
+            extra={"host": vf.host.name, "vfolder": vfid},
+        )
 
 
 @dataclass
@@ -904,7 +1076,9 @@ def parse_grants(grants: Any) -> dict[str, str]:
     out: dict[str, str] = {}
     for g in grants:
         if not isinstance(g, dict) or set(g) != {"principal", "mode"}:
-            raise RegistryError(400, "bad_grant", f"bad grant {g!r}: needs exactly principal and mode")
+            raise RegistryError(
+                400, "bad_grant", f"bad grant {g!r}: needs exactly principal and mode"
+            )
         try:
             out[access.parse_principal(g["principal"])] = access.canonical_mode(g["mode"])
         except access.BadGrant as exc:

@@ -117,8 +117,9 @@ class _Job:
 class HostWorkers:
     """A fixed pool of daemon threads running blocking calls for one storage host."""
 
-    def __init__(self, name: str, threads: int, op_timeout: float,
-                 token: trio.lowlevel.TrioToken) -> None:
+    def __init__(
+        self, name: str, threads: int, op_timeout: float, token: trio.lowlevel.TrioToken
+    ) -> None:
         self.name = name
         self.op_timeout = op_timeout
         self._token = token
@@ -139,9 +140,12 @@ class HostWorkers:
         # one, so settle waits until this is 0
         self._closes_fds = 0
         self._closes_lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._loop, args=(lane,), daemon=True,
-                                          name=f"vfusefs-{name}-{i}")
-                         for i, lane in enumerate(self._lanes)]
+        self._threads = [
+            threading.Thread(
+                target=self._loop, args=(lane,), daemon=True, name=f"vfusefs-{name}-{i}"
+            )
+            for i, lane in enumerate(self._lanes)
+        ]
         for t in self._threads:
             t.start()
 
@@ -176,8 +180,9 @@ class HostWorkers:
         be busy serving requests without looking at its callbacks for a while), unless a task
         or a background call waits for a lane: only trio can give it one."""
         if not job.ok:
-            log.warning("host %s: background call %s failed: %s", self.name,
-                        _name(job.fn), job.value)
+            log.warning(
+                "host %s: background call %s failed: %s", self.name, _name(job.fn), job.value
+            )
         self._returned.append(lane)
         if self._waiting or self._backlog:  # checked after the append: see _reclaim
             self._token.run_sync_soon(self._reclaim)
@@ -192,9 +197,12 @@ class HostWorkers:
     def _wake(self, lane: Lane, job: _Job) -> None:
         self._release(lane)
         if job.abandoned:  # its request already failed with EIO after op_timeout
-            log.info("host %s: %s ended %s after its request gave up",
-                     self.name, _name(job.fn),
-                     "well" if job.ok else f"with {job.value!r}")
+            log.info(
+                "host %s: %s ended %s after its request gave up",
+                self.name,
+                _name(job.fn),
+                "well" if job.ok else f"with {job.value!r}",
+            )
             if job.ok and self.on_abandoned is not None:
                 self.on_abandoned(job.value)  # e.g. close the fds it opened: nobody else will
             return
@@ -252,8 +260,9 @@ class HostWorkers:
                     self._release(lane)
                     return cast(T, self._result(job))
                 return cast(T, await self._parked(job))
-        raise trio.TooSlowError(f"host {self.name}: native call {_name(fn)} "
-                                f"took longer than {self.op_timeout}s")
+        raise trio.TooSlowError(
+            f"host {self.name}: native call {_name(fn)} took longer than {self.op_timeout}s"
+        )
 
     def read_cached(self, fd: int, size: int, off: int, tid: int = 0) -> tuple[bytes, bool]:
         """Read from the page cache on the trio thread (see the module's doc): (data, whole);
@@ -273,6 +282,7 @@ class HostWorkers:
 
     async def _parked(self, job: _Job) -> Any:
         """Wait in trio for a job the worker will report through _wake."""
+
         def abort(_: Any) -> trio.lowlevel.Abort:
             job.abandoned = True  # the lane comes back when the call ends (_wake)
             return trio.lowlevel.Abort.SUCCEEDED

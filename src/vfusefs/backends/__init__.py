@@ -24,8 +24,21 @@ from vfusefs import mounts
 from vfusefs.config import ConfigError, HostConfig
 
 TRASH_DIR = ".vfusefs-trash"
-NETWORK_FS_TYPES = frozenset({"nfs", "nfs4", "ceph", "fuse.ceph-fuse", "cifs", "smb3", "lustre",
-                              "glusterfs", "fuse.glusterfs", "gpfs", "wekafs"})
+NETWORK_FS_TYPES = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "ceph",
+        "fuse.ceph-fuse",
+        "cifs",
+        "smb3",
+        "lustre",
+        "glusterfs",
+        "fuse.glusterfs",
+        "gpfs",
+        "wekafs",
+    }
+)
 
 
 class BackendError(Exception):
@@ -85,16 +98,22 @@ class Backend:
         for key in host.options:
             if key not in declared:
                 known = ", ".join(sorted(declared)) or "none"
-                raise ConfigError(f"hosts.{host.name}.options.{key}: unknown option for backend "
-                                  f"{cls.name!r} (known: {known})")
+                raise ConfigError(
+                    f"hosts.{host.name}.options.{key}: unknown option for backend "
+                    f"{cls.name!r} (known: {known})"
+                )
         out = {}
         for opt in cls.options:
             value = host.options.get(opt.key, opt.default)
             if value is None:
-                raise ConfigError(f"hosts.{host.name}.options.{opt.key}: required by backend "
-                                  f"{cls.name!r} ({opt.doc})")
+                raise ConfigError(
+                    f"hosts.{host.name}.options.{opt.key}: required by backend "
+                    f"{cls.name!r} ({opt.doc})"
+                )
             if not isinstance(value, opt.kind) or isinstance(value, bool) and opt.kind is not bool:
-                raise ConfigError(f"hosts.{host.name}.options.{opt.key}: must be {opt.kind.__name__}")
+                raise ConfigError(
+                    f"hosts.{host.name}.options.{opt.key}: must be {opt.kind.__name__}"
+                )
             out[opt.key] = value
         return out
 
@@ -105,7 +124,9 @@ class Backend:
             return os.path.join(self.host.path, str(vfid))
         scope_id = scope.partition(":")[2]
         if not scope_id:
-            raise BackendError("the backendai layout needs a quota scope (user:<uuid> or project:<uuid>)")
+            raise BackendError(
+                "the backendai layout needs a quota scope (user:<uuid> or project:<uuid>)"
+            )
         h = vfid.hex
         return os.path.join(self.host.path, uuid.UUID(scope_id).hex, h[0:2], h[2:4], h[4:])
 
@@ -200,8 +221,12 @@ class Backend:
         return [server] if server else []
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "path": self.host.path, "layout": self.host.layout,
-                "capabilities": asdict(self.capabilities)}
+        return {
+            "backend": self.name,
+            "path": self.host.path,
+            "layout": self.host.layout,
+            "capabilities": asdict(self.capabilities),
+        }
 
 
 def installed() -> dict[str, type[Backend]]:
@@ -211,16 +236,25 @@ def installed() -> dict[str, type[Backend]]:
 
 def options_markdown() -> str:
     """The backends' reference for docs/config.md: capabilities and `[hosts.NAME.options]`."""
-    lines = ["| backend | native quota | fast usage | clone | snapshots | options |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| backend | native quota | fast usage | clone | snapshots | options |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, cls in sorted(installed().items()):
         c = cls.capabilities
-        opts = "<br>".join(
-            f"`{o.key}` ({o.kind.__name__}, {'required' if o.default is None else repr(o.default)}):"
-            f" {o.doc}" for o in cls.options) or "none"
-        lines.append(f"| `{name}` | {'yes' if c.native_quota else 'no'} | "
-                     f"{'yes' if c.fast_usage else 'no'} | {c.clone or 'not yet'} | "
-                     f"{'yes' if c.snapshots else 'no'} | {opts} |")
+        opts = (
+            "<br>".join(
+                f"`{o.key}` ({o.kind.__name__}, {'required' if o.default is None else repr(o.default)}):"
+                f" {o.doc}"
+                for o in cls.options
+            )
+            or "none"
+        )
+        lines.append(
+            f"| `{name}` | {'yes' if c.native_quota else 'no'} | "
+            f"{'yes' if c.fast_usage else 'no'} | {c.clone or 'not yet'} | "
+            f"{'yes' if c.snapshots else 'no'} | {opts} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -229,6 +263,8 @@ def load_backend(host: HostConfig) -> Backend:
     found = {ep.name: ep for ep in entry_points(group="vfusefs.backends")}
     if host.backend not in found:
         names = ", ".join(sorted(found)) or "none installed"
-        raise ConfigError(f"hosts.{host.name}.backend: unknown backend {host.backend!r} (known: {names})")
+        raise ConfigError(
+            f"hosts.{host.name}.backend: unknown backend {host.backend!r} (known: {names})"
+        )
     cls: type[Backend] = found[host.backend].load()
     return cls(host)

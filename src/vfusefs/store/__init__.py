@@ -17,8 +17,15 @@ import time
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
-__all__ = ["Change", "Store", "StoreError", "TrashRecord", "VfolderRecord", "open_store",
-           "sqlite_path"]
+__all__ = [
+    "Change",
+    "Store",
+    "StoreError",
+    "TrashRecord",
+    "VfolderRecord",
+    "open_store",
+    "sqlite_path",
+]
 
 
 class StoreError(Exception):
@@ -76,6 +83,7 @@ class Store(Protocol):
     def usage(self) -> dict[str, tuple[int, int]]: ...
     def add_usage(self, node: str, deltas: list[tuple[str, int, int]]) -> None:
         """Add (vfolder, bytes, inodes) deltas to node's share of usage."""
+
     def set_usage(self, vfid: str, nbytes: int, inodes: int) -> None:
         """A recount: the base becomes this and every node's delta for it is dropped."""
 
@@ -91,6 +99,7 @@ class Store(Protocol):
     def trash(self) -> list[TrashRecord]: ...
     def claim_trash(self, path: str, node: str, seconds: float) -> bool:
         """Take path for purging for `seconds` (False: another node holds it)."""
+
     def trash_purged(self, path: str) -> None: ...
     def restore_vfolder(self, rec: VfolderRecord, trash_path: str) -> bool:
         """Serve rec again and take its data out of the trash queue, at once (False if the
@@ -107,7 +116,7 @@ def sqlite_path(url: str) -> str:
     SQLAlchemy spelling, is the same file); StoreError for anything else."""
     if not url.startswith("sqlite://"):
         raise StoreError(f"store url {url!r}: not a sqlite:/// URL")
-    path = url[len("sqlite://"):]
+    path = url[len("sqlite://") :]
     if not path.startswith("/"):
         raise StoreError(f"store url {url!r}: the path must be absolute (sqlite:///var/lib/...)")
     return "/" + path.lstrip("/")

@@ -47,8 +47,9 @@ class SqliteStore:
         self.path = path
         try:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None,
-                                       timeout=10)
+            self._db = sqlite3.connect(
+                path, check_same_thread=False, isolation_level=None, timeout=10
+            )
             os.chmod(path, 0o600)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -65,7 +66,9 @@ class SqliteStore:
             self._db.execute("BEGIN")
             if "claimed_by" not in cols:
                 self._db.execute("ALTER TABLE trash ADD COLUMN claimed_by TEXT NOT NULL DEFAULT ''")
-                self._db.execute("ALTER TABLE trash ADD COLUMN claimed_until REAL NOT NULL DEFAULT 0")
+                self._db.execute(
+                    "ALTER TABLE trash ADD COLUMN claimed_until REAL NOT NULL DEFAULT 0"
+                )
             if "record" not in cols:
                 self._db.execute("ALTER TABLE trash ADD COLUMN record TEXT NOT NULL DEFAULT ''")
             if self._db.execute("SELECT value FROM meta WHERE key = 'clean'").fetchone():
@@ -101,13 +104,29 @@ class SqliteStore:
 
     @staticmethod
     def _record(r: Any) -> VfolderRecord:
-        return VfolderRecord(id=r[0], host=r[1], native_path=r[2], scope=r[3], quota_bytes=r[4],
-                             quota_inodes=r[5], grants=json.loads(r[6]), created=r[7])
+        return VfolderRecord(
+            id=r[0],
+            host=r[1],
+            native_path=r[2],
+            scope=r[3],
+            quota_bytes=r[4],
+            quota_inodes=r[5],
+            grants=json.loads(r[6]),
+            created=r[7],
+        )
 
     @staticmethod
     def _row(rec: VfolderRecord) -> tuple[Any, ...]:
-        return (rec.id, rec.host, rec.native_path, rec.scope, rec.quota_bytes, rec.quota_inodes,
-                json.dumps(rec.grants, sort_keys=True), rec.created)
+        return (
+            rec.id,
+            rec.host,
+            rec.native_path,
+            rec.scope,
+            rec.quota_bytes,
+            rec.quota_inodes,
+            json.dumps(rec.grants, sort_keys=True),
+            rec.created,
+        )
 
     def vfolders(self) -> list[VfolderRecord]:
         rows = self._run(f"SELECT {self._COLUMNS} FROM vfolders ORDER BY created, id")
@@ -123,48 +142,70 @@ class SqliteStore:
     def put_vfolder(self, rec: VfolderRecord) -> None:
         self._transaction(
             ("INSERT OR REPLACE INTO vfolders VALUES (?, ?, ?, ?, ?, ?, ?, ?)", self._row(rec)),
-            *self._changed("vfolder", rec.id))
+            *self._changed("vfolder", rec.id),
+        )
 
     def delete_vfolder(self, vfid: str, trash: TrashRecord | None) -> None:
-        steps = [("DELETE FROM vfolders WHERE id = ?", (vfid,)),
-                 ("DELETE FROM usage WHERE vfolder = ?", (vfid,)),
-                 ("DELETE FROM usage_deltas WHERE vfolder = ?", (vfid,)),
-                 *self._changed("vfolder", vfid)]
+        steps = [
+            ("DELETE FROM vfolders WHERE id = ?", (vfid,)),
+            ("DELETE FROM usage WHERE vfolder = ?", (vfid,)),
+            ("DELETE FROM usage_deltas WHERE vfolder = ?", (vfid,)),
+            *self._changed("vfolder", vfid),
+        ]
         if trash is not None:
             rec = json.dumps(trash.record.__dict__, sort_keys=True) if trash.record else ""
-            steps.append(("INSERT OR REPLACE INTO trash (path, host, vfolder, deleted, record) "
-                          "VALUES (?, ?, ?, ?, ?)",
-                          (trash.path, trash.host, trash.vfolder, trash.deleted, rec)))
+            steps.append(
+                (
+                    "INSERT OR REPLACE INTO trash (path, host, vfolder, deleted, record) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (trash.path, trash.host, trash.vfolder, trash.deleted, rec),
+                )
+            )
         self._transaction(*steps)
 
     # -- usage ----------------------------------------------------------------------------------
     def usage(self) -> dict[str, tuple[int, int]]:
         out = {r[0]: (r[1], r[2]) for r in self._run("SELECT vfolder, bytes, inodes FROM usage")}
-        for vfid, nbytes, inodes in self._run("SELECT vfolder, sum(bytes), sum(inodes) "
-                                              "FROM usage_deltas GROUP BY vfolder"):
+        for vfid, nbytes, inodes in self._run(
+            "SELECT vfolder, sum(bytes), sum(inodes) FROM usage_deltas GROUP BY vfolder"
+        ):
             base = out.get(vfid, (0, 0))
             out[vfid] = (base[0] + nbytes, base[1] + inodes)
         return out
 
     def add_usage(self, node: str, deltas: list[tuple[str, int, int]]) -> None:
-        self._transaction(*[
-            ("INSERT INTO usage_deltas VALUES (?, ?, ?, ?) ON CONFLICT (vfolder, node) DO UPDATE "
-             "SET bytes = bytes + excluded.bytes, inodes = inodes + excluded.inodes",
-             (vfid, node, nbytes, inodes)) for vfid, nbytes, inodes in deltas])
+        self._transaction(
+            *[
+                (
+                    "INSERT INTO usage_deltas VALUES (?, ?, ?, ?) ON CONFLICT (vfolder, node) DO UPDATE "
+                    "SET bytes = bytes + excluded.bytes, inodes = inodes + excluded.inodes",
+                    (vfid, node, nbytes, inodes),
+                )
+                for vfid, nbytes, inodes in deltas
+            ]
+        )
 
     def set_usage(self, vfid: str, nbytes: int, inodes: int) -> None:
         self._transaction(
-            ("INSERT OR REPLACE INTO usage VALUES (?, ?, ?, ?)", (vfid, nbytes, inodes, time.time())),
-            ("DELETE FROM usage_deltas WHERE vfolder = ?", (vfid,)))
+            (
+                "INSERT OR REPLACE INTO usage VALUES (?, ?, ?, ?)",
+                (vfid, nbytes, inodes, time.time()),
+            ),
+            ("DELETE FROM usage_deltas WHERE vfolder = ?", (vfid,)),
+        )
 
     # -- scopes ---------------------------------------------------------------------------------
     def scopes(self) -> dict[str, tuple[int, int]]:
-        return {r[0]: (r[1], r[2])
-                for r in self._run("SELECT scope, quota_bytes, quota_inodes FROM scopes")}
+        return {
+            r[0]: (r[1], r[2])
+            for r in self._run("SELECT scope, quota_bytes, quota_inodes FROM scopes")
+        }
 
     def put_scope(self, scope: str, quota_bytes: int, quota_inodes: int) -> None:
-        self._transaction(("INSERT OR REPLACE INTO scopes VALUES (?, ?, ?)",
-                           (scope, quota_bytes, quota_inodes)), *self._changed("scope", scope))
+        self._transaction(
+            ("INSERT OR REPLACE INTO scopes VALUES (?, ?, ?)", (scope, quota_bytes, quota_inodes)),
+            *self._changed("scope", scope),
+        )
 
     # -- clean flags ----------------------------------------------------------------------------
     def clean(self, node: str) -> bool:
@@ -172,25 +213,32 @@ class SqliteStore:
         return bool(rows) and rows[0][0] == "1"
 
     def set_clean(self, node: str, clean: bool) -> None:
-        self._run("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"clean:{node}", "1" if clean else "0"))
+        self._run(
+            "INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"clean:{node}", "1" if clean else "0")
+        )
 
     # -- trash ----------------------------------------------------------------------------------
     def trash(self) -> list[TrashRecord]:
-        return [TrashRecord(r[0], r[1], r[2], r[3],
-                            VfolderRecord(**json.loads(r[4])) if r[4] else None)
-                for r in self._run("SELECT path, host, vfolder, deleted, record FROM trash "
-                                   "ORDER BY deleted")]
+        return [
+            TrashRecord(r[0], r[1], r[2], r[3], VfolderRecord(**json.loads(r[4])) if r[4] else None)
+            for r in self._run(
+                "SELECT path, host, vfolder, deleted, record FROM trash ORDER BY deleted"
+            )
+        ]
 
     def restore_vfolder(self, rec: VfolderRecord, trash_path: str) -> bool:
         with self._lock:
             try:
                 with self._db:
                     self._db.execute("BEGIN IMMEDIATE")
-                    if self._db.execute("DELETE FROM trash WHERE path = ?",
-                                        (trash_path,)).rowcount != 1:
+                    if (
+                        self._db.execute("DELETE FROM trash WHERE path = ?", (trash_path,)).rowcount
+                        != 1
+                    ):
                         return False
-                    self._db.execute("INSERT INTO vfolders VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                     self._row(rec))
+                    self._db.execute(
+                        "INSERT INTO vfolders VALUES (?, ?, ?, ?, ?, ?, ?, ?)", self._row(rec)
+                    )
                     for sql, args in self._changed("vfolder", rec.id):
                         self._db.execute(sql, args)
                 return True
@@ -203,7 +251,9 @@ class SqliteStore:
             try:
                 cur = self._db.execute(
                     "UPDATE trash SET claimed_by = ?, claimed_until = ? WHERE path = ? AND "
-                    "(claimed_by = ? OR claimed_until < ?)", (node, now + seconds, path, node, now))
+                    "(claimed_by = ? OR claimed_until < ?)",
+                    (node, now + seconds, path, node, now),
+                )
                 return cur.rowcount == 1
             except sqlite3.Error as exc:
                 raise StoreError(f"store {self.path}: {exc}") from None
@@ -214,16 +264,21 @@ class SqliteStore:
     # -- the change feed ------------------------------------------------------------------------
     @staticmethod
     def _changed(kind: str, key: str) -> list[tuple[str, tuple[Any, ...]]]:
-        return [("INSERT INTO changes (kind, key) VALUES (?, ?)", (kind, key)),
-                ("DELETE FROM changes WHERE seq <= (SELECT max(seq) FROM changes) - ?",
-                 (KEEP_CHANGES,))]
+        return [
+            ("INSERT INTO changes (kind, key) VALUES (?, ?)", (kind, key)),
+            (
+                "DELETE FROM changes WHERE seq <= (SELECT max(seq) FROM changes) - ?",
+                (KEEP_CHANGES,),
+            ),
+        ]
 
     def last_change(self) -> int:
         return int(self._run("SELECT coalesce(max(seq), 0) FROM changes")[0][0])
 
     def changes(self, since: int) -> list[Change]:
-        rows = self._run("SELECT seq, kind, key FROM changes WHERE seq > ? ORDER BY seq LIMIT 5000",
-                         (since,))
+        rows = self._run(
+            "SELECT seq, kind, key FROM changes WHERE seq > ? ORDER BY seq LIMIT 5000", (since,)
+        )
         out = [Change(*r) for r in rows]
         if out and out[0].seq > since + 1:
             oldest = self._run("SELECT min(seq) FROM changes")[0][0]
