@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,14 @@ def test_docs_config_md_is_current() -> None:
     assert backends.options_markdown() in doc, (
         "docs/config.md is stale: regenerate with vfusefs config-doc"
     )
+
+
+def test_the_cli_loads_neither_pyfuse3_nor_the_libfuse_shim() -> None:
+    """Only `serve` needs them; every other command is plain Python (and starts faster)."""
+    script = (
+        "import sys, vfusefs.cli\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "print('pyfuse3' in sys.modules, '_fuseshim' in maps, 'libfuse3' in maps)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False", "False"]

@@ -1,4 +1,5 @@
-"""Quota (SPEC §4, §5): the pure ledger, then exactness and enforcement on a real mount.
+"""Quota (SPEC §4, §5): exactness and enforcement on a real mount (the ledger alone:
+test_ledger.py).
 
 "Exact" means: after any sequence of operations through the mount, the reported usage equals
 `du --block-size=1 -s` of the native directory and its number of inodes (hard links once).
@@ -18,64 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from vfusefs.quota import QuotaExceeded, QuotaLedger, parse_count, parse_size
-
 from conftest import Daemon, run
 
 MiB = 1 << 20
 
 
-# -- the ledger, without a mount ----------------------------------------------------------------
-def test_reservations_cover_operations_in_flight() -> None:
-    ledger = QuotaLedger()
-    ledger.account("vf:a").limit_bytes = 100
-    r1 = ledger.reserve(["vf:a"], 60, 0)
-    with pytest.raises(QuotaExceeded):
-        ledger.reserve(["vf:a"], 60, 0)  # both would pass a check that only one fits
-    ledger.commit(r1, 10, 0)  # it really allocated less
-    r2 = ledger.reserve(["vf:a"], 60, 0)
-    ledger.refund(r2)
-    ledger.refund(r2)  # idempotent
-    acc = ledger.account("vf:a")
-    assert (acc.used_bytes, acc.reserved_bytes) == (10, 0)
-
-
-def test_scope_and_vfolder_are_both_checked() -> None:
-    ledger = QuotaLedger()
-    ledger.account("scope:s").limit_inodes = 3
-    ledger.commit(ledger.reserve(["vf:a", "scope:s"], 0, 2), 0, 2)
-    with pytest.raises(QuotaExceeded) as exc:
-        ledger.reserve(["vf:b", "scope:s"], 0, 2)
-    assert exc.value.key == "scope:s"
-    assert ledger.account("vf:b").reserved_inodes == 0  # nothing held after a refusal
-    ledger.apply(["vf:a", "scope:s"], 0, -2)  # decreases are never refused
-    ledger.reserve(["vf:b", "scope:s"], 0, 2)
-
-
-@pytest.mark.parametrize(
-    "text, value",
-    [
-        ("0", 0),
-        ("10G", 10 << 30),
-        ("512M", 512 << 20),
-        ("4k", 4096),
-        ("1GiB", 1 << 30),
-        ("7", 7),
-        (" 3T ", 3 << 40),
-    ],
-)
-def test_parse_size(text: str, value: int) -> None:
-    assert parse_size(text) == value
-
-
-@pytest.mark.parametrize("text", ["", "lots", "-1", "1.5G", "10Q", "G", "10 G B x"])
-def test_parse_size_rejects(text: str) -> None:
-    with pytest.raises(ValueError):
-        parse_size(text)
-    with pytest.raises(ValueError):
-        parse_count(text)
-
-
+# -- on a real mount ---------------------------------------------------------------------------
 def test_scan_of_a_wide_tree_needs_one_fd_per_level(tmp_path: Path) -> None:
     """300 subdirectories side by side, counted under a 64-fd limit, equal du."""
     for i in range(300):
@@ -119,9 +68,7 @@ def _writer(path: str, seed: int) -> None:
             f.write(os.urandom(rng.randrange(1, 20000)))
 
 
-pytestmark = pytest.mark.mount
-
-
+@pytest.mark.mount
 def test_usage_is_exact_after_random_workloads(daemon: Daemon) -> None:
     vf = daemon.vfolder()
     native = native_of(daemon, vf)
@@ -186,6 +133,7 @@ def test_usage_is_exact_after_random_workloads(daemon: Daemon) -> None:
     assert usage(daemon, vf) == du(native)
 
 
+@pytest.mark.mount
 def test_edquot_bypass_attempts(daemon: Daemon, world_dir: Path) -> None:
     limit = 4 * MiB
     vf = Path(
@@ -266,6 +214,7 @@ def test_edquot_bypass_attempts(daemon: Daemon, world_dir: Path) -> None:
     assert du(native)[1] == 50 and usage(daemon, vf) == du(native)
 
 
+@pytest.mark.mount
 def test_scope_limit_spans_vfolders(daemon: Daemon) -> None:
     scope = "project:7c4e3a52-1f7e-4a8e-9d7c-2b1d1a9e3f00"
     r = daemon.api("PUT", f"/v1/scopes/{scope}", {"quota_bytes": "3M"})
@@ -286,6 +235,7 @@ def test_scope_limit_spans_vfolders(daemon: Daemon) -> None:
     (b / "y").write_bytes(b"2" * (2 * MiB))  # unlimited again
 
 
+@pytest.mark.mount
 def test_quota_xattrs_api_and_cli(daemon: Daemon) -> None:
     vf = daemon.vfolder()
     native = native_of(daemon, vf)
@@ -365,6 +315,7 @@ def test_quota_xattrs_api_and_cli(daemon: Daemon) -> None:
     assert int(os.getxattr(daemon.mnt / "local", "user.vfusefs.usage.bytes")) == du(native)[0]
 
 
+@pytest.mark.mount
 def test_usage_survives_restarts_and_is_recounted_after_a_crash(daemon: Daemon) -> None:
     vf = daemon.vfolder()
     native = native_of(daemon, vf)
@@ -384,6 +335,7 @@ def test_usage_survives_restarts_and_is_recounted_after_a_crash(daemon: Daemon) 
     assert "not clean" in daemon.log()
 
 
+@pytest.mark.mount
 def test_shell_truncation_frees_quota_and_shows_the_new_size(daemon: Daemon) -> None:
     """`: > f` opens with O_TRUNC (no setattr): the size, times and usage must follow at once,
     also for a file written before a restart (no longer watched for delayed allocation)."""
@@ -402,6 +354,7 @@ def test_shell_truncation_frees_quota_and_shows_the_new_size(daemon: Daemon) -> 
     assert usage(daemon, vf) == du(native) and usage(daemon, vf)[0] < full[0] - 1000000
 
 
+@pytest.mark.mount
 def test_rescan_corrects_drift(daemon: Daemon) -> None:
     vf = daemon.vfolder()
     native = native_of(daemon, vf)
@@ -433,6 +386,7 @@ def df(path: str, *flags: str, runner: list[str] | None = None) -> list[str]:
     return out.splitlines()[1].split()
 
 
+@pytest.mark.mount
 def test_df_and_getfattr_show_the_quota_to_admins_and_containers(daemon: Daemon) -> None:
     from test_access_mount import CGROOT, Container
 
@@ -486,6 +440,7 @@ def test_df_and_getfattr_show_the_quota_to_admins_and_containers(daemon: Daemon)
         container.close()
 
 
+@pytest.mark.mount
 def test_writeback_cache_reports_edquot_by_fsync_and_close(world_dir: Path) -> None:
     """With the kernel write-back cache on, write() lands in the page cache; EDQUOT must come
     back by fsync/close at the latest, and native storage stays within one write request."""

@@ -78,9 +78,9 @@ def sanitized(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def test_the_sanitized_shims_are_the_ones_loaded(sanitized: dict[str, str]) -> None:
-    # the package loads the libfuse shim itself (ctypes) and hop.c as an extension module
+    # serve loads the libfuse shim (ctypes), as here, and hop.c as an extension module
     script = (
-        "import vfusefs, vfusefs._hop\n"
+        "from vfusefs import fuseshim\nfuseshim.load()\nimport vfusefs._hop, pyfuse3\n"
         "maps = open('/proc/self/maps').read().split()\n"
         "print(*sorted({m for m in maps if '_fuseshim' in m or '_hop' in m}))\n"
     )

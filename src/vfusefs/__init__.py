@@ -1,8 +1,7 @@
-"""vfusefs: one FUSE mount per node presenting every storage host's virtual folders."""
+"""vfusefs: one FUSE mount per node presenting every storage host's virtual folders.
 
-from vfusefs import fuseshim as _fuseshim
+Importing the package loads nothing native: the libfuse shim is loaded by `vfusefs serve`
+alone, before anything imports pyfuse3 (see fuseshim.py), so CLI calls stay plain Python.
+"""
 
 __version__ = "0.1.0"
-
-# before anything imports pyfuse3: lets statfs learn its inode (see shim/fuseshim.c)
-_fuseshim.load()

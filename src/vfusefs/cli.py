@@ -213,6 +213,9 @@ def cli(
 @click.pass_context
 def serve(ctx: click.Context, config_path: str | None) -> None:
     """Mount the tree and serve in the foreground until SIGTERM/SIGINT."""
+    from vfusefs import fuseshim
+
+    fuseshim.load()  # before pyfuse3 is imported: statfs learns its inode (shim/fuseshim.c)
     from vfusefs.daemon import serve as run_daemon
 
     sys.exit(run_daemon(config_path or ctx.find_root().obj.get("config")))

@@ -1,7 +1,7 @@
 """What pyfuse3 does not tell a handler: which inode a statfs request is about, and which thread
 is reading, whether a write comes from the page cache (see shim/fuseshim.c).
 
-`load()` must run before pyfuse3 is imported (the package's __init__ calls it): the shim then
+`load()` must run before pyfuse3 is imported (`vfusefs serve` calls it first): the shim then
 wraps fuse_session_new.  `statfs_ino()` returns the inode of the statfs request being handled,
 `read_tid()` the thread id of the process whose read is being handled; both None if the shim is
 not active (then df shows host totals everywhere, and reads keep no CPU awake).  Call them first
