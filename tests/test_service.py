@@ -409,13 +409,21 @@ def test_doctor_says_what_to_fix(world_dir: Path) -> None:
     assert r.returncode == 0 and checks["daemon"]["detail"].startswith("running")
     assert checks[f"mountpoint {d.mnt}"]["detail"] == "served by a running vfusefs daemon"
     assert "1 vfolder(s)" in checks[f"store {d.state}/state.db"]["detail"]
+    # the same store spelled sqlite:////abs (SQLAlchemy's form, and what the demo once wrote)
+    text = d.config.read_text()
+    d.config.write_text(text.replace(f'url = "sqlite://{d.state}', f'url = "sqlite:///{d.state}'))
+    checks = {c["name"]: c for c in json.loads(d.cli("doctor", "--json", check=False).stdout)}
+    assert checks[f"store {d.state}/state.db"]["level"] == "ok", checks
+    assert "1 vfolder(s)" in checks[f"store {d.state}/state.db"]["detail"]
+    d.config.write_text(text)
     # a crashed daemon and a host whose storage is gone
     d.crash()
+    time.sleep(1.2)  # past entry_timeout: the mountpoint's cached attributes are gone too
     d.hosts["gone"] = {"path": str(world_dir / "gone")}
     d.write_config()
     r = d.cli("doctor", check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert f"[FAIL] mountpoint {d.mnt}: stale vfusefs mount" in r.stdout
+    assert f"[FAIL] mountpoint {d.mnt}: stale vfusefs mount" in r.stdout, r.stdout
     assert f"fix: umount -l {d.mnt}" in r.stdout
     assert "[FAIL] host gone (vfs" in r.stdout and "No such file or directory" in r.stdout
     # a broken file: one failing line naming the key
