@@ -16,6 +16,7 @@ PREFIX ?= /opt/vfusefs
 BINDIR ?= /usr/local/bin
 ETCDIR ?= /etc/vfusefs
 UNITDIR ?= /etc/systemd/system
+MANDIR ?= /usr/local/share/man
 
 .PHONY: run test deps test-deps venv bench clean install
 
@@ -65,8 +66,9 @@ install: $(if $(DESTDIR),,deps)
 	@if [ -n "$(DESTDIR)" ]; then \
 		grep -rlI -- "$(DESTDIR)$(PREFIX)" $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/pyvenv.cfg \
 			| xargs -r sed -i "s|$(DESTDIR)$(PREFIX)|$(PREFIX)|g"; fi
-	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(ETCDIR)
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(UNITDIR) $(DESTDIR)$(ETCDIR) $(DESTDIR)$(MANDIR)/man1
 	ln -sf $(PREFIX)/bin/vfusefs $(DESTDIR)$(BINDIR)/vfusefs
+	$(DESTDIR)$(PREFIX)/bin/python -m vfusefs man > $(DESTDIR)$(MANDIR)/man1/vfusefs.1
 	test -f $(DESTDIR)$(ETCDIR)/vfusefs.toml || install -m 0644 examples/vfs.toml $(DESTDIR)$(ETCDIR)/vfusefs.toml
 	sed -e 's|/usr/local/bin/vfusefs|$(BINDIR)/vfusefs|; s|/etc/vfusefs/vfusefs.toml|$(ETCDIR)/vfusefs.toml|' \
 		systemd/vfusefs.service > $(DESTDIR)$(UNITDIR)/vfusefs.service

@@ -3,12 +3,14 @@
 
     sudo .venv/bin/python bench/run.py [--quick] [--compare checks|quota] [--repeat 3]
                                        [--rss-files 100000] [--only write,untar,...]
+                                       [--bindfs] [--baseline CHECKOUT]
 
 Prints the median seconds on each side and the ratio mount/native (1.0 = as fast as native).
 Workloads run as a container would: root inside a confined cgroup, through a bind mount of the
 vfolder, with several grants in place (one matching).  --compare checks mounts a second daemon
 with access checks off, --compare quota one whose vfolder has no quota (the first has vfolder
-and scope limits set), and reports what the feature costs.  Targets take turns within each
+and scope limits set), and reports what the feature costs; --baseline mounts one running another
+checkout's code (an older revision) and reports the change.  Targets take turns within each
 repetition, so drift on the machine hits all of them alike.  Caches are dropped before the
 "cold" rows only; every other row runs right after the previous one, as a user would see it.
 
@@ -124,7 +126,9 @@ def make_tarball(path: Path, files: int, dirs: int = 50) -> None:
 
 
 class Daemon:
-    def __init__(self, base: Path, checks: bool, quota: bool = False) -> None:
+    def __init__(
+        self, base: Path, checks: bool, quota: bool = False, source: Path | None = None
+    ) -> None:
         self.base = base
         for sub in ("native", "state", "mnt", "bind"):
             (base / sub).mkdir(parents=True)
@@ -138,6 +142,8 @@ class Daemon:
         env = dict(os.environ)
         if not checks:
             env["VFUSEFS_BENCH_NO_ACCESS_CHECKS"] = "1"
+        if source is not None:  # another checkout's code (--baseline): its src/ comes first
+            env["PYTHONPATH"] = str(source / "src")
         self.proc = subprocess.Popen(
             [str(BIN), "serve", "--config", str(cfg)],
             stderr=open(base / "daemon.log", "wb"),
@@ -278,7 +284,13 @@ class Bindfs:
 
 
 def run_suite(
-    base: Path, w: Workloads, compare: str, only: set[str], repeat: int, bindfs: bool = False
+    base: Path,
+    w: Workloads,
+    compare: str,
+    only: set[str],
+    repeat: int,
+    bindfs: bool = False,
+    baseline: Path | None = None,
 ) -> dict[str, dict[str, list[float]]]:
     """Every workload on each target in turn (rotating the order), the whole sequence `repeat`
     times; returns {workload: {target: [seconds...]}}.  "on" has access checks and, with
@@ -288,6 +300,8 @@ def run_suite(
         daemons["off"] = Daemon(base / "off", False)
     elif compare == "quota":
         daemons["off"] = Daemon(base / "off", True, quota=False)
+    elif compare == "baseline":
+        daemons["off"] = Daemon(base / "off", True, source=baseline)
     refs = {"bindfs": Bindfs(base / "bindfs")} if bindfs else {}
     plain = base / "plain"
     plain.mkdir()
@@ -369,6 +383,14 @@ def main() -> None:
         help="mount a second daemon without access checks (or without a quota) "
         "and report what the feature costs",
     )
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="CHECKOUT",
+        help="also mount a daemon running another checkout's code (git worktree add "
+        "/tmp/before REV; cd /tmp/before && python setup.py build_ext --inplace) and report "
+        "this tree's change against it, in the same run",
+    )
     ap.add_argument("--repeat", type=int, default=3, help="run the whole sequence N times")
     ap.add_argument("--bindfs", action="store_true", help="also run every workload on bindfs")
     ap.add_argument("--worker", nargs=2, metavar=("KEY", "DIR"), help=argparse.SUPPRESS)
@@ -404,13 +426,23 @@ def main() -> None:
         )
         if args.bindfs and shutil.which("bindfs") is None:
             raise SystemExit("bench: --bindfs needs bindfs (apt-get install bindfs)")
-        times = run_suite(base, w, args.compare or "", only, args.repeat, args.bindfs)
+        if args.baseline is not None:
+            if args.compare:
+                raise SystemExit("bench: --baseline and --compare are one comparison each")
+            if not (args.baseline / "src" / "vfusefs").is_dir():
+                raise SystemExit(f"bench: {args.baseline} is not a vfusefs checkout")
+            args.compare = "baseline"
+        times = run_suite(
+            base, w, args.compare or "", only, args.repeat, args.bindfs, args.baseline
+        )
         med = {k: {t: statistics.median(v) for t, v in tv.items()} for k, tv in times.items()}
         print()
         print(
             f"{'workload':40} {'native s':>9} {'vfusefs s':>10} {'ratio':>7}"
             + (
-                f" {'no-' + args.compare + ' s':>12} {'ratio':>7} {args.compare + ' cost':>11}"
+                f" {'baseline s':>12} {'ratio':>7} {'change':>11}"
+                if args.compare == "baseline"
+                else f" {'no-' + args.compare + ' s':>12} {'ratio':>7} {args.compare + ' cost':>11}"
                 if args.compare
                 else ""
             )

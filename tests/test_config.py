@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,27 @@ def test_the_cli_loads_neither_pyfuse3_nor_the_libfuse_shim() -> None:
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False", "False"]
+
+
+def test_the_man_page_covers_every_command() -> None:
+    page = subprocess.run([VFUSEFS, "man"], capture_output=True, text=True, check=True).stdout
+    for command in (
+        "serve",
+        "status",
+        "vfolder create",
+        "vfolder restore",
+        "vfolder trash",
+        "vfolder rm",
+        "grant",
+        "revoke",
+        "scope",
+        "doctor",
+        "check-config",
+    ):
+        assert f"\\fBvfusefs {command}\\fR" in page, command
+    assert "--yes" in page and "EXIT STATUS" in page
+    if shutil.which("groff"):
+        r = subprocess.run(
+            ["groff", "-man", "-Tutf8", "-ww", "-z"], input=page, capture_output=True, text=True
+        )
+        assert r.returncode == 0 and r.stderr == "", r.stderr  # no roff warnings

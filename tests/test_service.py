@@ -612,3 +612,5 @@ def test_make_install_stages_a_package_with_destdir(tmp_path: Path) -> None:
         check=True,
     ).stdout
     assert out.startswith("vfusefs, version ")
+    page = root / "usr/local/share/man/man1/vfusefs.1"
+    assert page.read_text().startswith(".TH VFUSEFS 1")

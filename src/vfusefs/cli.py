@@ -7,6 +7,7 @@ line starting with `vfusefs:` to stderr and exits non-zero (2 for usage errors, 
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
 import time
@@ -608,6 +609,79 @@ def config_doc(as_json: bool) -> None:
     click.echo(config_mod.options_markdown(), nl=False)
     click.echo()
     click.echo(backends.options_markdown(), nl=False)
+
+
+@cli.command("man", hidden=True)
+@click.pass_context
+def man_page(ctx: click.Context) -> None:
+    """Print the manual page, generated from these commands (vfusefs man | man -l -)."""
+    click.echo(manpage(ctx.find_root().command), nl=False)
+
+
+def _roff(text: str) -> str:
+    """Plain text as roff: backslashes and leading dots or quotes escaped."""
+    lines = []
+    for line in text.replace("\\", "\\e").splitlines():
+        lines.append("\\&" + line if line.startswith((".", "'")) else line)
+    return "\n".join(lines)
+
+
+def manpage(root: click.Command) -> str:
+    """vfusefs(1) from the click commands: every command with its usage, help and options."""
+    out = [
+        f'.TH VFUSEFS 1 "" "vfusefs {__version__}" "User Commands"',
+        ".SH NAME",
+        "vfusefs \\- virtual folders over shared storage, with per-caller access and quota",
+        ".SH SYNOPSIS",
+        ".B vfusefs",
+        "[\\fB\\-\\-config\\fR \\fIPATH\\fR] [\\fB\\-\\-socket\\fR \\fIPATH\\fR] "
+        "[\\fB\\-\\-json\\fR] \\fICOMMAND\\fR [\\fIARGS\\fR]...",
+        ".SH DESCRIPTION",
+        _roff(
+            "vfusefs serve mounts every configured storage host's vfolders under one FUSE "
+            "mount and enforces each caller's access mode and quota on every operation; the "
+            "other commands are clients of its control API (the unix socket named in the "
+            "configuration, root only)."
+        ),
+        ".SH COMMANDS",
+    ]
+
+    def walk(cmd: click.Command, path: list[str]) -> None:
+        if isinstance(cmd, click.Group):
+            for name in cmd.list_commands(click.Context(cmd)):
+                sub = cmd.get_command(click.Context(cmd), name)
+                if sub is not None and not sub.hidden:
+                    walk(sub, [*path, name])
+            return
+        ctx = click.Context(cmd, info_name=" ".join(path))
+        usage = " ".join(cmd.collect_usage_pieces(ctx))
+        out.extend([".TP", f"\\fBvfusefs {' '.join(path)}\\fR {_roff(usage)}"])
+        out.append(_roff(inspect.cleandoc(cmd.help or "")))
+        for param in cmd.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None and record[0] not in ("-h, --help", "--help"):
+                out.extend([".RS", ".TP", f"\\fB{_roff(record[0])}\\fR", _roff(record[1]), ".RE"])
+
+    walk(root, [])
+    out += [
+        ".SH EXIT STATUS",
+        "0 on success; 2 for a usage error (a bad argument, flag or value); 1 for anything "
+        "else that failed. Errors are one line on standard error, starting with vfusefs:.",
+        ".SH ENVIRONMENT",
+        ".TP",
+        "\\fBVFUSEFS_CONFIG\\fR",
+        "The configuration file when \\fB\\-\\-config\\fR is not given.",
+        ".SH FILES",
+        ".TP",
+        "\\fI/etc/vfusefs/vfusefs.toml\\fR",
+        "The default configuration (see docs/config.md, or vfusefs config-doc).",
+        ".TP",
+        "\\fI/run/vfusefs/control.sock\\fR",
+        "The control API (default control_socket).",
+        ".SH SEE ALSO",
+        "\\fBmount.fuse3\\fR(8), \\fBsystemctl\\fR(1), \\fBgetfattr\\fR(1)",
+    ]
+    return "\n".join(out) + "\n"
 
 
 def main() -> None:
