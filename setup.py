@@ -1,5 +1,5 @@
-"""Build step for the two C pieces: the libfuse shim (src/vfusefs/shim/fuseshim.c) and the
-trio-to-worker hand-off (src/vfusefs/shim/hop.c).
+"""Build step for the two C pieces: the libfuse shim (src/vfusefs/runtime/shim/fuseshim.c) and the
+trio-to-worker hand-off (src/vfusefs/runtime/shim/hop.c).
 
 Everything else is declared in setup.cfg.
 """
@@ -17,6 +17,6 @@ def fuse3_cflags() -> list[str]:
         return ["-I/usr/include/fuse3"]
 
 
-setup(ext_modules=[Extension("vfusefs._fuseshim", ["src/vfusefs/shim/fuseshim.c"],
+setup(ext_modules=[Extension("vfusefs.runtime._fuseshim", ["src/vfusefs/runtime/shim/fuseshim.c"],
                              extra_compile_args=fuse3_cflags(), libraries=["dl", "fuse3"]),
-                   Extension("vfusefs._hop", ["src/vfusefs/shim/hop.c"], extra_compile_args=["-O2"])])
+                   Extension("vfusefs.runtime._hop", ["src/vfusefs/runtime/shim/hop.c"], extra_compile_args=["-O2"])])

@@ -47,6 +47,7 @@ class Daemon:
         base: Path,
         hosts: dict[str, dict[str, Any]] | None = None,
         daemon_opts: dict[str, Any] | None = None,
+        store_url: str | None = None,
     ) -> None:
         self.base = base
         self.mnt = base / "mnt"
@@ -64,6 +65,7 @@ class Daemon:
         for h in hosts.values():
             Path(h["path"]).mkdir(parents=True, exist_ok=True)
         self.hosts = hosts
+        self.store_url = store_url or f"sqlite://{self.state}/state.db"
         self.daemon_opts = {
             "mountpoint": str(self.mnt),
             "state_dir": str(self.state),
@@ -76,7 +78,7 @@ class Daemon:
     def write_config(self) -> None:
         lines = ["[daemon]"]
         lines += [f"{k} = {json.dumps(v)}" for k, v in self.daemon_opts.items()]
-        lines += ["", "[store]", f'url = "sqlite://{self.state}/state.db"']
+        lines += ["", "[store]", f'url = "{self.store_url}"']
         for name, opts in self.hosts.items():
             lines += ["", f"[hosts.{name}]"]
             lines += [f"{k} = {json.dumps(v)}" for k, v in opts.items()]
@@ -196,6 +198,56 @@ def daemon(world_dir: Path) -> Iterator[Daemon]:
     d = Daemon(world_dir).start()
     yield d
     assert d.stop() == 0
+
+
+class RedisServer:
+    """A real redis-server on a unix socket (no TCP port, nothing persisted), for the tests."""
+
+    def __init__(self, base: Path) -> None:
+        self.sock = base / "redis.sock"
+        self.proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                "0",
+                "--unixsocket",
+                str(self.sock),
+                "--unixsocketperm",
+                "600",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(base),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not self.sock.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.02)
+        self.url = f"unix://{self.sock}?db=0"
+
+    def flush(self) -> None:
+        subprocess.run(
+            ["redis-cli", "-s", str(self.sock), "FLUSHALL"], check=True, capture_output=True
+        )
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    if not have("redis-server"):
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
 
 
 def run(

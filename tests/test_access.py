@@ -7,8 +7,8 @@ import itertools
 
 import pytest
 
-from vfusefs import access
-from vfusefs.access import Caller, Mode, Need
+from vfusefs.domain import access
+from vfusefs.domain.access import Caller, Mode, Need
 
 ROOT_HOST = Caller(uid=0, gid=0, pid=1, cgroup="/user.slice/session-1.scope")
 ROOT_CONTAINER = Caller(uid=0, gid=0, pid=2, cgroup="/docker/abc123")

@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 
-from vfusefs import mounts
 from vfusefs.backends import (
     Backend,
     BackendError,
@@ -28,6 +27,7 @@ from vfusefs.backends import (
     options_markdown,
 )
 from vfusefs.config import ConfigError, HostConfig
+from vfusefs.native import mounts
 
 
 def host_config(path: Path, backend: str = "vfs", **kw: Any) -> HostConfig:

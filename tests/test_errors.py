@@ -9,8 +9,8 @@ import pyfuse3
 import pytest
 import trio
 
-from vfusefs import errors
 from vfusefs.backends import BackendError
+from vfusefs.fuse import errors
 from vfusefs.store import StoreError
 
 

@@ -18,8 +18,8 @@ import pytest
 import trio
 import trio.testing
 
-from vfusefs import fuseloop
-from vfusefs.workers import HostWorkers
+from vfusefs.runtime import fuseloop
+from vfusefs.runtime.workers import HostWorkers
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vfusefs.quota import QuotaExceeded, QuotaLedger, parse_count, parse_size
+from vfusefs.domain.quota import QuotaExceeded, QuotaLedger, parse_count, parse_size
 
 
 def test_reservations_cover_operations_in_flight() -> None:

@@ -16,7 +16,6 @@ from typing import Any
 LISTER = r"""
 import errno, os, resource, sys
 from vfusefs import native
-
 def open_fds():
     return len(os.listdir("/proc/self/fd")) - 1  # not listdir's own
 

@@ -22,9 +22,9 @@ import pytest
 import trio
 
 from vfusefs import config as config_mod
-from vfusefs.inodes import ROOT_INODE, InodeTable
-from vfusefs.ops import Operations
-from vfusefs.registry import Registry
+from vfusefs.fuse.inodes import ROOT_INODE, InodeTable
+from vfusefs.fuse.ops import Operations
+from vfusefs.state.registry import Registry
 from vfusefs.store import open_store
 
 # a caller that is not an admin: uid 1000 as root (files are chowned to it), else ourselves

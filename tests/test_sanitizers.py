@@ -1,4 +1,4 @@
-"""The C pieces (src/vfusefs/shim/: fuseshim.c, hop.c) built with AddressSanitizer and
+"""The C pieces (src/vfusefs/runtime/shim/: fuseshim.c, hop.c) built with AddressSanitizer and
 UndefinedBehaviorSanitizer, and exercised by the tests that drive them.
 
 The two extensions are compiled with -fsanitize=address,undefined into a copy of the package;
@@ -59,9 +59,9 @@ def sanitized(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             *SANITIZE,
             f"-I{sysconfig.get_paths()['include']}",
             *fuse.stdout.split(),
-            str(ROOT / "src" / "vfusefs" / "shim" / source),
+            str(ROOT / "src" / "vfusefs" / "runtime" / "shim" / source),
             "-o",
-            str(pkg / f"{module}{suffix}"),
+            str(pkg / "runtime" / f"{module}{suffix}"),
             *libs,
         ]
         r = subprocess.run(cmd, capture_output=True, text=True)
@@ -80,7 +80,7 @@ def sanitized(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def test_the_sanitized_shims_are_the_ones_loaded(sanitized: dict[str, str]) -> None:
     # serve loads the libfuse shim (ctypes), as here, and hop.c as an extension module
     script = (
-        "from vfusefs import fuseshim\nfuseshim.load()\nimport vfusefs._hop, pyfuse3\n"
+        "from vfusefs.runtime import fuseshim\nfuseshim.load()\nimport vfusefs.runtime._hop, pyfuse3\n"
         "maps = open('/proc/self/maps').read().split()\n"
         "print(*sorted({m for m in maps if '_fuseshim' in m or '_hop' in m}))\n"
     )

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Daemon, run
+from conftest import Daemon, RedisServer, run
 from test_quota import du, native_of, usage
 
 pytestmark = pytest.mark.mount
@@ -614,3 +614,20 @@ def test_make_install_stages_a_package_with_destdir(tmp_path: Path) -> None:
     assert out.startswith("vfusefs, version ")
     page = root / "usr/local/share/man/man1/vfusefs.1"
     assert page.read_text().startswith(".TH VFUSEFS 1")
+
+
+def test_doctor_checks_a_redis_store(world_dir: Path, redis_server: RedisServer) -> None:
+    redis_server.flush()
+    d = Daemon(world_dir, store_url=redis_server.url).start()
+    try:
+        d.vfolder()
+        checks = {c["name"]: c for c in json.loads(d.cli("doctor", "--json", check=False).stdout)}
+        store = checks[f"store {redis_server.url}"]
+        assert store["level"] == "ok" and store["detail"] == "reachable, 1 vfolder(s)"
+    finally:
+        assert d.stop() == 0
+    d.store_url = f"unix://{world_dir}/nobody-here.sock"
+    d.write_config()
+    r = d.cli("doctor", check=False)
+    assert r.returncode == 1 and f"[FAIL] store {d.store_url}: cannot reach it" in r.stdout
+    assert "Traceback" not in r.stdout + r.stderr

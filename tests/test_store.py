@@ -2,8 +2,8 @@
 the change feed of a store another writer changes.
 
 `store_pair` gives two handles on one store, as two nodes (or a node and an admin tool) would
-have: what one writes, the other must read, and see in the change feed.  A Redis store joins
-the `STORES` list and must pass the same tests.
+have: what one writes, the other must read, and see in the change feed.  Every store in
+`STORES` runs every test: SQLite on a file, Redis on a real redis-server.
 """
 
 from __future__ import annotations
@@ -29,12 +29,17 @@ def sqlite_stores(tmp_path: Path) -> Factory:
     return lambda: open_store(url)
 
 
-STORES = {"sqlite": sqlite_stores}
+STORES = ["redis", "sqlite"]
 
 
-@pytest.fixture(params=sorted(STORES))
+@pytest.fixture(params=STORES)
 def store_pair(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Store, Store]]:
-    factory = STORES[request.param](tmp_path)
+    if request.param == "redis":  # a real redis-server, emptied for each test
+        server = request.getfixturevalue("redis_server")
+        server.flush()
+        factory = lambda: open_store(server.url)  # noqa: E731
+    else:
+        factory = sqlite_stores(tmp_path)
     a, b = factory(), factory()
     yield a, b
     a.close()
@@ -170,7 +175,7 @@ def test_sqlite_urls() -> None:
     for bad in ("sqlite://state.db", "sqlite:relative.db", "redis://x"):
         with pytest.raises(StoreError):
             sqlite_path(bad)
-    with pytest.raises(StoreError, match="only sqlite"):
+    with pytest.raises(StoreError, match="use sqlite:///ABS/PATH, redis://"):
         open_store("postgres://x")
 
 
@@ -229,14 +234,30 @@ def wait_for(cond: Callable[[], bool], seconds: float = 3.0) -> float:
 
 
 @pytest.mark.mount
-def test_another_writers_changes_reach_the_mount(daemon: Daemon, container: Container) -> None:
-    """Grants, limits and vfolders changed in the store by another writer (here a second handle
-    on the daemon's SQLite file, as a Redis store's other nodes will be) reach callers within
+@pytest.mark.parametrize("kind", STORES)
+def test_another_writers_changes_reach_the_mount(
+    request: pytest.FixtureRequest, world_dir: Path, container: Container, kind: str
+) -> None:
+    """Grants, limits and vfolders changed in the store by another writer (a second handle on
+    the daemon's store: SQLite's file, or Redis as another node would) reach callers within
     one second, through the same path as a change made through this daemon's API."""
+    url = None
+    if kind == "redis":
+        server = request.getfixturevalue("redis_server")
+        server.flush()
+        url = server.url
+    daemon = Daemon(world_dir, store_url=url).start()
+    try:
+        changes_reach_the_mount(daemon, container)
+    finally:
+        assert daemon.stop() == 0
+
+
+def changes_reach_the_mount(daemon: Daemon, container: Container) -> None:
     who = f"cgroup:{container.cgroup}"
     vf = daemon.vfolder(grants=[{"principal": who, "mode": "rw"}])
     assert container.sh(vf, "echo a > f").returncode == 0
-    other = open_store(f"sqlite://{daemon.state}/state.db")
+    other = open_store(daemon.store_url)
     try:
         rec = other.vfolder(vf.name)
         assert rec is not None

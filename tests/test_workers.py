@@ -17,9 +17,9 @@ import pytest
 import trio
 import trio.testing
 
-from vfusefs import _hop, workers
-from vfusefs._hop import Lane, pread_cached
-from vfusefs.workers import CLOSE_BATCH, FAST_WAIT, SPIN_READ_MAX, HostWorkers, StoppedError
+from vfusefs.runtime import _hop, workers
+from vfusefs.runtime._hop import Lane, pread_cached
+from vfusefs.runtime.workers import CLOSE_BATCH, FAST_WAIT, SPIN_READ_MAX, HostWorkers, StoppedError
 
 
 def pool(threads: int = 2, op_timeout: float = 5.0) -> HostWorkers:

@@ -214,10 +214,10 @@ def cli(
 @click.pass_context
 def serve(ctx: click.Context, config_path: str | None) -> None:
     """Mount the tree and serve in the foreground until SIGTERM/SIGINT."""
-    from vfusefs import fuseshim
+    from vfusefs.runtime import fuseshim
 
     fuseshim.load()  # before pyfuse3 is imported: statfs learns its inode (shim/fuseshim.c)
-    from vfusefs.daemon import serve as run_daemon
+    from vfusefs.service.daemon import serve as run_daemon
 
     sys.exit(run_daemon(config_path or ctx.find_root().obj.get("config")))
 
@@ -580,7 +580,7 @@ def scope(
 @click.pass_context
 def doctor(ctx: click.Context, config_path: str | None, as_json: bool) -> None:
     """Check this node for what the daemon needs and print what to fix (exit 1 if anything fails)."""
-    from vfusefs.doctor import run_checks
+    from vfusefs.service.doctor import run_checks
 
     checks = run_checks(config_path or ctx.find_root().obj.get("config"))
     failed = sum(c.level == "fail" for c in checks)

@@ -232,7 +232,8 @@ STORE_OPTIONS: tuple[Option, ...] = (
         str,
         "",
         False,
-        "sqlite:///ABS/PATH (default: state.db in state_dir) or redis://host:port/db",
+        "sqlite:///ABS/PATH (default: state.db in state_dir); redis://host:port/db, "
+        "rediss:// (TLS) or unix:///path/redis.sock?db=0 for a Redis store",
     ),
 )
 
@@ -385,14 +386,10 @@ def parse(text: str, path: str = "<config>", check_paths: bool = True) -> Config
     daemon["entry_timeout"] = float(daemon["entry_timeout"])
     store = _read_section(path, "store", doc.get("store", {}), STORE_OPTIONS)
     store_url = store["url"] or f"sqlite://{daemon['state_dir']}/state.db"
-    if not (
-        store_url.startswith("sqlite:///")
-        or store_url.startswith("redis://")
-        or store_url.startswith("unix://")
-    ):
+    if not store_url.startswith(("sqlite:///", "redis://", "rediss://", "unix://")):
         raise ConfigError(
-            f"{path}: store.url: must start with sqlite:/// (absolute path) "
-            f"or redis://, not {store_url!r}"
+            f"{path}: store.url: must start with sqlite:/// (absolute path), redis://, "
+            f"rediss:// or unix://, not {store_url!r}"
         )
 
     hosts_table = doc.get("hosts", {})

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
-from vfusefs import mounts
 from vfusefs.config import ConfigError, HostConfig
+from vfusefs.native import mounts
 
 TRASH_DIR = ".vfusefs-trash"
 NETWORK_FS_TYPES = frozenset(

@@ -122,12 +122,19 @@ def sqlite_path(url: str) -> str:
     return "/" + path.lstrip("/")
 
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
 def open_store(url: str) -> Store:
     if url.startswith("sqlite:"):
         from vfusefs.store.sqlite import SqliteStore
 
         return SqliteStore(sqlite_path(url))
-    raise StoreError(f"store url {url!r}: only sqlite:/// is supported by this version")
+    if url.startswith(REDIS_SCHEMES):
+        from vfusefs.store.redis import RedisStore
+
+        return RedisStore(url)
+    raise StoreError(f"store url {url!r}: use sqlite:///ABS/PATH, redis://, rediss:// or unix://")
 
 
 def node_name() -> str:

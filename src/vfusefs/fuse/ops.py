@@ -31,15 +31,17 @@ from typing import Any, Protocol, Self, TypeVar
 import pyfuse3
 import trio
 
-from vfusefs import access, fuseshim, native, workers
-from vfusefs.access import Caller, Mode, Need
-from vfusefs.callers import CallerCache
+from vfusefs import native
 from vfusefs.config import DaemonConfig
-from vfusefs.errors import handler
-from vfusefs.inodes import ROOT_INODE, InodeTable, Kind, Node
-from vfusefs.metrics import DENIAL_REASONS, FOREIGN_LINK, PRIVILEGED, READ_ONLY_TREE, OpStat
-from vfusefs.quota import QuotaExceeded, parse_count, parse_size
-from vfusefs.registry import Host, Registry, Vfolder
+from vfusefs.domain import access
+from vfusefs.domain.access import Caller, Mode, Need
+from vfusefs.domain.quota import QuotaExceeded, parse_count, parse_size
+from vfusefs.fuse.callers import CallerCache
+from vfusefs.fuse.errors import handler
+from vfusefs.fuse.inodes import ROOT_INODE, InodeTable, Kind, Node
+from vfusefs.runtime import fuseshim, workers
+from vfusefs.service.metrics import DENIAL_REASONS, FOREIGN_LINK, PRIVILEGED, READ_ONLY_TREE, OpStat
+from vfusefs.state.registry import Host, Registry, Vfolder
 
 log = logging.getLogger(__name__)
 

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from vfusefs import config as config_mod
-from vfusefs import mounts
 from vfusefs.backends import BackendError, load_backend
 from vfusefs.config import Config, ConfigError
-from vfusefs.store import StoreError, sqlite_path
+from vfusefs.native import mounts
+from vfusefs.store import REDIS_SCHEMES, StoreError, open_store, sqlite_path
 
 PROBE_SECONDS = 5.0
 
@@ -249,6 +249,9 @@ def check_state(cfg: Config) -> list[Check]:
             )
         )
     url = cfg.store_url
+    if url.startswith(REDIS_SCHEMES):
+        out.append(check_shared_store(url))
+        return out
     try:
         path = sqlite_path(url)
     except StoreError:
@@ -256,8 +259,8 @@ def check_state(cfg: Config) -> list[Check]:
             Check(
                 "store",
                 "fail",
-                f"{url}: only sqlite:/// is supported by this version",
-                "use the embedded default (leave store.url unset)",
+                f"{url}: not a store URL this version knows",
+                "use sqlite:///ABS/PATH (or leave store.url unset), redis:// or unix://",
             )
         )
         return out
@@ -285,6 +288,24 @@ def check_state(cfg: Config) -> list[Check]:
         return out
     out.append(Check(f"store {path}", "ok", f"readable, {n} vfolder(s)"))
     return out
+
+
+def check_shared_store(url: str) -> Check:
+    """A Redis store answers, and how many vfolders it holds (read only)."""
+    try:
+        store = bounded(open_store, url)
+        try:
+            n = len(bounded(store.vfolders))
+        finally:
+            store.close()
+    except (StoreError, TimeoutError) as exc:
+        return Check(
+            f"store {url}",
+            "fail",
+            f"cannot reach it: {exc or 'no answer'}",
+            "start redis-server there, or fix store.url",
+        )
+    return Check(f"store {url}", "ok", f"reachable, {n} vfolder(s)")
 
 
 def _existing_parent(path: str) -> str:

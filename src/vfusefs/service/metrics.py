@@ -19,8 +19,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from vfusefs.ops import Operations
-    from vfusefs.registry import Registry
+    from vfusefs.fuse.ops import Operations
+    from vfusefs.state.registry import Registry
 
 # upper bounds of the op latency buckets, seconds (a request answered from memory takes
 # ~30 us from a client on a small VM)

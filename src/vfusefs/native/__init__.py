@@ -1,6 +1,8 @@
-"""Blocking syscalls on native storage, one function per FUSE operation.
+"""Blocking syscalls on native storage, one function per FUSE operation (the mount table is
+`native.mounts`).
 
-Every function here runs on a host's worker thread (`workers.py`), never on the event loop, and
+Every function here runs on a host's worker thread (`runtime/workers.py`), never on the event
+loop, and
 does all the syscalls its operation needs so that a request costs one thread hop.
 
 Safety by construction: every path is one name relative to a directory fd (`*at` calls) and
@@ -20,7 +22,7 @@ import stat as stat_mod
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
-from vfusefs._hop import listxattr_at
+from vfusefs.runtime._hop import listxattr_at
 
 O_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 RENAME_NOREPLACE = 1

@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from vfusefs import __version__
-from vfusefs.registry import Registry, RegistryError
+from vfusefs.state.registry import Registry, RegistryError
 
 log = logging.getLogger(__name__)
 Endpoint = Callable[[Request], Awaitable[Response]]

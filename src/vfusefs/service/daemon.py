@@ -27,18 +27,20 @@ import pyfuse3
 import trio
 
 from vfusefs import config as config_mod
-from vfusefs import fuseloop, fuseshim, metrics, mounts
 from vfusefs.backends import load_backend
-from vfusefs.callers import CallerCache
 from vfusefs.config import Config, ConfigError, DaemonConfig
-from vfusefs.control import build_app
-from vfusefs.inodes import InodeTable
-from vfusefs.logs import setup_logging
-from vfusefs.notify import Notifier
-from vfusefs.ops import Operations
-from vfusefs.registry import Registry
+from vfusefs.fuse.callers import CallerCache
+from vfusefs.fuse.inodes import InodeTable
+from vfusefs.fuse.ops import Operations
+from vfusefs.native import mounts
+from vfusefs.runtime import fuseloop, fuseshim
+from vfusefs.runtime.workers import StoppedError
+from vfusefs.service import metrics
+from vfusefs.service.control import build_app
+from vfusefs.service.logs import setup_logging
+from vfusefs.service.notify import Notifier
+from vfusefs.state.registry import Registry
 from vfusefs.store import StoreError, open_store
-from vfusefs.workers import StoppedError
 
 log = logging.getLogger(__name__)
 TRASH_PURGE_INTERVAL = 60.0

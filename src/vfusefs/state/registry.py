@@ -21,13 +21,15 @@ from typing import Any
 import pyfuse3
 import trio
 
-from vfusefs import access, mounts, native
+from vfusefs import native
 from vfusefs.backends import AlreadyThere, Backend, BackendError, load_backend
 from vfusefs.config import Config, HostConfig
-from vfusefs.inodes import InodeTable, Kind, Node
-from vfusefs.quota import QuotaLedger, parse_count, parse_size
+from vfusefs.domain import access
+from vfusefs.domain.quota import QuotaLedger, parse_count, parse_size
+from vfusefs.fuse.inodes import InodeTable, Kind, Node
+from vfusefs.native import mounts
+from vfusefs.runtime.workers import HostWorkers
 from vfusefs.store import Store, TrashRecord, VfolderRecord, node_name
-from vfusefs.workers import HostWorkers
 
 log = logging.getLogger(__name__)
 

@@ -42,8 +42,8 @@ from typing import Any
 import pyfuse3
 import trio
 
-from vfusefs import workers
-from vfusefs._hop import poll_fd, set_keeper
+from vfusefs.runtime import workers
+from vfusefs.runtime._hop import poll_fd, set_keeper
 
 YIELD_EVERY = 0.001  # seconds the loop may serve requests without letting other tasks run
 

@@ -23,9 +23,9 @@ import pyfuse3
 import trio
 
 from vfusefs.backends import BackendError
-from vfusefs.quota import QuotaExceeded
+from vfusefs.domain.quota import QuotaExceeded
+from vfusefs.runtime.workers import StoppedError
 from vfusefs.store import StoreError
-from vfusefs.workers import StoppedError
 
 log = logging.getLogger("vfusefs.ops")
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])

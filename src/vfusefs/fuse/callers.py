@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 
-from vfusefs.access import Caller, is_admin
+from vfusefs.domain.access import Caller, is_admin
 
 TTL = 1.0
 MAX_ENTRIES = 8192

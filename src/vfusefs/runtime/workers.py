@@ -65,7 +65,7 @@ from typing import Any, TypeVar, cast
 
 import trio
 
-from vfusefs._hop import PARKED, Lane, close_fds, pread_cached
+from vfusefs.runtime._hop import PARKED, Lane, close_fds, pread_cached
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
