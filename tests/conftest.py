@@ -204,7 +204,9 @@ class RedisServer:
     """A real redis-server on a unix socket (no TCP port, nothing persisted), for the tests."""
 
     def __init__(self, base: Path) -> None:
+        base.mkdir(parents=True, exist_ok=True)
         self.sock = base / "redis.sock"
+        self.sock.unlink(missing_ok=True)  # a server stopped before: start afresh on its path
         self.proc = subprocess.Popen(
             [
                 "redis-server",

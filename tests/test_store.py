@@ -8,6 +8,7 @@ have: what one writes, the other must read, and see in the change feed.  Every s
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 import uuid
@@ -18,7 +19,7 @@ import pytest
 
 from vfusefs.store import Store, StoreError, TrashRecord, VfolderRecord, open_store, sqlite_path
 
-from conftest import Daemon
+from conftest import Daemon, RedisServer
 from test_access_mount import Container, container  # noqa: F401 (fixture)
 
 Factory = Callable[[], Store]
@@ -168,6 +169,16 @@ def test_a_deleted_vfolder_is_restored_from_its_trash_entry(
     assert b.trash()[0].record is None  # deleted without its record: not restorable
 
 
+def test_a_store_has_one_identity(store_pair: tuple[Store, Store], tmp_path: Path) -> None:
+    a, b = store_pair
+    assert a.epoch() == b.epoch() == a.epoch() != ""  # made once, the same for every handle
+    other = open_store(f"sqlite://{tmp_path}/other/state.db")
+    try:
+        assert other.epoch() != a.epoch()  # another (or an emptied) store is another one
+    finally:
+        other.close()
+
+
 # -- the SQLite store's own --------------------------------------------------------------------
 def test_sqlite_urls() -> None:
     assert sqlite_path("sqlite:///var/lib/vfusefs/state.db") == "/var/lib/vfusefs/state.db"
@@ -284,3 +295,41 @@ def changes_reach_the_mount(daemon: Daemon, container: Container) -> None:
         other.close()
     print(f"grant change reached the container in {took:.2f} s")
     assert took < 1.5
+
+
+@pytest.mark.mount
+def test_a_redis_outage_and_an_emptied_redis(world_dir: Path) -> None:
+    """Redis goes away: the daemon says so (status, STATUS line, one log line), reads and
+    metadata keep working.  It comes back empty (it lost its data): the daemon writes back what
+    it serves, and follows the feed again."""
+    redis = RedisServer(world_dir / "redis-own")
+    daemon = Daemon(world_dir, store_url=redis.url).start()
+    try:
+        vf = daemon.vfolder(quota_bytes=1 << 30)
+        (vf / "f").write_text("kept\n")
+        assert daemon.api("GET", "/v1/status").json()["store"]["connected"] is True
+        redis.stop()
+        wait_for(lambda: daemon.api("GET", "/v1/status").json()["store"]["connected"] is False)
+        assert "store redis: disconnected" in daemon.cli("status").stdout
+        assert (vf / "f").read_text() == "kept\n" and os.listdir(vf) == ["f"]  # still served
+        redis = RedisServer(world_dir / "redis-own")  # the same socket, nothing in it
+        wait_for(lambda: daemon.api("GET", "/v1/status").json()["store"]["connected"] is True)
+        other = open_store(redis.url)
+        try:
+            wait_for(lambda: other.vfolder(vf.name) is not None)
+            rec = other.vfolder(vf.name)
+            assert rec is not None and rec.quota_bytes == 1 << 30
+            assert other.usage()[vf.name][1] == 1  # its usage came back too
+            rec.quota_inodes = 5  # and the feed is followed again: another writer's change lands
+            other.put_vfolder(rec)
+            path = f"/v1/hosts/local/vfolders/{vf.name}"
+            wait_for(lambda: daemon.api("GET", path).json()["quota_inodes"] == 5)
+        finally:
+            other.close()
+        log = daemon.log()
+        assert log.count("store unreachable") == 1 and "store reachable again" in log
+        assert "wrote back 1 vfolder(s)" in log
+        assert "Traceback" not in log
+    finally:
+        daemon.stop(check=False)
+        redis.stop()

@@ -253,6 +253,11 @@ def status(ctx: click.Context, as_json: bool) -> None:
     click.echo(
         f"vfusefs {data['version']}  mounted at {data['mountpoint']}  ({data['vfolders']} vfolders)"
     )
+    store = data.get("store") or {}
+    if store:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(store["since"]))
+        state = "connected" if store["connected"] else "disconnected"
+        click.echo(f"store {store['kind']}: {state} since {since} (node {store['node']})")
     emit([{"host": h, "health": s} for h, s in data["hosts"].items()], False)
 
 

@@ -118,6 +118,12 @@ def build_app(registry: Registry, token: str | None = None) -> Starlette:
                 "started": registry.started,
                 "config": registry.config.path,
                 "hosts": {name: h.health for name, h in registry.hosts.items()},
+                "store": {
+                    "kind": registry.store.kind,
+                    "connected": registry.store_connected,
+                    "since": registry.store_since,
+                    "node": registry.node,
+                },
                 "vfolders": len(registry.vfolders),
                 "inodes": len(registry.table),
                 "open_handles": sum(vf.handles for vf in registry.vfolders.values()),

@@ -248,9 +248,10 @@ class Service:
             return "starting"
         health = ", ".join(f"{name} {h.health}" for name, h in r.hosts.items()) or "none"
         handles = len(self.ops.handles) if self.ops is not None else 0
+        store = "" if r.store_connected else f"; store {r.store.kind} unreachable"
         return (
             f"serving {len(r.vfolders)} vfolder(s) of {len(r.hosts)} host(s) at "
-            f"{self.cfg.daemon.mountpoint}; hosts: {health}; {handles} open handle(s)"
+            f"{self.cfg.daemon.mountpoint}; hosts: {health}; {handles} open handle(s){store}"
         )
 
     def update_status(self) -> None:
@@ -530,6 +531,8 @@ class Service:
                     )
             try:
                 await registry.flush_usage()
+            except StoreError as exc:
+                self.store_down(exc)
             except Exception:
                 log.exception("persisting usage failed")
             self.update_status()
@@ -540,7 +543,6 @@ class Service:
         until it recovers."""
         registry = self.registry
         assert registry is not None
-        failing = False
         while True:
             await trio.sleep(STORE_FOLLOW_INTERVAL)
             try:
@@ -548,13 +550,22 @@ class Service:
             except StoppedError:
                 return
             except StoreError as exc:
-                if not failing:
-                    log.warning("store change feed: %s (retrying)", exc)
-                failing = True
+                self.store_down(exc)
                 continue
-            if failing:
-                log.info("store change feed: reading again")
-            failing = False
+            if not registry.store_connected:
+                log.info("store reachable again")
+                registry.store_connected, registry.store_since = True, time.time()
+                self.update_status()
+
+    def store_down(self, exc: StoreError) -> None:
+        """The store did not answer: say so once per outage (log, status, STATUS line).  What
+        it would have been told stays in memory and goes out once it answers again."""
+        registry = self.registry
+        assert registry is not None
+        if registry.store_connected:
+            log.warning("store unreachable: %s (retrying every %.1f s)", exc, STORE_FOLLOW_INTERVAL)
+            registry.store_connected, registry.store_since = False, time.time()
+            self.update_status()
 
     async def rescan_periodically(self) -> None:
         """Recount every vfolder every scan_interval seconds (read live: SIGHUP may change it)."""

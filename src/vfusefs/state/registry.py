@@ -169,7 +169,11 @@ class Registry:
         self.config = config
         self.store = store
         self.node = node_name()  # this daemon's name in shared state
+        # whether the store answered the last read of its change feed, and since when
+        self.store_connected = True
+        self.store_since = time.time()
         self.seen_change = 0  # the last change-feed entry applied (follow_store)
+        self.store_epoch = ""  # the store's identity when loaded (a new one: write back)
         self.table = table
         self.token = token
         self.hosts: dict[str, Host] = {}
@@ -197,6 +201,7 @@ class Registry:
             acc = self.ledger.account(f"scope:{scope}")
             acc.limit_bytes, acc.limit_inodes = qb, qi
         self.seen_change = await self.store_workers.run(self.store.last_change)
+        self.store_epoch = await self.store_workers.run(self.store.epoch)
         clean = await self.store_workers.run(self.store.clean, self.node)
         await self.store_workers.run(self.store.set_clean, self.node, False)
         records = await self.store_workers.run(self.store.vfolders)
@@ -964,6 +969,11 @@ class Registry:
         since the last look: vfolders created, deleted or changed (grants, limits) by another
         writer, scope limits.  Changes made here come back through the feed too and are no-ops.
         Returns how many entries were read."""
+        epoch = await self.store_workers.run(self.store.epoch)
+        if epoch != self.store_epoch:
+            await self._republish()
+            self.store_epoch = epoch
+            return 0
         changes = await self.store_workers.run(self.store.changes, self.seen_change)
         if not changes:
             return 0
@@ -990,6 +1000,41 @@ class Registry:
                 acc.limit_bytes, acc.limit_inodes = limits.get(scope, (0, 0))
         self.seen_change = changes[-1].seq
         return len(changes)
+
+    async def _republish(self) -> None:
+        """The store's identity changed: it is empty or another store (a Redis that lost its
+        data).  What this node serves is not dropped for that: its vfolders, their usage and
+        the scope limits it knows are written back, and the feed is followed from where the
+        store is now."""
+        put = 0
+        for vf in list(self.vfolders.values()):
+            async with self._lifecycle(vf.id):
+                if vf.deleted or await self.store_workers.run(self.store.has_vfolder, vf.id):
+                    continue
+                await self.store_workers.run(self.store.put_vfolder, vf.record)
+                acc = self.ledger.account(vf.quota_keys[0])
+                await self.store_workers.run(
+                    self.store.set_usage, vf.id, acc.used_bytes, acc.used_inodes
+                )
+                vf.stored = (acc.used_bytes, acc.used_inodes)
+                put += 1
+        known = await self.store_workers.run(self.store.scopes)
+        for key, acc in list(self.ledger.accounts.items()):
+            scope = key.removeprefix("scope:")
+            if (
+                key.startswith("scope:")
+                and scope not in known
+                and (acc.limit_bytes or acc.limit_inodes)
+            ):
+                await self.store_workers.run(
+                    self.store.put_scope, scope, acc.limit_bytes, acc.limit_inodes
+                )
+        self.seen_change = await self.store_workers.run(self.store.last_change)
+        log.warning(
+            "the store is not the one this node loaded (emptied, or another): wrote back "
+            "%d vfolder(s) this node serves",
+            put,
+        )
 
     async def _follow_vfolder(self, vfid: str) -> None:
         rec = await self.store_workers.run(self.store.vfolder, vfid)

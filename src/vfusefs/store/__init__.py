@@ -106,6 +106,10 @@ class Store(Protocol):
         trash entry is gone: purged meanwhile)."""
 
     # the change feed
+    def epoch(self) -> str:
+        """This store's identity, made on first use: a different one (or a new one, after the
+        store lost its data) means what a node knows must be written back."""
+
     def last_change(self) -> int: ...
     def changes(self, since: int) -> list[Change]:
         """Changes after seq `since`, oldest first (at most a few thousand at a time)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from typing import Any
 
 import redis
@@ -26,7 +27,7 @@ P = "{vfusefs}:"  # the hash tag: every key in one cluster slot
 VFOLDERS, SCOPES, CLEAN = P + "vfolders", P + "scopes", P + "clean"
 BASE, DELTAS = P + "usage:base", P + "usage:deltas"
 TRASH, CLAIMS = P + "trash", P + "trash:claims"
-SEQ, CHANGES = P + "seq", P + "changes"
+SEQ, CHANGES, EPOCH = P + "seq", P + "changes", P + "epoch"
 KEEP_CHANGES = 10000
 
 # appends (kind, key) to the feed; every script that changes a record calls it
@@ -256,6 +257,12 @@ class RedisStore:
         )
 
     # -- the change feed ------------------------------------------------------------------------
+    def epoch(self) -> str:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.set(EPOCH, uuid.uuid4().hex, nx=True)
+        pipe.get(EPOCH)
+        return str(self._call(pipe.execute)[1])
+
     def last_change(self) -> int:
         return int(self._call(self._r.get, SEQ) or 0)
 

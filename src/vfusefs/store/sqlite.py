@@ -12,6 +12,7 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 from typing import Any
 
 from vfusefs.store import Change, StoreError, TrashRecord, VfolderRecord
@@ -271,6 +272,10 @@ class SqliteStore:
                 (KEEP_CHANGES,),
             ),
         ]
+
+    def epoch(self) -> str:
+        self._run("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (uuid.uuid4().hex,))
+        return str(self._run("SELECT value FROM meta WHERE key = 'epoch'")[0][0])
 
     def last_change(self) -> int:
         return int(self._run("SELECT coalesce(max(seq), 0) FROM changes")[0][0])
