@@ -391,18 +391,19 @@ def removed(victim: os.stat_result | None) -> tuple[int, int]:
 
 
 def unlink(dirfd: int, name: bytes) -> Removed:
-    victim = stat_at(dirfd, name)
-    before = os.fstat(dirfd)
-    os.unlink(name, dir_fd=dirfd)
-    after = os.fstat(dirfd)
-    freed_bytes, freed_inodes = removed(victim)
-    return Removed(victim, after, freed_bytes + _alloc(after) - _alloc(before), freed_inodes)
+    return _remove(os.unlink, dirfd, name)
 
 
 def rmdir(dirfd: int, name: bytes) -> Removed:
+    return _remove(os.rmdir, dirfd, name)
+
+
+def _remove(remove: Any, dirfd: int, name: bytes) -> Removed:
+    """unlink or rmdir name: what it was, and what its going freed (with the directory's own
+    change in blocks)."""
     victim = stat_at(dirfd, name)
     before = os.fstat(dirfd)
-    os.rmdir(name, dir_fd=dirfd)
+    remove(name, dir_fd=dirfd)
     after = os.fstat(dirfd)
     freed_bytes, freed_inodes = removed(victim)
     return Removed(victim, after, freed_bytes + _alloc(after) - _alloc(before), freed_inodes)
