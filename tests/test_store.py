@@ -287,6 +287,10 @@ def changes_reach_the_mount(daemon: Daemon, container: Container) -> None:
         Path(new.native_path).mkdir()
         other.put_vfolder(new)
         wait_for(lambda: container.sh(daemon.mnt / "local" / new.id, "echo c > h").returncode == 0)
+        # one whose directory this node cannot see is not served, and blocks nothing after it
+        unseen = record(native_path=str(Path(daemon.hosts["local"]["path"]) / "not-here"))
+        other.put_vfolder(unseen)
+        wait_for(lambda: "is not there on this node" in daemon.log())
         # and one it deletes disappears
         other.delete_vfolder(vf.name, None)
         wait_for(lambda: not (daemon.mnt / "local" / vf.name).exists())

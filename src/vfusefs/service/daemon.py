@@ -543,6 +543,7 @@ class Service:
         until it recovers."""
         registry = self.registry
         assert registry is not None
+        failing = False
         while True:
             await trio.sleep(STORE_FOLLOW_INTERVAL)
             try:
@@ -552,6 +553,12 @@ class Service:
             except StoreError as exc:
                 self.store_down(exc)
                 continue
+            except Exception:  # a bug or a host failing: the feed goes on, said once per spell
+                if not failing:
+                    log.exception("applying the store's change feed failed (retrying)")
+                failing = True
+                continue
+            failing = False
             if not registry.store_connected:
                 log.info("store reachable again")
                 registry.store_connected, registry.store_since = True, time.time()

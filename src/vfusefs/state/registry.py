@@ -1063,7 +1063,17 @@ class Registry:
             if host is None:
                 return  # a host this node does not serve
             usage = await self.store_workers.run(self.store.usage)
-            vf = await self._attach_stored(host, rec, usage)
+            try:
+                vf = await self._attach_stored(host, rec, usage)
+            except FileNotFoundError:
+                log.warning(
+                    "vfolder %s appeared in the store, but %s is not there on this node: "
+                    "not served here",
+                    vfid,
+                    rec.native_path,
+                    extra={"host": host.name, "vfolder": vfid},
+                )
+                return
             if vf is None:
                 return
             self._invalidate_entry(host, vfid)  # the kernel may remember it as absent
