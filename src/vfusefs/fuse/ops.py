@@ -529,7 +529,7 @@ class Operations(pyfuse3.Operations):
                 len(nodes),
             )
         for node in nodes:
-            pyfuse3.invalidate_entry_async(node.parent, node.name, ignore_enoent=True)
+            self.registry.kernel.forget_entry(node.parent, node.name)
 
     async def _fd_room(self, parent: Node) -> int:
         """Wait until the kernel has forgotten enough entries to leave room for more fds

@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyfuse3
 import trio
 
 from vfusefs import native
@@ -26,7 +25,8 @@ from vfusefs.backends import AlreadyThere, Backend, BackendError, load_backend
 from vfusefs.config import Config, HostConfig
 from vfusefs.domain import access
 from vfusefs.domain.quota import QuotaLedger, parse_count, parse_size
-from vfusefs.fuse.inodes import InodeTable, Kind, Node
+from vfusefs.fuse.inodes import ROOT_INODE, InodeTable, Kind, Node
+from vfusefs.fuse.kernel import KernelCache
 from vfusefs.native import mounts
 from vfusefs.runtime.workers import HostWorkers
 from vfusefs.store import Store, TrashRecord, VfolderRecord, node_name
@@ -181,7 +181,7 @@ class Registry:
         self.started = time.time()
         # the store gets its own thread so a slow store never waits behind a hung host
         self.store_workers = HostWorkers("store", 1, 30.0, token)
-        self.mounted = False  # kernel notifications only make sense once mounted
+        self.kernel = KernelCache()  # the one way to make the kernel forget (fuse/kernel.py)
         self.trash_waiting = trio.Event()  # set when a delete queued data for purging
         self.ledger = QuotaLedger()
         self.tasks: dict[str, Task] = {}
@@ -191,6 +191,14 @@ class Registry:
         # stop is not "clean" and the next start recounts
         self.untrusted: set[str] = set()
         self._id_locks: dict[str, trio.Lock] = {}  # see _lifecycle
+
+    @property
+    def mounted(self) -> bool:
+        return self.kernel.mounted
+
+    @mounted.setter
+    def mounted(self, value: bool) -> None:
+        self.kernel.mounted = value
 
     # -- start-up -------------------------------------------------------------------------------
     async def load(self) -> None:
@@ -343,8 +351,8 @@ class Registry:
                 changes.append(
                     f"host {name} re-attached ({hc.backend} at {hc.path}, layout {hc.layout})"
                 )
-        if changes and self.mounted:
-            pyfuse3.invalidate_inode(pyfuse3.ROOT_INODE, attr_only=True)  # its link count
+        if changes:
+            self.kernel.forget_attrs(ROOT_INODE)  # its link count
         return changes
 
     async def _remove_host(self, name: str) -> None:
@@ -354,8 +362,7 @@ class Registry:
             self._stop_serving(vf)
         host.workers.stop()  # queued calls finish; later ones fail, closes run inline
         host.admin.stop()
-        if self.mounted:
-            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, name.encode(), ignore_enoent=True)
+        self.kernel.forget_entry(ROOT_INODE, name.encode())
 
     def _stop_serving(self, vf: Vfolder) -> None:
         """Take a vfolder out of service (deleted, or its host removed): requests on its nodes
@@ -395,8 +402,7 @@ class Registry:
             if vf is not None and self.nursery is not None:
                 self.untrusted.add(vf.id)
                 self.start_rescan(vf)  # it may have changed while not served here
-        if self.mounted:
-            pyfuse3.invalidate_entry_async(pyfuse3.ROOT_INODE, hc.name.encode(), ignore_enoent=True)
+        self.kernel.forget_entry(ROOT_INODE, hc.name.encode())
 
     # -- lookups --------------------------------------------------------------------------------
     def host(self, name: str) -> Host:
@@ -838,22 +844,11 @@ class Registry:
     async def _grants_changed(self, vf: Vfolder) -> None:
         """Make the kernel ask again: drop cached pages and attributes of the vfolder's inodes."""
         self._invalidate_entry(vf.host, vf.id)
-        if not self.mounted:
-            return
-        inos = [n.ino for n in self.table.of_vfolder(vf)]
-
-        def invalidate() -> None:
-            for ino in inos:
-                try:
-                    pyfuse3.invalidate_inode(ino, attr_only=False)
-                except OSError:
-                    pass  # the kernel no longer knows it
-
-        await trio.to_thread.run_sync(invalidate)
+        await self.kernel.forget_inodes([n.ino for n in self.table.of_vfolder(vf)])
 
     def _invalidate_entry(self, host: Host, name: str) -> None:
-        if self.mounted and host.node is not None:
-            pyfuse3.invalidate_entry_async(host.node.ino, name.encode(), ignore_enoent=True)
+        if host.node is not None:
+            self.kernel.forget_entry(host.node.ino, name.encode())
 
     async def purge_trash(self) -> float | None:
         """Remove trashed vfolder data for good, oldest first, once it has been in the trash
