@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,7 +23,15 @@ from vfusefs import native
 from vfusefs.backends import AlreadyThere, Backend, BackendError, load_backend
 from vfusefs.config import Config, HostConfig
 from vfusefs.domain import access
-from vfusefs.domain.quota import QuotaLedger, parse_count, parse_size
+from vfusefs.domain.quota import QuotaLedger
+from vfusefs.domain.validation import (
+    RegistryError,
+    canonical_uuid,
+    parse_grants,
+    parse_limits,
+    parse_scope,
+    strict_uuid,
+)
 from vfusefs.fuse.inodes import ROOT_INODE, InodeTable, Kind, Node
 from vfusefs.fuse.kernel import KernelCache
 from vfusefs.native import mounts
@@ -32,14 +39,6 @@ from vfusefs.runtime.workers import HostWorkers
 from vfusefs.store import Store, TrashRecord, VfolderRecord, node_name
 
 log = logging.getLogger(__name__)
-
-
-class RegistryError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 @dataclass(eq=False)
@@ -127,39 +126,6 @@ RESCAN_TRIES = 3  # walks a rescan makes of a vfolder that changes through vfuse
 RESCAN_RETRY = 1.0  # seconds between them
 ADMIN_THREADS = 2  # per host, for backend calls
 TRASH_CLAIM = 3600.0  # seconds a node holds a trash entry it purges (then another may take it)
-UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-
-
-def strict_uuid(text: Any) -> str | None:
-    """text as a canonical (lowercase, hyphenated) UUID, or None if it is not one."""
-    if isinstance(text, str) and UUID_RE.fullmatch(text):
-        return text.lower()
-    return None
-
-
-def canonical_uuid(text: Any) -> str:
-    vfid = strict_uuid(text)
-    if vfid is None:
-        raise RegistryError(
-            400,
-            "bad_id",
-            f"bad vfolder id {str(text)[:80]!r}: expected a UUID "
-            f"like 6f1c2a3e-0000-4000-8000-00000000d3e0",
-        )
-    return vfid
-
-
-def parse_scope(text: Any) -> str:
-    if text is None or text == "":
-        return ""
-    if isinstance(text, str):
-        kind, sep, value = text.partition(":")
-        scope_id = strict_uuid(value)
-        if sep and kind in ("user", "project") and scope_id is not None:
-            return f"{kind}:{scope_id}"
-    raise RegistryError(
-        400, "bad_scope", f"bad scope {str(text)[:80]!r}: use user:<uuid> or project:<uuid>"
-    )
 
 
 class Registry:
@@ -1112,32 +1078,6 @@ class Task:
         return dict(self.__dict__)
 
 
-def parse_limits(quota_bytes: Any, quota_inodes: Any) -> tuple[int | None, int | None]:
-    """Limits from the API: ints or strings like "10G"; None leaves a limit unchanged."""
-    try:
-        qb = None if quota_bytes is None else parse_size(quota_bytes)
-        qi = None if quota_inodes is None else parse_count(quota_inodes)
-    except (ValueError, TypeError) as exc:
-        raise RegistryError(400, "bad_quota", str(exc)) from None
-    return qb, qi
-
-
-def parse_grants(grants: Any) -> dict[str, str]:
-    if not isinstance(grants, list):
-        raise RegistryError(400, "bad_grant", "grants must be a list of {principal, mode}")
-    out: dict[str, str] = {}
-    for g in grants:
-        if not isinstance(g, dict) or set(g) != {"principal", "mode"}:
-            raise RegistryError(
-                400, "bad_grant", f"bad grant {g!r}: needs exactly principal and mode"
-            )
-        try:
-            out[access.parse_principal(g["principal"])] = access.canonical_mode(g["mode"])
-        except access.BadGrant as exc:
-            raise RegistryError(400, "bad_grant", str(exc)) from None
-    return out
-
-
 def _reconcile(nodes: list[Node]) -> tuple[int, list[Node]]:
     """Worker side of Registry.reconcile: under each node's lock, compare its allocation with
     what the ledger holds for it (node.alloc); returns the total drift and nodes to stop watching."""
@@ -1174,4 +1114,16 @@ def _open_dir(path: str) -> tuple[int, os.stat_result]:
     return fd, os.fstat(fd)
 
 
-__all__ = ["Registry", "RegistryError", "Host", "Vfolder", "native"]
+# the validation the control API relies on is domain.validation's, re-exported here
+__all__ = [
+    "Host",
+    "Registry",
+    "RegistryError",
+    "Vfolder",
+    "canonical_uuid",
+    "native",
+    "parse_grants",
+    "parse_limits",
+    "parse_scope",
+    "strict_uuid",
+]
