@@ -15,12 +15,10 @@ an exception other than FUSEError escaping a handler (it would end the mount).
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import logging
 import os
-import resource
 import stat as stat_mod
 import threading
 import time
@@ -29,7 +27,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, Self, TypeVar
 
 import pyfuse3
-import trio
 
 from vfusefs import native
 from vfusefs.config import DaemonConfig
@@ -38,8 +35,9 @@ from vfusefs.domain.access import Caller, Mode, Need
 from vfusefs.domain.quota import QuotaExceeded, parse_count, parse_size
 from vfusefs.fuse.callers import CallerCache
 from vfusefs.fuse.errors import handler
+from vfusefs.fuse.fdbudget import FdBudget
 from vfusefs.fuse.inodes import ROOT_INODE, InodeTable, Kind, Node
-from vfusefs.runtime import fuseshim, workers
+from vfusefs.runtime import fuseshim
 from vfusefs.service.metrics import DENIAL_REASONS, FOREIGN_LINK, PRIVILEGED, READ_ONLY_TREE, OpStat
 from vfusefs.state.registry import Host, Registry, Vfolder
 
@@ -50,7 +48,6 @@ FH_OPS = frozenset(
     {"read", "write", "flush", "fsync", "release", "readdir", "releasedir", "fsyncdir"}
 )
 READDIR_CHUNK = 256  # native entries read (and stat'ed) per worker hop
-FD_WAIT = 0.05  # seconds without a FORGET after which a listing at the fd limit stops waiting
 BLOCK = native.BLOCK
 RECONCILE_WINDOW = 60.0  # seconds a changed file is watched (> the kernel's 30 s writeback)
 XATTR_PREFIX = b"user.vfusefs."
@@ -163,24 +160,7 @@ class Operations(pyfuse3.Operations):
             log.warning("ACCESS CHECKS ARE OFF (VFUSEFS_BENCH_NO_ACCESS_CHECKS=1): benchmark only")
         self.stats: dict[tuple[str, str, int], OpStat] = {}  # (host, op, errno) -> stats
         self.denied: dict[tuple[str, str], int] = {}  # (host, reason) -> refused requests
-        # fd budget: start pruning kernel entries above fd_high, down to fd_low
-        self.fd_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        # keep room for data fds of open files, sockets and the store
-        self.fd_high = max(64, self.fd_limit - max(256, self.fd_limit // 8))
-        if daemon.inode_fds:
-            self.fd_high = min(self.fd_high, daemon.inode_fds)
-        self.fd_low = max(32, self.fd_high - max(16, self.fd_high // 8))
-        # listings never take the table past fd_hard: half the room left above fd_high stays
-        # for data fds, sockets and the store (readdir)
-        self.fd_hard = self.fd_high + (self.fd_limit - self.fd_high) // 2
-        self._pruned_at = 0.0  # when _prune last asked; it asks again after a while...
-        self._prune_level = 0  # ...or once the table holds this many fds
-        self._prune_logged = 0.0
-        self._forgotten = 0  # inodes the kernel has forgotten (_fd_room watches it)
-        # directories the kernel has locked for a request of ours (a readdir, or a lookup waiting
-        # in _fd_room) until we reply: invalidating an entry in one would wait for that, and
-        # hold up every invalidation queued after it (pyfuse3 sends them from one thread)
-        self._busy_dirs: collections.Counter[int] = collections.Counter()
+        self.fds = FdBudget(registry, daemon.inode_fds)  # O_PATH fds: fuse/fdbudget.py
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def host_label(self, op: str, args: tuple[Any, ...]) -> str:
@@ -497,86 +477,9 @@ class Operations(pyfuse3.Operations):
         if entry.fd is None:
             return None
         node = self.table.add(Kind.NATIVE, entry.fd, entry.st, vf, parent.ino, name)
-        if self.table.native_fds > self.fd_high:
-            self._prune()
+        if self.table.native_fds > self.fds.high:
+            self.fds.prune()
         return node
-
-    def _prune(self, again_after: float = 0.2) -> None:
-        """Near the fd limit: ask the kernel to forget its oldest cached entries.
-
-        Every inode the kernel knows holds an O_PATH fd here; the kernel only forgets inodes
-        when it drops their dentries, which on a big machine may be never.  Invalidating the
-        oldest entries (not in use: the kernel keeps those) makes it send FORGET, and we close
-        their fds.  A forgotten entry is simply looked up again when next used.
-        """
-        now = time.monotonic()
-        held = self.table.native_fds
-        # give the FORGETs time to arrive before asking again, unless the table keeps growing
-        # meanwhile (a listing brings in entries far faster than 0.2 s apart)
-        if not self.registry.mounted or (
-            now < self._pruned_at + again_after and held < self._prune_level
-        ):
-            return
-        self._pruned_at = now
-        self._prune_level = held + max(16, (self.fd_high - self.fd_low) // 4)
-        nodes = self.table.oldest(held - self.fd_low, self._busy_dirs)
-        if nodes and now >= self._prune_logged + 10:
-            self._prune_logged = now
-            log.info(
-                "%d native fds held (limit %d): asking the kernel to forget %d old entries",
-                held,
-                self.fd_limit,
-                len(nodes),
-            )
-        for node in nodes:
-            self.registry.kernel.forget_entry(node.parent, node.name)
-
-    async def _fd_room(self, parent: Node) -> int:
-        """Wait until the kernel has forgotten enough entries to leave room for more fds
-        below fd_hard, for a request on an entry of parent; the room.  Gives up (room <= 0)
-        once no FORGET has come for FD_WAIT: the kernel cannot forget entries in use, nor
-        those of a directory it has locked for one of our requests (readdir, lookup)."""
-        forgotten, since = self._forgotten, time.monotonic()
-        with self._busy(parent):
-            while (room := self.fd_hard - self._fds_held()) <= 0:
-                if self._forgotten != forgotten:
-                    forgotten, since = self._forgotten, time.monotonic()
-                elif time.monotonic() - since > FD_WAIT:
-                    break
-                self._prune(again_after=0.01)
-                workers.flush_closes()
-                await trio.sleep(0.001)
-        return room
-
-    @contextlib.contextmanager
-    def _busy(self, directory: Node) -> Iterator[None]:
-        """While the kernel holds directory locked for a request of ours (see _prune)."""
-        self._busy_dirs[directory.ino] += 1
-        try:
-            yield
-        finally:
-            self._busy_dirs[directory.ino] -= 1
-            if not self._busy_dirs[directory.ino]:
-                del self._busy_dirs[directory.ino]
-
-    def _fds_held(self) -> int:
-        """The table's O_PATH fds and those it dropped that are not closed yet."""
-        held = self.table.native_fds
-        for host in self.registry.hosts.values():
-            held += host.workers.unclosed
-        return held
-
-    async def keep_fd_budget(self) -> None:
-        """After a burst (an untar, an ls -lR) ends, keep asking until the budget holds again.
-        Also closes the fds batched for closing, should the FUSE loop not have (fuseloop.py),
-        and, past the budget, the fds of forgotten files still watched (after one last look)."""
-        while True:
-            await trio.sleep(0.5)
-            workers.flush_closes()
-            if self.table.native_fds > self.fd_low + (self.fd_high - self.fd_low) // 2:
-                self._prune()
-            if self.table.lingering and self._fds_held() > self.fd_high:
-                await self.registry.settle_lingering()
 
     async def _reach(self, parent: Node, name: bytes, entry: native.Entry) -> Node:
         node = self._adopt(parent, name, entry)
@@ -631,8 +534,8 @@ class Operations(pyfuse3.Operations):
             vf.root.nlookup += 1
             return self._attrs(vf.root, st)
         self._allow(ctx, parent, Need.READ)
-        if self._fds_held() >= self.fd_hard:  # an O_PATH fd for an inode new to the kernel
-            await self._fd_room(parent)
+        if self.fds.held() >= self.fds.hard:  # an O_PATH fd for an inode new to the kernel
+            await self.fds.room(parent)
         vfid = parent.vf.id  # type: ignore[union-attr]
         entry = await self._run(parent, native.lookup, parent.fd, name, self.table.by_key, vfid)
         node = await self._reach(parent, name, entry)
@@ -641,7 +544,7 @@ class Operations(pyfuse3.Operations):
     @handler
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         closing: dict[Host, list[int]] = {}
-        self._forgotten += len(inode_list)
+        self.fds.forgotten += len(inode_list)
         for ino, count in inode_list:
             node = self.table.get(ino)
             if node is None:
@@ -1146,7 +1049,7 @@ class Operations(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, b"..", attrs, 2):
                 return
             h.next_off = 2
-        with self._busy(node):
+        with self.fds.busy(node):
             await self._readdir_native(h, token)
 
     async def _readdir_native(self, h: DirHandle, token: pyfuse3.ReaddirToken) -> None:
@@ -1162,13 +1065,13 @@ class Operations(pyfuse3.Operations):
                 # listed: see _prune), and end this reply early; at the start of a reply, wait
                 # for the forgets.  Only entries the kernel keeps in use, or one directory
                 # holding more entries than the budget, can then run the daemon out of fds.
-                room = self.fd_hard - self._fds_held()
+                room = self.fds.hard - self.fds.held()
                 if room < READDIR_CHUNK:
-                    self._prune()
+                    self.fds.prune()
                     if sent:
                         return
                     if room <= 0 and h.fd_wait:
-                        room = await self._fd_room(node)
+                        room = await self.fds.room(node)
                         # in vain: listing a directory bigger than the budget (the fds run out
                         # as they did before this wait): do not wait for every entry
                         h.fd_wait = room > 0

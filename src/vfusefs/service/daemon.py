@@ -457,7 +457,7 @@ class Service:
             stack.callback(fuseloop.uninstall)
             nursery.start_soon(self.announce_ready)
             nursery.start_soon(purge_trash_periodically, registry)
-            nursery.start_soon(ops.keep_fd_budget)
+            nursery.start_soon(ops.fds.keep)
             nursery.start_soon(self.flush_usage_periodically)
             nursery.start_soon(self.rescan_periodically)
             nursery.start_soon(self.follow_store)
