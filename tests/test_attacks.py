@@ -23,18 +23,11 @@ import pytest
 
 from conftest import Daemon, renameat2, run
 from test_access_mount import Container, classify, container, grant  # noqa: F401 (fixture)
-from test_quota import du, native_of, usage
+from test_quota import du, native_of, usage, wait_usage_equals_du
 
 pytestmark = pytest.mark.mount
 
 RENAME_WHITEOUT = 4
-
-
-def wait_usage_equals_du(d: Daemon, vf: Path, native: Path, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while usage(d, vf) != du(native) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert usage(d, vf) == du(native)
 
 
 # -- escapes and plants -------------------------------------------------------------------------

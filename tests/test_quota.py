@@ -60,6 +60,22 @@ def usage(d: Daemon, vf: Path) -> tuple[int, int]:
     return info["usage_bytes"], info["usage_inodes"]
 
 
+def settled_usage(
+    d: Daemon, vf: Path, native: Path, seconds: float = 10.0
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(usage, du) once they agree, or as they stand after `seconds` (the native fs may still
+    be settling blocks it allocates at writeback)."""
+    deadline = time.monotonic() + seconds
+    while usage(d, vf) != du(native) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return usage(d, vf), du(native)
+
+
+def wait_usage_equals_du(d: Daemon, vf: Path, native: Path, seconds: float = 10.0) -> None:
+    got, real = settled_usage(d, vf, native, seconds)
+    assert got == real
+
+
 def _writer(path: str, seed: int) -> None:
     rng = random.Random(seed)
     with open(path, "r+b" if os.path.exists(path) else "w+b") as f:

@@ -14,14 +14,13 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import Daemon
 from test_access_mount import Container, container, grant  # noqa: F401 (fixture)
-from test_quota import du, native_of, usage
+from test_quota import native_of, settled_usage
 
 pytestmark = pytest.mark.mount
 
@@ -117,10 +116,7 @@ def test_mixed_load_keeps_usage_exact_and_the_quota_held(
         edquot = sum(n for r in results for k, n in r.items() if k.endswith(":EDQUOT"))
         assert edquot > 0  # the load did reach the limit
         os.sync()
-        deadline = time.monotonic() + 15
-        while usage(d, vf) != du(native) and time.monotonic() < deadline:
-            time.sleep(0.3)
-        got, real = usage(d, vf), du(native)
+        got, real = settled_usage(d, vf, native, 15)
         print(
             f"soak {seconds:.0f}s: {total} ops, {edquot} EDQUOT, {flips}, usage {got}, du {real}, "
             f"limit {limit}"

@@ -15,7 +15,6 @@ an exception other than FUSEError escaping a handler (it would end the mount).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import os
@@ -23,7 +22,7 @@ import stat as stat_mod
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, Self, TypeVar
 
 import pyfuse3
@@ -404,16 +403,13 @@ class Operations(pyfuse3.Operations):
             res = self.ledger.reserve(vf.quota_keys, nbytes, inodes)
         except QuotaExceeded:
             raise self._deny(node, errno.EDQUOT) from None
-        vf.changes += 1  # as changing(vf) does, inline: this is every write's path
-        vf.changing += 1
-        try:
-            result: G = await self._run(node, _locked, self._locks(lock or (node,)), fn, *args)
-        except BaseException:
-            self.ledger.refund(res)
-            raise
-        finally:
-            vf.changing -= 1
-        self.ledger.commit(res, result.grown_bytes, result.grown_inodes)
+        with changing(vf):
+            try:
+                result: G = await self._run(node, _locked, self._locks(lock or (node,)), fn, *args)
+            except BaseException:
+                self.ledger.refund(res)
+                raise
+            self.ledger.commit(res, result.grown_bytes, result.grown_inodes)
         return result
 
     @staticmethod
@@ -1367,19 +1363,24 @@ def _locked(locks: list[threading.Lock], fn: Callable[..., T], *args: Any) -> T:
             lock.release()
 
 
-@contextlib.contextmanager
-def changing(vf: Vfolder | None) -> Iterator[None]:
+class changing:  # noqa: N801 (used as a with-statement, like contextlib's)
     """Mark a change through vfusefs that may move vf's usage, from before its native call
-    until its charge or refund is applied (see Vfolder.changes)."""
-    if vf is None:
-        yield
-        return
-    vf.changes += 1
-    vf.changing += 1
-    try:
-        yield
-    finally:
-        vf.changing -= 1
+    until its charge or refund is applied (see Vfolder.changes).  A plain class, not a
+    generator: it is on every write's path, where contextlib's costs ~1.5 us."""
+
+    __slots__ = ("vf",)
+
+    def __init__(self, vf: Vfolder | None) -> None:
+        self.vf = vf
+
+    def __enter__(self) -> None:
+        if self.vf is not None:
+            self.vf.changes += 1
+            self.vf.changing += 1
+
+    def __exit__(self, *exc: object) -> None:
+        if self.vf is not None:
+            self.vf.changing -= 1
 
 
 def _tracked(node: Node, fn: Callable[..., S]) -> Callable[..., S]:

@@ -602,9 +602,7 @@ def write_back(fd: int, dev: int, ino: int) -> None:
     wait.  fd is the file's O_PATH fd; data only, no journal commit (not fsync).  Quietly does
     nothing when the fd no longer refers to (dev, ino) or the file cannot be opened."""
     try:
-        data = os.open(
-            f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NOATIME | os.O_NONBLOCK | os.O_CLOEXEC
-        )
+        data = os.open(proc(fd), os.O_RDONLY | os.O_NOATIME | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return
     try:

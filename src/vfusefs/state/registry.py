@@ -951,9 +951,10 @@ class Registry:
                 vfids[ch.key] = None
             elif ch.kind == "scope":
                 scopes[ch.key] = None
+        usage: dict[str, tuple[int, int]] | None = None  # read once, if a vfolder appeared
         for vfid in vfids:
             async with self._lifecycle(vfid):
-                await self._follow_vfolder(vfid)
+                usage = await self._follow_vfolder(vfid, usage)
         if scopes:
             limits = await self.store_workers.run(self.store.scopes)
             for scope in scopes:
@@ -997,11 +998,15 @@ class Registry:
             put,
         )
 
-    async def _follow_vfolder(self, vfid: str) -> None:
+    async def _follow_vfolder(
+        self, vfid: str, usage: dict[str, tuple[int, int]] | None
+    ) -> dict[str, tuple[int, int]] | None:
+        """Bring vfid up to the store's record.  usage: the store's usage if read already for
+        this batch of changes (it is read at most once per batch); returned for the next."""
         rec = await self.store_workers.run(self.store.vfolder, vfid)
         vf = self.vfolders.get(vfid)
         if vf is not None and rec == vf.record:
-            return
+            return usage
         if vf is not None and (
             rec is None
             or (rec.host, rec.native_path, rec.scope)
@@ -1018,12 +1023,13 @@ class Registry:
             )
             vf = None
         if rec is None:
-            return
+            return usage
         if vf is None:
             host = self.hosts.get(rec.host)
             if host is None:
-                return  # a host this node does not serve
-            usage = await self.store_workers.run(self.store.usage)
+                return usage  # a host this node does not serve
+            if usage is None:
+                usage = await self.store_workers.run(self.store.usage)
             try:
                 vf = await self._attach_stored(host, rec, usage)
             except FileNotFoundError:
@@ -1034,9 +1040,9 @@ class Registry:
                     rec.native_path,
                     extra={"host": host.name, "vfolder": vfid},
                 )
-                return
+                return usage
             if vf is None:
-                return
+                return usage
             self._invalidate_entry(host, vfid)  # the kernel may remember it as absent
             if rec.id not in usage and self.nursery is not None:
                 self.untrusted.add(vf.id)
@@ -1046,7 +1052,7 @@ class Registry:
                 vfid,
                 extra={"host": host.name, "vfolder": vfid},
             )
-            return
+            return usage
         old, vf.record = vf.record, rec
         acc = self.ledger.account(vf.quota_keys[0])
         acc.limit_bytes, acc.limit_inodes = rec.quota_bytes, rec.quota_inodes
@@ -1058,6 +1064,7 @@ class Registry:
             vfid,
             extra={"host": vf.host.name, "vfolder": vfid},
         )
+        return usage
 
 
 @dataclass

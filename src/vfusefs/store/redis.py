@@ -40,9 +40,24 @@ end
 """
 
 
+# drops every node's usage delta of one vfolder (fields "<vfolder>|<node>|b" and "...|i")
+_DROP_DELTAS = """
+local function drop_deltas(deltas, vfid)
+  for _, field in ipairs(redis.call('HKEYS', deltas)) do
+    if string.sub(field, 1, #vfid + 1) == vfid .. '|' then redis.call('HDEL', deltas, field) end
+  end
+end
+"""
+
+
 def _script(body: str) -> str:
     """A script whose first two keys are SEQ and CHANGES and whose first argument is KEEP."""
-    return "local KEYS_SEQ, KEYS_CHANGES, KEEP = KEYS[1], KEYS[2], ARGV[1]\n" + _CHANGED + body
+    return (
+        "local KEYS_SEQ, KEYS_CHANGES, KEEP = KEYS[1], KEYS[2], ARGV[1]\n"
+        + _CHANGED
+        + _DROP_DELTAS
+        + body
+    )
 
 
 PUT_VFOLDER = _script("""
@@ -54,9 +69,7 @@ changed('vfolder', ARGV[2])
 DELETE_VFOLDER = _script("""
 redis.call('HDEL', KEYS[3], ARGV[2])
 redis.call('HDEL', KEYS[4], ARGV[2])
-for _, field in ipairs(redis.call('HKEYS', KEYS[5])) do
-  if string.sub(field, 1, #ARGV[2] + 1) == ARGV[2] .. '|' then redis.call('HDEL', KEYS[5], field) end
-end
+drop_deltas(KEYS[5], ARGV[2])
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[6], ARGV[3], ARGV[4]) end
 changed('vfolder', ARGV[2])
 """)
@@ -67,12 +80,13 @@ changed('scope', ARGV[2])
 """)
 
 # KEYS: base, deltas; ARGV: id, json [bytes, inodes]
-SET_USAGE = """
+SET_USAGE = (
+    _DROP_DELTAS
+    + """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-for _, field in ipairs(redis.call('HKEYS', KEYS[2])) do
-  if string.sub(field, 1, #ARGV[1] + 1) == ARGV[1] .. '|' then redis.call('HDEL', KEYS[2], field) end
-end
+drop_deltas(KEYS[2], ARGV[1])
 """
+)
 
 # KEYS: trash, claims; ARGV: path, node, seconds, now -> 1 if node holds it now
 CLAIM_TRASH = """
@@ -258,10 +272,12 @@ class RedisStore:
 
     # -- the change feed ------------------------------------------------------------------------
     def epoch(self) -> str:
-        pipe = self._r.pipeline(transaction=True)
-        pipe.set(EPOCH, uuid.uuid4().hex, nx=True)
-        pipe.get(EPOCH)
-        return str(self._call(pipe.execute)[1])
+        # read on every poll of the feed: a write only the first time (or after a wipe)
+        found = self._call(self._r.get, EPOCH)
+        if found is None:
+            self._call(self._r.set, EPOCH, uuid.uuid4().hex, nx=True)
+            found = self._call(self._r.get, EPOCH)
+        return str(found)
 
     def last_change(self) -> int:
         return int(self._call(self._r.get, SEQ) or 0)

@@ -274,8 +274,12 @@ class SqliteStore:
         ]
 
     def epoch(self) -> str:
-        self._run("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (uuid.uuid4().hex,))
-        return str(self._run("SELECT value FROM meta WHERE key = 'epoch'")[0][0])
+        # read on every poll of the feed: a write only the first time
+        rows = self._run("SELECT value FROM meta WHERE key = 'epoch'")
+        if not rows:
+            self._run("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (uuid.uuid4().hex,))
+            rows = self._run("SELECT value FROM meta WHERE key = 'epoch'")
+        return str(rows[0][0])
 
     def last_change(self) -> int:
         return int(self._run("SELECT coalesce(max(seq), 0) FROM changes")[0][0])
