@@ -48,6 +48,7 @@ class Daemon:
         hosts: dict[str, dict[str, Any]] | None = None,
         daemon_opts: dict[str, Any] | None = None,
         store_url: str | None = None,
+        store_opts: dict[str, Any] | None = None,
     ) -> None:
         self.base = base
         self.mnt = base / "mnt"
@@ -66,6 +67,7 @@ class Daemon:
             Path(h["path"]).mkdir(parents=True, exist_ok=True)
         self.hosts = hosts
         self.store_url = store_url or f"sqlite://{self.state}/state.db"
+        self.store_opts = store_opts or {}
         self.daemon_opts = {
             "mountpoint": str(self.mnt),
             "state_dir": str(self.state),
@@ -79,6 +81,7 @@ class Daemon:
         lines = ["[daemon]"]
         lines += [f"{k} = {json.dumps(v)}" for k, v in self.daemon_opts.items()]
         lines += ["", "[store]", f'url = "{self.store_url}"']
+        lines += [f"{k} = {json.dumps(v)}" for k, v in self.store_opts.items()]
         for name, opts in self.hosts.items():
             lines += ["", f"[hosts.{name}]"]
             lines += [f"{k} = {json.dumps(v)}" for k, v in opts.items()]
@@ -281,3 +284,128 @@ def outcome(fn: Callable[[], Any]) -> Any:
         return ("ok", fn())
     except OSError as exc:
         return ("err", errno.errorcode.get(exc.errno or 0, exc.errno))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on (and, for Redis Cluster, its bus port + 10000)."""
+    import socket
+
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return int(port)
+
+
+def redis_cli(port: int, *args: str) -> str:
+    return run("redis-cli", "-h", "127.0.0.1", "-p", str(port), *args).stdout
+
+
+class RedisProcesses:
+    """redis-server processes on loopback TCP ports (Cluster, Sentinel), stopped together."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    def start(self, port: int, *args: str, conf: str | None = None) -> int:
+        d = self.base / str(port)
+        d.mkdir(parents=True, exist_ok=True)
+        cmd = ["redis-server"]
+        if conf is not None:
+            (d / "redis.conf").write_text(conf)
+            cmd.append(str(d / "redis.conf"))
+        cmd += ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        cmd += ["--dir", str(d), *args]
+        self.procs[port] = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 10
+        while (
+            subprocess.run(
+                ["redis-cli", "-h", "127.0.0.1", "-p", str(port), "ping"],
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            != "PONG"
+        ):
+            assert time.monotonic() < deadline, f"redis-server on {port} did not start"
+            time.sleep(0.05)
+        return port
+
+    def kill(self, port: int) -> None:
+        proc = self.procs.pop(port)
+        proc.kill()
+        proc.wait()
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.terminate()
+        for proc in self.procs.values():
+            proc.wait(10)
+        self.procs.clear()
+
+
+class RedisCluster(RedisProcesses):
+    """Three masters, no replicas: `redis-cli --cluster create`, as an operator does it."""
+
+    def __init__(self, base: Path) -> None:
+        super().__init__(base)
+        ports = [
+            self.start(
+                free_port(), "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"
+            )
+            for _ in range(3)
+        ]
+        run(
+            "redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+            "--cluster-replicas", "0", "--cluster-yes",
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while any("cluster_state:ok" not in redis_cli(p, "cluster", "info") for p in ports):
+            assert time.monotonic() < deadline, "the cluster did not come up"
+            time.sleep(0.2)
+        self.ports = ports
+        self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in ports[:2])
+
+    def flush(self) -> None:
+        for p in self.ports:
+            redis_cli(p, "flushall")
+
+
+class RedisSentinel(RedisProcesses):
+    """A master, a replica and three sentinels watching it as `m` (failover in about 5 s)."""
+
+    def __init__(self, base: Path) -> None:
+        super().__init__(base)
+        self.master = self.start(free_port())
+        self.replica = self.start(free_port(), "--replicaof", "127.0.0.1", str(self.master))
+        self.sentinels = []
+        for _ in range(3):
+            conf = (
+                f"sentinel monitor m 127.0.0.1 {self.master} 2\n"
+                "sentinel down-after-milliseconds m 1000\n"
+                "sentinel failover-timeout m 3000\n"
+            )
+            self.sentinels.append(self.start(free_port(), "--sentinel", conf=conf))
+        self.url = "redis+sentinel://" + ",".join(f"127.0.0.1:{p}" for p in self.sentinels) + "/m"
+
+    def master_port(self) -> int:
+        out = redis_cli(self.sentinels[0], "sentinel", "get-master-addr-by-name", "m").split()
+        return int(out[1])
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    if not have("redis-server"):
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
+    yield cluster
+    cluster.stop()

@@ -55,3 +55,53 @@ def test_parse_size_rejects(text: str) -> None:
         parse_size(text)
     with pytest.raises(ValueError):
         parse_count(text)
+
+
+def leased(ledger: QuotaLedger, key: str, lease_bytes: int, lease_inodes: int = 0) -> None:
+    acc = ledger.set_limits(key, 1000, 10, shared=True)
+    acc.lease_held = acc.lease_open = True
+    acc.lease_bytes, acc.lease_inodes = lease_bytes, lease_inodes
+
+
+def test_a_leased_account_is_checked_against_its_lease_not_its_limit() -> None:
+    ledger = QuotaLedger()
+    leased(ledger, "vf:a", 100, 2)
+    r1 = ledger.reserve(["vf:a"], 60, 1)
+    with pytest.raises(QuotaExceeded) as exc:
+        ledger.reserve(["vf:a"], 60, 0)  # the limit (1000) has room; the lease has 40 left
+    assert (exc.value.leased, exc.value.short_bytes, exc.value.short_inodes) == (True, 20, 0)
+    ledger.commit(r1, 50, 1)  # spent from the lease as it is charged
+    acc = ledger.account("vf:a")
+    assert (acc.lease_bytes, acc.lease_inodes, acc.used_bytes) == (50, 1, 50)
+    ledger.apply(["vf:a"], -30, -1)  # what is freed goes back to the lease
+    assert (acc.lease_bytes, acc.lease_inodes) == (80, 2)
+    ledger.shift(["vf:a"], 500, 0)  # another node's writes: nothing of this node's is spent
+    assert (acc.lease_bytes, acc.used_bytes) == (80, 520)
+
+
+def test_a_closed_lease_refuses_growth_but_not_frees() -> None:
+    ledger = QuotaLedger()
+    leased(ledger, "vf:a", 100)
+    ledger.account("vf:a").lease_open = False  # not renewed within lease_ttl
+    with pytest.raises(QuotaExceeded) as exc:
+        ledger.reserve(["vf:a"], 1, 0)
+    assert exc.value.leased
+    ledger.commit(ledger.reserve(["vf:a"], 0, 0), -10, 0)  # a removal still goes through
+
+
+def test_limits_decide_whether_an_account_is_leased() -> None:
+    ledger = QuotaLedger()
+    assert not ledger.set_limits("vf:a", 10, 0, shared=False).leased  # one node
+    assert not ledger.set_limits("vf:a", 0, 0, shared=True).leased  # unlimited
+    acc = ledger.set_limits("vf:a", 0, 5, shared=True)
+    assert acc.leased
+    acc.lease_held = acc.lease_open = True
+    acc.lease_inodes = 1
+    ledger.reserve(["vf:a"], 1 << 40, 1)  # bytes are unlimited: only inodes are leased
+    with pytest.raises(QuotaExceeded):
+        ledger.reserve(["vf:a"], 0, 1)
+    # growth before a lease is held is not spent from one (the store counts it when the
+    # node starts its lease: SharedStore.acquire's fresh)
+    other = ledger.set_limits("vf:b", 100, 0, shared=True)
+    ledger.apply(["vf:b"], 40, 0)
+    assert other.lease_bytes == 0

@@ -2,8 +2,8 @@
 the change feed of a store another writer changes.
 
 `store_pair` gives two handles on one store, as two nodes (or a node and an admin tool) would
-have: what one writes, the other must read, and see in the change feed.  Every store in
-`STORES` runs every test: SQLite on a file, Redis on a real redis-server.
+have: what one writes, the other must read, and see in the change feed.  Every store runs every
+test: SQLite on a file, Redis on a real redis-server, and a three-master Redis Cluster.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ def sqlite_stores(tmp_path: Path) -> Factory:
 STORES = ["redis", "sqlite"]
 
 
-@pytest.fixture(params=STORES)
+@pytest.fixture(params=[*STORES, "redis-cluster"])
 def store_pair(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Store, Store]]:
-    if request.param == "redis":  # a real redis-server, emptied for each test
-        server = request.getfixturevalue("redis_server")
+    if request.param.startswith("redis"):  # a real redis-server or Cluster, emptied each test
+        server = request.getfixturevalue(request.param.replace("-", "_"))
         server.flush()
         factory = lambda: open_store(server.url)  # noqa: E731
     else:

@@ -259,6 +259,24 @@ def status(ctx: click.Context, as_json: bool) -> None:
         state = "connected" if store["connected"] else "disconnected"
         click.echo(f"store {store['kind']}: {state} since {since} (node {store['node']})")
     emit([{"host": h, "health": s} for h, s in data["hosts"].items()], False)
+    if store.get("nodes") is not None:
+        click.echo("")
+        emit(
+            [
+                {
+                    "node": n["node"] + (" (this node)" if n["node"] == store["node"] else ""),
+                    "state": "alive" if n["alive"] else "gone",
+                    "seen": f"{n['seen_ago']:.0f}s ago",
+                    "mountpoint": n["mountpoint"] or "-",
+                    "leases": len(n["leases"]),
+                    "leased": human(sum(max(0, v["bytes"]) for v in n["leases"].values())),
+                }
+                for n in store["nodes"]
+            ],
+            False,
+        )
+    elif "nodes" in store:
+        click.echo("nodes sharing the store: unknown (the store did not answer)")
 
 
 @cli.command()

@@ -19,6 +19,8 @@ from typing import Any, cast
 import tomlkit
 import tomlkit.exceptions
 
+from vfusefs.domain.quota import parse_size
+
 DEFAULT_CONFIG_PATH = "/etc/vfusefs/vfusefs.toml"
 HOST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -59,6 +61,37 @@ def _listen_address(value: str) -> str | None:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         return "must look like HOST:PORT (or be empty to disable)"
+    return None
+
+
+def _store_url(value: str) -> str | None:
+    schemes = (
+        "sqlite:///",
+        "redis://",
+        "rediss://",
+        "unix://",
+        "redis+sentinel://",
+        "redis+cluster://",
+    )
+    if value == "" or value.startswith(schemes):
+        return None
+    return (
+        "must start with sqlite:/// (absolute path), redis://, rediss://, unix://, "
+        f"redis+sentinel:// or redis+cluster://, not {value!r}"
+    )
+
+
+def _node_name(value: str) -> str | None:
+    if value == "" or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,62}", value):
+        return None
+    return "must be 1-63 letters, digits, '.', '_', ':' or '-' (or empty: the host name)"
+
+
+def _size(value: str | int) -> str | None:
+    try:
+        parse_size(value)
+    except ValueError as exc:
+        return str(exc)
     return None
 
 
@@ -233,7 +266,37 @@ STORE_OPTIONS: tuple[Option, ...] = (
         "",
         False,
         "sqlite:///ABS/PATH (default: state.db in state_dir); redis://host:port/db, "
-        "rediss:// (TLS) or unix:///path/redis.sock?db=0 for a Redis store",
+        "rediss:// (TLS), unix:///path/redis.sock?db=0, "
+        "redis+sentinel://h1:26379,h2:26379/SERVICE[/DB] or redis+cluster://h1:7000,h2:7001 "
+        "for a Redis store many nodes share",
+        _store_url,
+    ),
+    Option(
+        "node",
+        str,
+        "",
+        False,
+        "this daemon's name among the nodes sharing the store (default: the host name); two "
+        "daemons on one machine sharing a store need different names",
+        _node_name,
+    ),
+    Option(
+        "lease_floor",
+        (str, int),
+        "1M",
+        False,
+        "smallest byte quota lease a node holds while there is room (shared stores; one inode "
+        "is the inode floor): the total across N nodes ends at most N x this over a limit",
+        _size,
+    ),
+    Option(
+        "lease_ttl",
+        (int, float),
+        30.0,
+        False,
+        "seconds a node may spend a quota lease it cannot renew (the store unreachable); then "
+        "writes into limited vfolders and scopes fail with EDQUOT",
+        _positive,
     ),
 )
 
@@ -312,6 +375,9 @@ class Config:
     daemon: DaemonConfig
     store_url: str
     hosts: dict[str, HostConfig]
+    store_node: str = ""  # [store] node ("": the host name)
+    lease_floor: int = 1 << 20
+    lease_ttl: float = 30.0
 
 
 def _plain(value: Any) -> Any:
@@ -386,11 +452,6 @@ def parse(text: str, path: str = "<config>", check_paths: bool = True) -> Config
     daemon["entry_timeout"] = float(daemon["entry_timeout"])
     store = _read_section(path, "store", doc.get("store", {}), STORE_OPTIONS)
     store_url = store["url"] or f"sqlite://{daemon['state_dir']}/state.db"
-    if not store_url.startswith(("sqlite:///", "redis://", "rediss://", "unix://")):
-        raise ConfigError(
-            f"{path}: store.url: must start with sqlite:/// (absolute path), redis://, "
-            f"rediss:// or unix://, not {store_url!r}"
-        )
 
     hosts_table = doc.get("hosts", {})
     if not isinstance(hosts_table, dict):
@@ -424,7 +485,15 @@ def parse(text: str, path: str = "<config>", check_paths: bool = True) -> Config
             options=dict(values["options"]),
             allow_privileged=values["allow_privileged"],
         )
-    return Config(path=path, daemon=DaemonConfig(**daemon), store_url=store_url, hosts=hosts)
+    return Config(
+        path=path,
+        daemon=DaemonConfig(**daemon),
+        store_url=store_url,
+        hosts=hosts,
+        store_node=store["node"],
+        lease_floor=parse_size(store["lease_floor"]),
+        lease_ttl=float(store["lease_ttl"]),
+    )
 
 
 def config_path(explicit: str | None = None) -> str:

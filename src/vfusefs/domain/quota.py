@@ -11,6 +11,13 @@ if it has one, its scope's.  The protocol, on the event loop:
 never both pass a check that only one of them fits.  `commit` applies what really changed (which
 may be less than reserved, or negative); decreases (unlink) go through `apply` and are never
 refused.  Usage is allocated bytes (st_blocks * 512, as du counts) and inodes.
+
+Many nodes (a shared store): a limited account is `leased`.  Its limit is then held by the
+store, and this node may grow the account only by what it holds in a lease (`lease_bytes`,
+`lease_inodes`: granted by the store, less what this node's operations have grown the account
+by since; frees give back).  `reserve` checks a leased account against its lease and raises
+QuotaExceeded with `leased` set and the shortfall, so the caller can ask the store for more and
+try again; a lease that was not renewed in time is closed (`lease_open`) and refuses all growth.
 """
 
 from __future__ import annotations
@@ -21,11 +28,17 @@ from dataclasses import dataclass, field
 
 
 class QuotaExceeded(Exception):
-    """The operation would take an account past its limit (EDQUOT)."""
+    """The operation would take an account past its limit (EDQUOT), or past this node's lease
+    on it (`leased`: short_bytes/short_inodes more would have let it pass)."""
 
-    def __init__(self, key: str) -> None:
+    def __init__(
+        self, key: str, leased: bool = False, short_bytes: int = 0, short_inodes: int = 0
+    ) -> None:
         super().__init__(f"quota of {key} exceeded")
         self.key = key
+        self.leased = leased
+        self.short_bytes = short_bytes
+        self.short_inodes = short_inodes
 
 
 @dataclass
@@ -37,6 +50,13 @@ class Account:
     reserved_bytes: int = 0
     reserved_inodes: int = 0
     dirty: bool = False  # usage changed since it was last persisted
+    # many nodes: the limit is held by the store and spent through leases (see the top)
+    leased: bool = False
+    lease_held: bool = False  # the store has a lease of this node's for it (figures below)
+    lease_open: bool = False  # renewed in time: growth may spend the lease
+    lease_bytes: int = 0
+    lease_inodes: int = 0
+    lease_used: bool = False  # a reservation spent from the lease since the keeper last looked
 
     def room_bytes(self) -> int | None:
         if not self.limit_bytes:
@@ -73,6 +93,9 @@ class QuotaLedger:
         accounts = tuple(self.account(k) for k in keys)
         nbytes, inodes = max(0, nbytes), max(0, inodes)
         for key, acc in zip(keys, accounts, strict=True):
+            if acc.leased:
+                _check_lease(key, acc, nbytes, inodes)
+                continue
             if (
                 nbytes
                 and acc.limit_bytes
@@ -88,16 +111,15 @@ class QuotaLedger:
         for acc in accounts:
             acc.reserved_bytes += nbytes
             acc.reserved_inodes += inodes
+            if acc.leased and (nbytes or inodes):
+                acc.lease_used = True
         return Reservation(accounts, nbytes, inodes)
 
     def commit(self, res: Reservation, nbytes: int, inodes: int) -> None:
         """Release the reservation and apply what the operation really changed."""
         self.refund(res)
         for acc in res.accounts:
-            acc.used_bytes += nbytes
-            acc.used_inodes += inodes
-            if nbytes or inodes:
-                acc.dirty = True
+            _grow(acc, nbytes, inodes)
 
     def refund(self, res: Reservation) -> None:
         if res.done:
@@ -110,15 +132,45 @@ class QuotaLedger:
     def apply(self, keys: Iterable[str], nbytes: int, inodes: int) -> None:
         """Apply a change that needs no check (a decrease, or a correction)."""
         for key in keys:
-            acc = self.account(key)
-            acc.used_bytes += nbytes
-            acc.used_inodes += inodes
-            if nbytes or inodes:
-                acc.dirty = True
+            _grow(self.account(key), nbytes, inodes)
+
+    def set_limits(self, key: str, limit_bytes: int, limit_inodes: int, shared: bool) -> Account:
+        """Set an account's limits; on a shared store a limited account is leased (an account
+        that stops being leased keeps its lease until the keeper gives it back)."""
+        acc = self.account(key)
+        acc.limit_bytes, acc.limit_inodes = limit_bytes, limit_inodes
+        acc.leased = shared and bool(limit_bytes or limit_inodes)
+        return acc
 
     def set_usage(self, key: str, nbytes: int, inodes: int) -> None:
         acc = self.account(key)
         acc.used_bytes, acc.used_inodes, acc.dirty = nbytes, inodes, True
+
+    def shift(self, keys: Iterable[str], nbytes: int, inodes: int) -> None:
+        """Move usage by a count found elsewhere (a recount, another node's writes): nothing
+        this node grew, so no lease is spent."""
+        for key in keys:
+            acc = self.account(key)
+            acc.used_bytes += nbytes
+            acc.used_inodes += inodes
+
+
+def _check_lease(key: str, acc: Account, nbytes: int, inodes: int) -> None:
+    """Raise QuotaExceeded (leased) unless acc's lease covers what is reserved and this."""
+    short_b = acc.reserved_bytes + nbytes - acc.lease_bytes if nbytes and acc.limit_bytes else 0
+    short_i = acc.reserved_inodes + inodes - acc.lease_inodes if inodes and acc.limit_inodes else 0
+    if (nbytes or inodes) and not acc.lease_open or short_b > 0 or short_i > 0:
+        raise QuotaExceeded(key, True, max(0, short_b), max(0, short_i))
+
+
+def _grow(acc: Account, nbytes: int, inodes: int) -> None:
+    acc.used_bytes += nbytes
+    acc.used_inodes += inodes
+    if nbytes or inodes:
+        acc.dirty = True
+        if acc.lease_held:  # what grew is spent from the lease, what shrank goes back to it
+            acc.lease_bytes -= nbytes
+            acc.lease_inodes -= inodes
 
 
 SIZE_RE = re.compile(r" *([0-9]{1,19}) *([kmgtpe]?)(?:i?b)? *", re.IGNORECASE)

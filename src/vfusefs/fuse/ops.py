@@ -31,7 +31,7 @@ from vfusefs import native
 from vfusefs.config import DaemonConfig
 from vfusefs.domain import access
 from vfusefs.domain.access import Caller, Mode, Need
-from vfusefs.domain.quota import QuotaExceeded, parse_count, parse_size
+from vfusefs.domain.quota import QuotaExceeded, Reservation, parse_count, parse_size
 from vfusefs.fuse.callers import CallerCache
 from vfusefs.fuse.errors import handler
 from vfusefs.fuse.fdbudget import FdBudget
@@ -49,6 +49,7 @@ FH_OPS = frozenset(
 READDIR_CHUNK = 256  # native entries read (and stat'ed) per worker hop
 BLOCK = native.BLOCK
 RECONCILE_WINDOW = 60.0  # seconds a changed file is watched (> the kernel's 30 s writeback)
+LEASE_TRIES = 4  # many nodes: times a write short of its quota lease asks the store for more
 XATTR_PREFIX = b"user.vfusefs."
 CAPABILITY_XATTR = b"security.capability"  # file capabilities: privilege, like a setuid bit
 SET_ID = stat_mod.S_ISUID | stat_mod.S_ISGID
@@ -401,8 +402,8 @@ class Operations(pyfuse3.Operations):
         assert vf is not None
         try:
             res = self.ledger.reserve(vf.quota_keys, nbytes, inodes)
-        except QuotaExceeded:
-            raise self._deny(node, errno.EDQUOT) from None
+        except QuotaExceeded as exc:
+            res = await self._reserve_leased(node, exc, nbytes, inodes)
         with changing(vf):
             try:
                 result: G = await self._run(node, _locked, self._locks(lock or (node,)), fn, *args)
@@ -411,6 +412,25 @@ class Operations(pyfuse3.Operations):
                 raise
             self.ledger.commit(res, result.grown_bytes, result.grown_inodes)
         return result
+
+    async def _reserve_leased(
+        self, node: Node, exc: QuotaExceeded, nbytes: int, inodes: int
+    ) -> Reservation:
+        """A reservation that did not fit: if what ran short is a lease (many nodes), ask the
+        store for more and try again, a few times; EDQUOT otherwise, or when there is no room."""
+        vf = node.vf
+        assert vf is not None
+        leases = self.registry.leases
+        for _ in range(LEASE_TRIES):
+            if not exc.leased or leases is None:
+                break
+            if not await leases.grow(exc.key, exc.short_bytes, exc.short_inodes):
+                break
+            try:
+                return self.ledger.reserve(vf.quota_keys, nbytes, inodes)
+            except QuotaExceeded as again:
+                exc = again
+        raise self._deny(node, errno.EDQUOT)
 
     @staticmethod
     def _locks(nodes: tuple[Node, ...]) -> list[threading.Lock]:

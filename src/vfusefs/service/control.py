@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import trio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -22,6 +23,7 @@ from starlette.routing import Route
 
 from vfusefs import __version__
 from vfusefs.state.registry import Registry, RegistryError
+from vfusefs.store import StoreError
 
 log = logging.getLogger(__name__)
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -108,8 +110,43 @@ def build_app(registry: Registry, token: str | None = None) -> Starlette:
     def vf_json(vf: Any) -> dict[str, Any]:
         return vf.describe(mountpoint, registry.ledger)  # type: ignore[no-any-return]
 
+    async def nodes() -> list[dict[str, Any]] | None:
+        """The nodes sharing the store and their leases (None: the store did not answer)."""
+        if registry.leases is None:
+            return None
+        with trio.move_on_after(2):
+            try:
+                found = await registry.store_workers.run(registry.leases.store.nodes)
+            except (StoreError, trio.TooSlowError):
+                return None
+            ttl = registry.config.lease_ttl
+            return [
+                {
+                    "node": n.name,
+                    "alive": n.seen_ago < ttl,
+                    "seen_ago": round(n.seen_ago, 1),
+                    "mountpoint": n.info.get("mountpoint"),
+                    "hosts": n.info.get("hosts"),
+                    "leases": {
+                        key: {"bytes": b, "inodes": i, "expires_in": round(left, 1)}
+                        for key, (b, i, left) in sorted(n.leases.items())
+                    },
+                }
+                for n in found
+            ]
+        return None
+
     @endpoint
     async def status(request: Request) -> Response:
+        store: dict[str, Any] = {
+            "kind": registry.store.kind,
+            "connected": registry.store_connected,
+            "since": registry.store_since,
+            "node": registry.node,
+        }
+        if registry.leases is not None:
+            store["nodes"] = await nodes()
+            store["leases"] = registry.leases.describe()
         return JSONResponse(
             {
                 "version": __version__,
@@ -118,12 +155,7 @@ def build_app(registry: Registry, token: str | None = None) -> Starlette:
                 "started": registry.started,
                 "config": registry.config.path,
                 "hosts": {name: h.health for name, h in registry.hosts.items()},
-                "store": {
-                    "kind": registry.store.kind,
-                    "connected": registry.store_connected,
-                    "since": registry.store_since,
-                    "node": registry.node,
-                },
+                "store": store,
                 "vfolders": len(registry.vfolders),
                 "inodes": len(registry.table),
                 "open_handles": sum(vf.handles for vf in registry.vfolders.values()),

@@ -20,6 +20,7 @@ import resource
 import signal
 import socket
 import sys
+import threading
 import time
 from typing import Any
 
@@ -39,8 +40,9 @@ from vfusefs.service import metrics
 from vfusefs.service.control import build_app
 from vfusefs.service.logs import setup_logging
 from vfusefs.service.notify import Notifier
+from vfusefs.state.leases import NameTaken
 from vfusefs.state.registry import Registry
-from vfusefs.store import StoreError, open_store
+from vfusefs.store import SharedStore, StoreError, open_store
 
 log = logging.getLogger(__name__)
 TRASH_PURGE_INTERVAL = 60.0
@@ -409,6 +411,14 @@ class Service:
             registry = self.registry = Registry(self.cfg, store, table, token)
             stack.callback(registry.close)
             await registry.load()
+            if registry.leases is not None:
+                try:
+                    await registry.leases.join()
+                except NameTaken as exc:
+                    raise StartupError(str(exc)) from None
+                except StoreError as exc:
+                    raise StartupError(f"joining the nodes that share the store: {exc}") from None
+                self.listen_for_events(store, token, stack)  # type: ignore[arg-type]
             await clear_stale_mount(d.mountpoint)
             check_socket_free(d.control_socket)
             await nursery.start(
@@ -461,9 +471,13 @@ class Service:
             nursery.start_soon(self.flush_usage_periodically)
             nursery.start_soon(self.rescan_periodically)
             nursery.start_soon(self.follow_store)
+            if registry.leases is not None:
+                nursery.start_soon(registry.leases.keep)
             await pyfuse3.main(min_tasks=1, max_tasks=d.max_tasks)
             log.info("FUSE loop ended: no more requests are served")
             await registry.mark_clean()  # usage persisted: the next start may trust it
+            if registry.leases is not None:
+                await registry.leases.leave()  # every lease given back
             for (host, op, code), st in sorted(ops.stats.items()):
                 log.debug(
                     "served %-8s %-12s errno %-3d x%-8d %8.1f us each",
@@ -477,6 +491,45 @@ class Service:
             await self.unmount()
             pyfuse3.close(unmount=False)
             session_open = False
+
+    def listen_for_events(
+        self, store: SharedStore, token: trio.lowlevel.TrioToken, stack: contextlib.AsyncExitStack
+    ) -> None:
+        """A thread of its own follows the store's events channel (pub/sub; redis-py blocks)
+        and hands each message to the event loop: a change wakes the feed follower at once, a
+        reclaim makes this node give back lease it does not spend."""
+        stop = threading.Event()
+
+        def deliver(message: str) -> None:
+            try:
+                trio.from_thread.run_sync(self.on_store_event, message, trio_token=token)
+            except trio.RunFinishedError:
+                stop.set()
+
+        thread = threading.Thread(
+            target=store.listen, args=(stop, deliver), daemon=True, name="vfusefs-events"
+        )
+        thread.start()
+        stack.callback(stop.set)
+
+    def on_store_event(self, message: str) -> None:
+        registry = self.registry
+        if registry is None:
+            return
+        if message in ("changed", "resync"):
+            registry.store_wake.set()
+        elif message.startswith("flush|") and self.nursery:  # another node is recounting
+            self.nursery.start_soon(self.flush_quietly)
+        elif message.startswith("reclaim|") and registry.leases and self.nursery:
+            _, key, node = message.split("|", 2)
+            self.nursery.start_soon(registry.leases.reclaim, key, node)
+
+    async def flush_quietly(self) -> None:
+        assert self.registry is not None
+        try:
+            await self.registry.flush_usage()
+        except StoreError:
+            pass  # said by the feed follower, once per outage
 
     async def unmount(self) -> None:
         """Unmount; if something still uses the mount (open files, a cwd inside), detach it
@@ -530,7 +583,10 @@ class Service:
                         exc,
                     )
             try:
-                await registry.flush_usage()
+                if registry.store.shared:  # and take in what the other nodes wrote
+                    await registry.refresh_usage()
+                else:
+                    await registry.flush_usage()
             except StoreError as exc:
                 self.store_down(exc)
             except Exception:
@@ -545,7 +601,9 @@ class Service:
         assert registry is not None
         failing = False
         while True:
-            await trio.sleep(STORE_FOLLOW_INTERVAL)
+            with trio.move_on_after(STORE_FOLLOW_INTERVAL):  # or at once when told (pub/sub)
+                await registry.store_wake.wait()
+            registry.store_wake = trio.Event()
             try:
                 await registry.apply_changes()
             except StoppedError:

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import trio
 
@@ -36,7 +36,8 @@ from vfusefs.fuse.inodes import ROOT_INODE, InodeTable, Kind, Node
 from vfusefs.fuse.kernel import KernelCache
 from vfusefs.native import mounts
 from vfusefs.runtime.workers import HostWorkers
-from vfusefs.store import Store, TrashRecord, VfolderRecord, node_name
+from vfusefs.state.leases import LeaseKeeper
+from vfusefs.store import SharedStore, Store, StoreError, TrashRecord, VfolderRecord, node_name
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,7 @@ class Host:
 RESCAN_TRIES = 3  # walks a rescan makes of a vfolder that changes through vfusefs meanwhile
 RESCAN_RETRY = 1.0  # seconds between them
 ADMIN_THREADS = 2  # per host, for backend calls
+OTHERS_FLUSH_WAIT = 0.3  # seconds other nodes get to flush usage around a rescan's walk
 TRASH_CLAIM = 3600.0  # seconds a node holds a trash entry it purges (then another may take it)
 
 
@@ -134,7 +136,7 @@ class Registry:
     ) -> None:
         self.config = config
         self.store = store
-        self.node = node_name()  # this daemon's name in shared state
+        self.node = node_name(config.store_node)  # this daemon's name in shared state
         # whether the store answered the last read of its change feed, and since when
         self.store_connected = True
         self.store_since = time.time()
@@ -149,6 +151,7 @@ class Registry:
         self.store_workers = HostWorkers("store", 1, 30.0, token)
         self.kernel = KernelCache()  # the one way to make the kernel forget (fuse/kernel.py)
         self.trash_waiting = trio.Event()  # set when a delete queued data for purging
+        self.store_wake = trio.Event()  # set when the store says it changed (pub/sub)
         self.ledger = QuotaLedger()
         self.tasks: dict[str, Task] = {}
         self.nursery: trio.Nursery | None = None  # for background tasks, set by the daemon
@@ -157,6 +160,11 @@ class Registry:
         # stop is not "clean" and the next start recounts
         self.untrusted: set[str] = set()
         self._id_locks: dict[str, trio.Lock] = {}  # see _lifecycle
+        self._flushing = trio.Lock()  # one usage flush (or refresh) at a time
+        # many nodes: limited accounts are spent through quota leases (state/leases.py)
+        self.leases: LeaseKeeper | None = None
+        if store.shared:
+            self.leases = LeaseKeeper(self, cast(SharedStore, store))
 
     @property
     def mounted(self) -> bool:
@@ -172,8 +180,7 @@ class Registry:
             await self._probe_fs(self._add_host(hc))
         usage = await self.store_workers.run(self.store.usage)
         for scope, (qb, qi) in (await self.store_workers.run(self.store.scopes)).items():
-            acc = self.ledger.account(f"scope:{scope}")
-            acc.limit_bytes, acc.limit_inodes = qb, qi
+            self._set_limits_of(f"scope:{scope}", qb, qi)
         self.seen_change = await self.store_workers.run(self.store.last_change)
         self.store_epoch = await self.store_workers.run(self.store.epoch)
         clean = await self.store_workers.run(self.store.clean, self.node)
@@ -270,8 +277,7 @@ class Registry:
     async def _attach(self, host: Host, rec: VfolderRecord) -> Vfolder:
         vf = Vfolder(rec.id, host, rec)
         vf.quota_keys = (f"vf:{rec.id}",) + ((f"scope:{rec.scope}",) if rec.scope else ())
-        acc = self.ledger.account(vf.quota_keys[0])
-        acc.limit_bytes, acc.limit_inodes = rec.quota_bytes, rec.quota_inodes
+        self._set_limits_of(vf.quota_keys[0], rec.quota_bytes, rec.quota_inodes)
         fd, st = await host.admin.run(_open_dir, rec.native_path)
         vf.root = self.table.add(Kind.VFROOT, fd, st, vf, parent=host.node.ino if host.node else 1)
         host.vfolders[vf.id] = vf
@@ -283,6 +289,12 @@ class Registry:
             host.workers.stop()
             host.admin.stop()
         self.store_workers.stop()
+        if self.leases is not None:
+            self.leases.close()
+
+    def _set_limits_of(self, key: str, quota_bytes: int, quota_inodes: int) -> None:
+        """An account's limits, as the store has them (leased on a shared store)."""
+        self.ledger.set_limits(key, quota_bytes, quota_inodes, self.store.shared)
 
     # -- reload (SIGHUP) ------------------------------------------------------------------------
     async def reload_hosts(self, new: dict[str, HostConfig]) -> list[str]:
@@ -537,7 +549,7 @@ class Registry:
         acc = self.ledger.account(vf.quota_keys[0])
         dbytes, dinodes = nbytes - acc.used_bytes, inodes - acc.used_inodes
         self.ledger.set_usage(vf.quota_keys[0], nbytes, inodes)
-        self.ledger.apply(vf.quota_keys[1:], dbytes, dinodes)
+        self.ledger.shift(vf.quota_keys[1:], dbytes, dinodes)
 
     async def set_limits(
         self, host_name: str, vfid: str, quota_bytes: Any = None, quota_inodes: Any = None
@@ -556,8 +568,7 @@ class Registry:
         )
         await self.store_workers.run(self.store.put_vfolder, rec)
         vf.record = rec
-        acc = self.ledger.account(vf.quota_keys[0])
-        acc.limit_bytes, acc.limit_inodes = rec.quota_bytes, rec.quota_inodes
+        self._set_limits_of(vf.quota_keys[0], rec.quota_bytes, rec.quota_inodes)
         log.info(
             "vfolder %s limits: %d bytes, %d inodes (0: unlimited)",
             vf.id,
@@ -590,12 +601,16 @@ class Registry:
         qb = acc.limit_bytes if qb is None else qb
         qi = acc.limit_inodes if qi is None else qi
         await self.store_workers.run(self.store.put_scope, scope, qb, qi)
-        acc.limit_bytes, acc.limit_inodes = qb, qi
+        self._set_limits_of(f"scope:{scope}", qb, qi)
         return self.scope_info(scope)
 
     async def flush_usage(self) -> None:
         """Persist what usage changed by since the last flush, as this node's deltas (another
         node's flush adds its own and never overwrites these)."""
+        async with self._flushing:
+            await self._flush_usage()
+
+    async def _flush_usage(self) -> None:
         rows = []
         for vf in self.vfolders.values():
             acc = self.ledger.account(vf.quota_keys[0])
@@ -615,6 +630,25 @@ class Registry:
                         vf2.stored = (vf2.stored[0] - dbytes, vf2.stored[1] - dinodes)
                         self.ledger.account(vf2.quota_keys[0]).dirty = True
                 raise
+
+    async def refresh_usage(self) -> None:
+        """Many nodes: take in what the others changed usage by (the store's figures plus what
+        this node has not flushed yet), so usage, df and the metrics show every node's writes.
+        Limits do not depend on it: leases hold them."""
+        async with self._flushing:
+            await self._flush_usage()
+            usage = await self.store_workers.run(self.store.usage)
+            for vf in self.vfolders.values():
+                if vf.id not in usage or vf.id in self.untrusted:
+                    continue
+                acc = self.ledger.account(vf.quota_keys[0])
+                pending = (acc.used_bytes - vf.stored[0], acc.used_inodes - vf.stored[1])
+                stored = usage[vf.id]
+                if stored != vf.stored:
+                    dirty = acc.dirty
+                    self.set_usage(vf, stored[0] + pending[0], stored[1] + pending[1])
+                    acc.dirty = dirty
+                    vf.stored = stored
 
     async def mark_clean(self) -> None:
         """Persist usage and, if every vfolder's usage is trusted, say the next start may use it."""
@@ -653,6 +687,7 @@ class Registry:
         try:
             assert vf.root is not None
             for attempt in range(RESCAN_TRIES):
+                others = await self._others_flushed(vf)
                 before = vf.changes if not vf.changing else None
                 watched = {node.ino: node for node, _ in vf.recent.values() if node.key is not None}
                 found = await trio.to_thread.run_sync(
@@ -663,6 +698,7 @@ class Registry:
                     abandon_on_cancel=True,
                 )
                 quiet = before is not None and vf.changes == before
+                quiet = quiet and await self._others_flushed(vf) == others
                 if quiet or vf.deleted:
                     break
                 if attempt + 1 < RESCAN_TRIES:
@@ -708,6 +744,19 @@ class Registry:
             for key in list(self.tasks)[:-500]:
                 if self.tasks[key].state != "running":
                     del self.tasks[key]
+
+    async def _others_flushed(self, vf: Vfolder) -> tuple[int, int] | None:
+        """Many nodes: ask every node to flush its usage, wait a moment, and return vf's usage
+        as the store has it then.  A walk between two equal answers overlapped no change
+        another node has flushed.  None on a single-node store (nothing to ask)."""
+        if self.leases is None:
+            return None
+        try:
+            await self.leases.workers.run(self.leases.store.publish, f"flush|{vf.id}")
+            await trio.sleep(OTHERS_FLUSH_WAIT)
+            return await self.store_workers.run(self.store.vfolder_usage, vf.id)
+        except (StoreError, trio.TooSlowError):
+            return None
 
     def _take_count(self, vf: Vfolder, found: native.Scan, watched: dict[int, Node]) -> None:
         """A rescan's count becomes vf's usage.  Files still watched go on being watched from
@@ -958,8 +1007,7 @@ class Registry:
         if scopes:
             limits = await self.store_workers.run(self.store.scopes)
             for scope in scopes:
-                acc = self.ledger.account(f"scope:{scope}")
-                acc.limit_bytes, acc.limit_inodes = limits.get(scope, (0, 0))
+                self._set_limits_of(f"scope:{scope}", *limits.get(scope, (0, 0)))
         self.seen_change = changes[-1].seq
         return len(changes)
 
@@ -969,6 +1017,12 @@ class Registry:
         the scope limits it knows are written back, and the feed is followed from where the
         store is now."""
         put = 0
+        for vf in list(self.vfolders.values()):
+            # what this node has not flushed was written before the store came back: the
+            # recount below (this node's or the one that wrote the vfolder back) has it
+            acc = self.ledger.account(vf.quota_keys[0])
+            vf.stored = (acc.used_bytes, acc.used_inodes)
+            acc.dirty = False
         for vf in list(self.vfolders.values()):
             async with self._lifecycle(vf.id):
                 if vf.deleted or await self.store_workers.run(self.store.has_vfolder, vf.id):
@@ -980,6 +1034,9 @@ class Registry:
                 )
                 vf.stored = (acc.used_bytes, acc.used_inodes)
                 put += 1
+                if self.store.shared and self.nursery is not None:
+                    self.untrusted.add(vf.id)  # other nodes' writes meanwhile: count them
+                    self.start_rescan(vf)
         known = await self.store_workers.run(self.store.scopes)
         for key, acc in list(self.ledger.accounts.items()):
             scope = key.removeprefix("scope:")
@@ -992,6 +1049,8 @@ class Registry:
                     self.store.put_scope, scope, acc.limit_bytes, acc.limit_inodes
                 )
         self.seen_change = await self.store_workers.run(self.store.last_change)
+        if self.leases is not None:
+            self.leases.forget_all()
         log.warning(
             "the store is not the one this node loaded (emptied, or another): wrote back "
             "%d vfolder(s) this node serves",
@@ -1054,8 +1113,7 @@ class Registry:
             )
             return usage
         old, vf.record = vf.record, rec
-        acc = self.ledger.account(vf.quota_keys[0])
-        acc.limit_bytes, acc.limit_inodes = rec.quota_bytes, rec.quota_inodes
+        self._set_limits_of(vf.quota_keys[0], rec.quota_bytes, rec.quota_inodes)
         if rec.grants != old.grants:
             vf.modes = {}
             await self._grants_changed(vf)

@@ -13,12 +13,17 @@ overwrite another's.  Nothing here knows about FUSE, trio or native storage.
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 __all__ = [
     "Change",
+    "Grant",
+    "NodeInfo",
+    "SharedStore",
     "Store",
     "StoreError",
     "TrashRecord",
@@ -63,10 +68,38 @@ class Change(NamedTuple):
     key: str
 
 
+class Grant(NamedTuple):
+    """A lease grant (SharedStore.acquire): what was added to the node's lease, the account's
+    usage and limits as the store has them, what the node now holds in the store's view (its
+    lease less what it flushed as usage since), and what the other nodes hold."""
+
+    bytes: int
+    inodes: int
+    usage_bytes: int
+    usage_inodes: int
+    limit_bytes: int
+    limit_inodes: int
+    held_bytes: int
+    held_inodes: int
+    others_bytes: int
+    others_inodes: int
+
+
+class NodeInfo(NamedTuple):
+    """A node sharing the store: what it said of itself, how many seconds ago it last did,
+    and its leases (account -> bytes, inodes, seconds left)."""
+
+    name: str
+    info: dict[str, Any]
+    seen_ago: float
+    leases: dict[str, tuple[int, int, float]]
+
+
 class Store(Protocol):
     """What the registry needs of durable state.  Every method may raise StoreError."""
 
     kind: str  # "sqlite", "redis"
+    shared: bool  # many nodes share it: this is a SharedStore (quota through leases)
 
     def ping(self) -> None: ...
     def close(self) -> None: ...
@@ -81,6 +114,9 @@ class Store(Protocol):
 
     # usage: base + every node's delta
     def usage(self) -> dict[str, tuple[int, int]]: ...
+    def vfolder_usage(self, vfid: str) -> tuple[int, int]:
+        """One vfolder's usage ((0, 0) if none is stored)."""
+
     def add_usage(self, node: str, deltas: list[tuple[str, int, int]]) -> None:
         """Add (vfolder, bytes, inodes) deltas to node's share of usage."""
 
@@ -115,6 +151,28 @@ class Store(Protocol):
         """Changes after seq `since`, oldest first (at most a few thousand at a time)."""
 
 
+class SharedStore(Store, Protocol):
+    """A store many nodes share (Redis): quota leases, node heartbeats and wake-up events.
+    A limited account grows on a node only by what the node holds in a lease; a flush of
+    usage (add_usage) turns the flushed part of the node's lease into usage at once."""
+
+    def acquire(
+        self,
+        node: str,
+        account: str,
+        want: tuple[int, int],
+        ttl: float,
+        floor: tuple[int, int],
+        fresh: tuple[int, int] | None = None,
+    ) -> Grant | None: ...
+    def release(self, node: str, account: str, nbytes: int, inodes: int, drop: bool) -> None: ...
+    def heartbeat(self, node: str, instance: str, info: dict[str, Any], ttl: float) -> str: ...
+    def leave(self, node: str) -> None: ...
+    def nodes(self) -> list[NodeInfo]: ...
+    def publish(self, message: str) -> None: ...
+    def listen(self, stop: threading.Event, deliver: Callable[[str], None]) -> None: ...
+
+
 def sqlite_path(url: str) -> str:
     """The absolute file path of a `sqlite:///abs/path` URL (`sqlite:////abs/path`, the
     SQLAlchemy spelling, is the same file); StoreError for anything else."""
@@ -126,7 +184,7 @@ def sqlite_path(url: str) -> str:
     return "/" + path.lstrip("/")
 
 
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://")
 
 
 def open_store(url: str) -> Store:
@@ -138,9 +196,13 @@ def open_store(url: str) -> Store:
         from vfusefs.store.redis import RedisStore
 
         return RedisStore(url)
-    raise StoreError(f"store url {url!r}: use sqlite:///ABS/PATH, redis://, rediss:// or unix://")
+    raise StoreError(
+        f"store url {url!r}: use sqlite:///ABS/PATH, redis://, rediss://, unix://, "
+        "redis+sentinel:// or redis+cluster://"
+    )
 
 
-def node_name() -> str:
-    """This node's name in shared state (usage deltas, clean flags, trash claims)."""
-    return os.uname().nodename
+def node_name(configured: str = "") -> str:
+    """This node's name in shared state (usage, leases, clean flags, trash claims): the
+    configured `[store] node`, else the host name."""
+    return configured or os.uname().nodename

@@ -1,145 +1,396 @@
-"""The Redis store: the state many nodes share (`store.url = "redis://host:6379/0"`,
-`rediss://…` for TLS, `unix:///run/redis.sock?db=0`).
+"""The Redis store: the state many nodes share, and the quota leases that make one limit hold
+across them.
 
-Every key carries the hash tag `{vfusefs}`, so one Lua script or transaction always touches one
-Redis Cluster slot.  Every change to a vfolder or a scope appends to the change feed in the same
-script: a counter (`seq`) and a sorted set of `seq|kind|key` scored by seq, trimmed to the last
-KEEP_CHANGES entries (a reader further behind gets one `all` change and compares everything).
-Usage is a base per vfolder (the last recount) plus one delta per node and vfolder, added with
-HINCRBY, so no node's flush overwrites another's.
+URL forms (`store.url`):
 
-This is the store protocol only; quota leases across nodes, pub/sub wake-ups, Sentinel and
-Cluster URLs come with the rest of issue 21.
+    redis://[user:pass@]host:6379/0            one server (rediss:// for TLS)
+    unix:///run/redis/redis.sock?db=0          one server on a unix socket
+    redis+sentinel://[user:pass@]h1:26379,h2:26379,h3:26379/SERVICE[/DB]
+                                               the master Sentinel names SERVICE (failover)
+    redis+cluster://[user:pass@]h1:7000,h2:7001[/]
+                                               a Redis Cluster (any reachable nodes)
+
+Every key carries the hash tag `{vfusefs}`, so every script touches one Cluster slot (a Cluster
+gives vfusefs availability, not capacity: its state lives in one slot).  Every change to a
+vfolder or a scope appends to the change feed in the same script (a counter `seq` and a sorted
+set of `seq|kind|key`, trimmed to the last KEEP_CHANGES) and publishes `changed` on the events
+channel, so followers wake at once instead of at their next poll.
+
+Usage is one pair of counters per vfolder id and per `scope:<scope>`, moved by HINCRBY:
+no node's flush overwrites another's, and a recount sets a vfolder's pair and moves its scope's
+by the difference.
+
+Quota leases (many nodes, one limit): a node may grow a limited account only by what it holds
+in a lease.  `lease:<account>` (`vf:<id>` or `scope:<scope>`, the ledger's account names) maps
+node -> "bytes inodes expiry": what the node was granted and
+has not yet flushed as usage.  ACQUIRE grants from what nobody holds (limit - usage - the other
+nodes' unexpired leases), at least what the node asks for and, while there is room, up to a
+unit of about room / (2 x live nodes) (never below lease_floor while room lasts), as Lustre's
+qunit shrinks near a limit; ADD_USAGE converts a flushed delta from lease to usage in the same
+script, so usage + leases never jumps.  Grants never exceed the room: the limit is exceeded only
+by what the native filesystem allocates on its own after a write (delayed allocation), or by a
+node cut off from Redis past its lease_ttl (others may then be granted what it spent but had not
+flushed yet; nodes flush leased accounts every half second).
 """
 
 from __future__ import annotations
 
 import json
-import time
+import threading
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
+from urllib.parse import unquote, urlsplit
 
 import redis
+import redis.cluster
+import redis.sentinel
 
-from vfusefs.store import Change, StoreError, TrashRecord, VfolderRecord
+from vfusefs.store import Change, Grant, NodeInfo, StoreError, TrashRecord, VfolderRecord
 
 P = "{vfusefs}:"  # the hash tag: every key in one cluster slot
 VFOLDERS, SCOPES, CLEAN = P + "vfolders", P + "scopes", P + "clean"
-BASE, DELTAS = P + "usage:base", P + "usage:deltas"
+USAGE = P + "usage"  # "<account>|b", "<account>|i"
 TRASH, CLAIMS = P + "trash", P + "trash:claims"
 SEQ, CHANGES, EPOCH = P + "seq", P + "changes", P + "epoch"
+NODES, SEEN = P + "nodes", P + "nodes:seen"  # node -> json; node scored by last heartbeat
+EVENTS = P + "events"  # pub/sub channel: "changed", "reclaim|<account>|<node>"
 KEEP_CHANGES = 10000
+TIMEOUT = 5.0  # seconds a command may take (a lease request is answered by then, or refused)
 
-# appends (kind, key) to the feed; every script that changes a record calls it
-_CHANGED = """
+# Helpers every script gets.  KEYS[1] is always VFOLDERS (it routes the script to the slot);
+# the other keys share its hash tag, so a script may name them itself.
+_LIB = (
+    """
+local P = '"""
+    + P
+    + """'
+local VF, SC, USAGE = P .. 'vfolders', P .. 'scopes', P .. 'usage'
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
 local function changed(kind, key)
-  local seq = redis.call('INCR', KEYS_SEQ)
-  redis.call('ZADD', KEYS_CHANGES, seq, seq .. '|' .. kind .. '|' .. key)
-  redis.call('ZREMRANGEBYRANK', KEYS_CHANGES, 0, -(tonumber(KEEP) + 1))
+  local seq = redis.call('INCR', P .. 'seq')
+  redis.call('ZADD', P .. 'changes', seq, seq .. '|' .. kind .. '|' .. key)
+  redis.call('ZREMRANGEBYRANK', P .. 'changes', 0, -("""
+    + str(KEEP_CHANGES + 1)
+    + """))
+  redis.call('PUBLISH', P .. 'events', 'changed')
+end
+local function num(x) return tonumber(x or '0') or 0 end
+local function usage_of(acct)
+  return num(redis.call('HGET', USAGE, acct .. '|b')), num(redis.call('HGET', USAGE, acct .. '|i'))
+end
+local function bump(acct, db, di)
+  if db ~= 0 then redis.call('HINCRBY', USAGE, acct .. '|b', db) end
+  if di ~= 0 then redis.call('HINCRBY', USAGE, acct .. '|i', di) end
+end
+local function scope_of(vfid)
+  local raw = redis.call('HGET', VF, vfid)
+  if not raw then return nil end
+  local s = cjson.decode(raw).scope
+  if s == nil or s == '' or s == cjson.null then return '' end
+  return s
+end
+local function parse_lease(v)
+  local b, i, exp = string.match(v, '^(%-?%d+) (%-?%d+) ([%d%.]+)$')
+  return tonumber(b), tonumber(i), tonumber(exp)
+end
+local function put_lease(acct, node, b, i, exp)
+  redis.call('HSET', P .. 'lease:' .. acct, node, string.format('%d %d %.3f', b, i, exp))
+end
+local function spend(acct, node, db, di)
+  local v = redis.call('HGET', P .. 'lease:' .. acct, node)
+  if v then
+    local b, i, exp = parse_lease(v)
+    put_lease(acct, node, b - db, i - di, exp)
+  end
 end
 """
+)
 
+PUT_VFOLDER = """
+redis.call('HSET', VF, ARGV[1], ARGV[2])
+changed('vfolder', ARGV[1])
+"""
 
-# drops every node's usage delta of one vfolder (fields "<vfolder>|<node>|b" and "...|i")
-_DROP_DELTAS = """
-local function drop_deltas(deltas, vfid)
-  for _, field in ipairs(redis.call('HKEYS', deltas)) do
-    if string.sub(field, 1, #vfid + 1) == vfid .. '|' then redis.call('HDEL', deltas, field) end
+# ARGV: id, trash path ('' none), trash json
+DELETE_VFOLDER = """
+local scope = scope_of(ARGV[1])
+local b, i = usage_of(ARGV[1])
+if scope and scope ~= '' then bump('scope:' .. scope, -b, -i) end
+redis.call('HDEL', VF, ARGV[1])
+redis.call('HDEL', USAGE, ARGV[1] .. '|b', ARGV[1] .. '|i')
+redis.call('DEL', P .. 'lease:vf:' .. ARGV[1])
+if ARGV[2] ~= '' then redis.call('HSET', P .. 'trash', ARGV[2], ARGV[3]) end
+changed('vfolder', ARGV[1])
+"""
+
+PUT_SCOPE = """
+redis.call('HSET', SC, ARGV[1], ARGV[2])
+changed('scope', ARGV[1])
+"""
+
+# ARGV: node, then (vfolder, bytes, inodes) triples.  A deleted vfolder's deltas are dropped.
+ADD_USAGE = """
+local node = ARGV[1]
+for k = 2, #ARGV, 3 do
+  local vfid, db, di = ARGV[k], tonumber(ARGV[k + 1]), tonumber(ARGV[k + 2])
+  local scope = scope_of(vfid)
+  if scope then
+    bump(vfid, db, di)
+    spend('vf:' .. vfid, node, db, di)
+    if scope ~= '' then
+      bump('scope:' .. scope, db, di)
+      spend('scope:' .. scope, node, db, di)
+    end
   end
 end
 """
 
-
-def _script(body: str) -> str:
-    """A script whose first two keys are SEQ and CHANGES and whose first argument is KEEP."""
-    return (
-        "local KEYS_SEQ, KEYS_CHANGES, KEEP = KEYS[1], KEYS[2], ARGV[1]\n"
-        + _CHANGED
-        + _DROP_DELTAS
-        + body
-    )
-
-
-PUT_VFOLDER = _script("""
-redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
-changed('vfolder', ARGV[2])
-""")
-
-# KEYS: seq, changes, vfolders, base, deltas, trash; ARGV: keep, id, trash path ('' none), json
-DELETE_VFOLDER = _script("""
-redis.call('HDEL', KEYS[3], ARGV[2])
-redis.call('HDEL', KEYS[4], ARGV[2])
-drop_deltas(KEYS[5], ARGV[2])
-if ARGV[3] ~= '' then redis.call('HSET', KEYS[6], ARGV[3], ARGV[4]) end
-changed('vfolder', ARGV[2])
-""")
-
-PUT_SCOPE = _script("""
-redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
-changed('scope', ARGV[2])
-""")
-
-# KEYS: base, deltas; ARGV: id, json [bytes, inodes]
-SET_USAGE = (
-    _DROP_DELTAS
-    + """
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-drop_deltas(KEYS[2], ARGV[1])
+# ARGV: id, bytes, inodes (a recount: the scope moves by the difference)
+SET_USAGE = """
+local b, i = usage_of(ARGV[1])
+local nb, ni = tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('HSET', USAGE, ARGV[1] .. '|b', ARGV[2], ARGV[1] .. '|i', ARGV[3])
+local scope = scope_of(ARGV[1])
+if scope and scope ~= '' then bump('scope:' .. scope, nb - b, ni - i) end
 """
-)
 
-# KEYS: trash, claims; ARGV: path, node, seconds, now -> 1 if node holds it now
+# ARGV: path, node, seconds -> 1 if node holds it now
 CLAIM_TRASH = """
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
-local held = redis.call('HGET', KEYS[2], ARGV[1])
+if redis.call('HEXISTS', P .. 'trash', ARGV[1]) == 0 then return 0 end
+local t = now()
+local held = redis.call('HGET', P .. 'trash:claims', ARGV[1])
 if held then
   local claim = cjson.decode(held)
-  if claim[1] ~= ARGV[2] and claim[2] >= tonumber(ARGV[4]) then return 0 end
+  if claim[1] ~= ARGV[2] and claim[2] >= t then return 0 end
 end
-redis.call('HSET', KEYS[2], ARGV[1], cjson.encode({ARGV[2], tonumber(ARGV[4]) + tonumber(ARGV[3])}))
+redis.call('HSET', P .. 'trash:claims', ARGV[1], cjson.encode({ARGV[2], t + tonumber(ARGV[3])}))
 return 1
 """
 
-# KEYS: seq, changes, vfolders, trash, claims; ARGV: keep, id, json, trash path -> 1 if restored
-RESTORE_VFOLDER = _script("""
-if redis.call('HDEL', KEYS[4], ARGV[4]) == 0 then return 0 end
-redis.call('HDEL', KEYS[5], ARGV[4])
-redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
-changed('vfolder', ARGV[2])
+TRASH_PURGED = """
+redis.call('HDEL', P .. 'trash', ARGV[1])
+redis.call('HDEL', P .. 'trash:claims', ARGV[1])
+"""
+
+# ARGV: id, json, trash path -> 1 if restored
+RESTORE_VFOLDER = """
+if redis.call('HDEL', P .. 'trash', ARGV[3]) == 0 then return 0 end
+redis.call('HDEL', P .. 'trash:claims', ARGV[3])
+redis.call('HSET', VF, ARGV[1], ARGV[2])
+changed('vfolder', ARGV[1])
 return 1
-""")
+"""
+
+# ARGV: account, node, want bytes, want inodes, ttl, floor bytes, floor inodes, fresh
+# ('1': the node holds no lease on it: start one, counting what the node grew the account by
+# and has not flushed yet, pending bytes and inodes) -> {granted b, granted i, usage b,
+# usage i, limit b, limit i, held b, held i, others b, others i}; {} if the account is gone (vfolder deleted)
+ACQUIRE = """
+local acct, node = ARGV[1], ARGV[2]
+local want_b, want_i = tonumber(ARGV[3]), tonumber(ARGV[4])
+local ttl, floor_b, floor_i = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local t = now()
+local lb, li, counted
+if string.sub(acct, 1, 6) == 'scope:' then
+  local raw = redis.call('HGET', SC, string.sub(acct, 7))
+  if raw then local l = cjson.decode(raw); lb, li = l[1], l[2] else lb, li = 0, 0 end
+  counted = acct
+elseif string.sub(acct, 1, 3) == 'vf:' then
+  counted = string.sub(acct, 4)
+  local raw = redis.call('HGET', VF, counted)
+  if not raw then return {} end
+  local r = cjson.decode(raw)
+  lb, li = r.quota_bytes, r.quota_inodes
+else
+  return {}
+end
+local ub, ui = usage_of(counted)
+local key = P .. 'lease:' .. acct
+local others_b, others_i, mine_b, mine_i = 0, 0, 0, 0
+local all = redis.call('HGETALL', key)
+for k = 1, #all, 2 do
+  local b, i, exp = parse_lease(all[k + 1])
+  if all[k] == node then mine_b, mine_i = b, i
+  elseif exp > t then others_b, others_i = others_b + math.max(0, b), others_i + math.max(0, i)
+  end
+end
+if ARGV[8] == '1' then mine_b, mine_i = tonumber(ARGV[9]), tonumber(ARGV[10]) end
+redis.call('ZADD', P .. 'nodes:seen', t, node)
+local live = math.max(1, redis.call('ZCOUNT', P .. 'nodes:seen', t - ttl, '+inf'))
+local function grant(limit, used, others, mine, want, floor)
+  if limit <= 0 then return 0 end
+  local room = limit - used - others - math.max(0, mine)
+  if room <= 0 then return 0 end
+  local unit = math.max(floor, math.floor((room + math.max(0, mine)) / (2 * live)))
+  local g = math.max(want, unit - math.max(0, mine))
+  return math.max(0, math.min(room, g))
+end
+local gb = grant(lb, ub, others_b, mine_b, want_b, floor_b)
+local gi = grant(li, ui, others_i, mine_i, want_i, floor_i)
+put_lease(acct, node, mine_b + gb, mine_i + gi, t + ttl)
+redis.call('SADD', P .. 'held:' .. node, acct)
+return {gb, gi, ub, ui, lb, li, mine_b + gb, mine_i + gi, others_b, others_i}
+"""
+
+# ARGV: account ('*': every lease the node holds, as at a start), node, bytes, inodes, drop
+# ('drop': forget the node's lease on it, whatever is left)
+RELEASE = """
+local acct, node = ARGV[1], ARGV[2]
+if acct == '*' then
+  for _, a in ipairs(redis.call('SMEMBERS', P .. 'held:' .. node)) do
+    redis.call('HDEL', P .. 'lease:' .. a, node)
+  end
+  redis.call('DEL', P .. 'held:' .. node)
+  return 1
+end
+if ARGV[5] == 'drop' then
+  redis.call('HDEL', P .. 'lease:' .. acct, node)
+  redis.call('SREM', P .. 'held:' .. node, acct)
+  return 1
+end
+local v = redis.call('HGET', P .. 'lease:' .. acct, node)
+if not v then return 0 end
+local b, i, exp = parse_lease(v)
+put_lease(acct, node, b - tonumber(ARGV[3]), i - tonumber(ARGV[4]), exp)
+return 1
+"""
+
+# ARGV: node, instance, info json, ttl, check ('1': refuse if another live instance has it)
+# -> '' or the json of the live instance that holds the name
+HEARTBEAT = """
+local t = now()
+if ARGV[5] == '1' then
+  local old = redis.call('HGET', P .. 'nodes', ARGV[1])
+  local seen = tonumber(redis.call('ZSCORE', P .. 'nodes:seen', ARGV[1]) or '0')
+  if old and seen > t - tonumber(ARGV[4]) and cjson.decode(old).instance ~= ARGV[2] then
+    return old
+  end
+end
+redis.call('HSET', P .. 'nodes', ARGV[1], ARGV[3])
+redis.call('ZADD', P .. 'nodes:seen', t, ARGV[1])
+return ''
+"""
+
+# ARGV: node -> the node leaves (a clean stop): its leases and its entry go
+LEAVE = """
+for _, a in ipairs(redis.call('SMEMBERS', P .. 'held:' .. ARGV[1])) do
+  redis.call('HDEL', P .. 'lease:' .. a, ARGV[1])
+end
+redis.call('DEL', P .. 'held:' .. ARGV[1])
+redis.call('HDEL', P .. 'nodes', ARGV[1])
+redis.call('ZREM', P .. 'nodes:seen', ARGV[1])
+"""
+
+# -> {now, node, json, seen, {account, lease}...} for every node
+NODES_SCRIPT = """
+local out = {tostring(now())}
+for _, node in ipairs(redis.call('HKEYS', P .. 'nodes')) do
+  local held = {}
+  for _, a in ipairs(redis.call('SMEMBERS', P .. 'held:' .. node)) do
+    local v = redis.call('HGET', P .. 'lease:' .. a, node)
+    if v then held[#held + 1] = a; held[#held + 1] = v end
+  end
+  out[#out + 1] = cjson.encode({node, redis.call('HGET', P .. 'nodes', node),
+    redis.call('ZSCORE', P .. 'nodes:seen', node) or '0', held})
+end
+return out
+"""
+
+SCRIPTS = {
+    "put_vfolder": PUT_VFOLDER,
+    "delete_vfolder": DELETE_VFOLDER,
+    "put_scope": PUT_SCOPE,
+    "add_usage": ADD_USAGE,
+    "set_usage": SET_USAGE,
+    "claim": CLAIM_TRASH,
+    "purged": TRASH_PURGED,
+    "restore": RESTORE_VFOLDER,
+    "acquire": ACQUIRE,
+    "release": RELEASE,
+    "heartbeat": HEARTBEAT,
+    "leave": LEAVE,
+    "nodes": NODES_SCRIPT,
+}
 
 
 def _record_json(rec: VfolderRecord) -> str:
     return json.dumps(rec.__dict__, sort_keys=True)
 
 
+class _Endpoints(NamedTuple):
+    hosts: list[tuple[str, int]]
+    username: str | None
+    password: str | None
+    path: list[str]  # what follows the host list, split at '/'
+
+
+def _endpoints(url: str, default_port: int) -> _Endpoints:
+    """Parse `scheme://[user:pass@]h1:p1,h2:p2/a/b` (urllib does not take host lists)."""
+    rest = url.split("://", 1)[1]
+    netloc, _, path = rest.partition("/")
+    user = password = None
+    if "@" in netloc:
+        cred, netloc = netloc.rsplit("@", 1)
+        u, _, p = cred.partition(":")
+        user, password = unquote(u) or None, unquote(p) or None
+    hosts = []
+    for part in netloc.split(","):
+        host, _, port = part.rpartition(":") if ":" in part else (part, "", "")
+        if not host:
+            raise ValueError(f"no host in {part!r}")
+        hosts.append((host.strip("[]"), int(port) if port else default_port))
+    return _Endpoints(hosts, user, password, [p for p in path.split("/") if p])
+
+
+def connect(url: str, timeout: float = TIMEOUT) -> Any:
+    """A redis-py client for any of the URL forms in this module's docstring."""
+    common: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": min(timeout, 5.0),
+        "decode_responses": True,
+    }
+    if url.startswith("redis+sentinel://"):
+        ep = _endpoints(url, 26379)
+        if not ep.path:
+            raise ValueError("name the master: redis+sentinel://h1:26379,h2:26379/SERVICE[/DB]")
+        db = int(ep.path[1]) if len(ep.path) > 1 else 0
+        sentinel = redis.sentinel.Sentinel(
+            ep.hosts,
+            sentinel_kwargs={"socket_timeout": min(timeout, 2.0)},
+            username=ep.username,
+            password=ep.password,
+            db=db,
+            **common,
+        )
+        return sentinel.master_for(ep.path[0], **common)
+    if url.startswith("redis+cluster://"):
+        ep = _endpoints(url, 6379)
+        nodes = [redis.cluster.ClusterNode(h, p) for h, p in ep.hosts]  # type: ignore[no-untyped-call]
+        return redis.cluster.RedisCluster(
+            startup_nodes=nodes, username=ep.username, password=ep.password, **common
+        )
+    if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("not a redis URL")
+    return redis.Redis.from_url(url, health_check_interval=30, **common)
+
+
 class RedisStore:
     kind = "redis"
+    shared = True  # many nodes: limited accounts are spent through leases
 
     def __init__(self, url: str) -> None:
         self.url = url
         try:
-            self._r = redis.Redis.from_url(
-                url,
-                socket_timeout=10,
-                socket_connect_timeout=5,
-                decode_responses=True,
-                health_check_interval=30,
-            )
+            self._r = connect(url)
             self._r.ping()
-        except (redis.RedisError, ValueError) as exc:
+        except (redis.RedisError, ValueError, IndexError) as exc:
             raise StoreError(f"cannot open store {url}: {exc}") from None
         self._scripts = {
-            name: self._r.register_script(body)
-            for name, body in (
-                ("put_vfolder", PUT_VFOLDER),
-                ("delete_vfolder", DELETE_VFOLDER),
-                ("put_scope", PUT_SCOPE),
-                ("set_usage", SET_USAGE),
-                ("claim", CLAIM_TRASH),
-                ("restore", RESTORE_VFOLDER),
-            )
+            name: self._r.register_script(_LIB + body) for name, body in SCRIPTS.items()
         }
 
     def close(self) -> None:
@@ -151,8 +402,8 @@ class RedisStore:
         except redis.RedisError as exc:
             raise StoreError(f"store {self.url}: {exc}") from None
 
-    def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        return self._call(self._scripts[script], keys=keys, args=args)
+    def _run(self, script: str, *args: Any) -> Any:
+        return self._call(self._scripts[script], keys=[VFOLDERS], args=list(args))
 
     def ping(self) -> None:
         self._call(self._r.ping)
@@ -170,9 +421,7 @@ class RedisStore:
         return bool(self._call(self._r.hexists, VFOLDERS, vfid))
 
     def put_vfolder(self, rec: VfolderRecord) -> None:
-        self._run(
-            "put_vfolder", [SEQ, CHANGES, VFOLDERS], [KEEP_CHANGES, rec.id, _record_json(rec)]
-        )
+        self._run("put_vfolder", rec.id, _record_json(rec))
 
     def delete_vfolder(self, vfid: str, trash: TrashRecord | None) -> None:
         path, body = "", ""
@@ -187,39 +436,29 @@ class RedisStore:
                     "record": trash.record.__dict__ if trash.record else None,
                 }
             )
-        self._run(
-            "delete_vfolder",
-            [SEQ, CHANGES, VFOLDERS, BASE, DELTAS, TRASH],
-            [KEEP_CHANGES, vfid, path, body],
-        )
+        self._run("delete_vfolder", vfid, path, body)
 
     # -- usage ----------------------------------------------------------------------------------
     def usage(self) -> dict[str, tuple[int, int]]:
-        pipe = self._r.pipeline(transaction=True)
-        pipe.hgetall(BASE)
-        pipe.hgetall(DELTAS)
-        base, deltas = self._call(pipe.execute)
         out: dict[str, tuple[int, int]] = {}
-        for vfid, raw in base.items():
-            nbytes, inodes = json.loads(raw)
-            out[vfid] = (int(nbytes), int(inodes))
-        for field, value in deltas.items():  # "<vfolder>|<node>|b" or "...|i"
-            vfid, which = field.partition("|")[0], field.rpartition("|")[2]
-            b, i = out.get(vfid, (0, 0))
-            out[vfid] = (b + int(value), i) if which == "b" else (b, i + int(value))
+        for field, value in self._call(self._r.hgetall, USAGE).items():
+            acct, _, which = field.rpartition("|")
+            if acct.startswith("scope:"):
+                continue
+            b, i = out.get(acct, (0, 0))
+            out[acct] = (b + int(value), i) if which == "b" else (b, i + int(value))
         return out
 
+    def vfolder_usage(self, vfid: str) -> tuple[int, int]:
+        b, i = self._call(self._r.hmget, USAGE, [f"{vfid}|b", f"{vfid}|i"])
+        return int(b or 0), int(i or 0)
+
     def add_usage(self, node: str, deltas: list[tuple[str, int, int]]) -> None:
-        if not deltas:
-            return
-        pipe = self._r.pipeline(transaction=True)
-        for vfid, nbytes, inodes in deltas:
-            pipe.hincrby(DELTAS, f"{vfid}|{node}|b", nbytes)
-            pipe.hincrby(DELTAS, f"{vfid}|{node}|i", inodes)
-        self._call(pipe.execute)
+        if deltas:
+            self._run("add_usage", node, *[x for row in deltas for x in row])
 
     def set_usage(self, vfid: str, nbytes: int, inodes: int) -> None:
-        self._run("set_usage", [BASE, DELTAS], [vfid, json.dumps([nbytes, inodes])])
+        self._run("set_usage", vfid, nbytes, inodes)
 
     # -- scopes ---------------------------------------------------------------------------------
     def scopes(self) -> dict[str, tuple[int, int]]:
@@ -230,11 +469,7 @@ class RedisStore:
         return out
 
     def put_scope(self, scope: str, quota_bytes: int, quota_inodes: int) -> None:
-        self._run(
-            "put_scope",
-            [SEQ, CHANGES, SCOPES],
-            [KEEP_CHANGES, scope, json.dumps([quota_bytes, quota_inodes])],
-        )
+        self._run("put_scope", scope, json.dumps([quota_bytes, quota_inodes]))
 
     # -- clean flags ----------------------------------------------------------------------------
     def clean(self, node: str) -> bool:
@@ -253,22 +488,13 @@ class RedisStore:
         return sorted(out, key=lambda t: t.deleted)
 
     def claim_trash(self, path: str, node: str, seconds: float) -> bool:
-        return bool(self._run("claim", [TRASH, CLAIMS], [path, node, seconds, time.time()]))
+        return bool(self._run("claim", path, node, seconds))
 
     def trash_purged(self, path: str) -> None:
-        pipe = self._r.pipeline(transaction=True)
-        pipe.hdel(TRASH, path)
-        pipe.hdel(CLAIMS, path)
-        self._call(pipe.execute)
+        self._run("purged", path)
 
     def restore_vfolder(self, rec: VfolderRecord, trash_path: str) -> bool:
-        return bool(
-            self._run(
-                "restore",
-                [SEQ, CHANGES, VFOLDERS, TRASH, CLAIMS],
-                [KEEP_CHANGES, rec.id, _record_json(rec), trash_path],
-            )
-        )
+        return bool(self._run("restore", rec.id, _record_json(rec), trash_path))
 
     # -- the change feed ------------------------------------------------------------------------
     def epoch(self) -> str:
@@ -293,3 +519,90 @@ class RedisStore:
             if oldest and int(oldest[0].split("|", 1)[0]) > since + 1:
                 out.insert(0, Change(out[0].seq, "all", ""))
         return out
+
+    # -- many nodes: leases, heartbeats, events ---------------------------------------------------
+    def acquire(
+        self,
+        node: str,
+        account: str,
+        want: tuple[int, int],
+        ttl: float,
+        floor: tuple[int, int],
+        fresh: tuple[int, int] | None = None,
+    ) -> Grant | None:
+        """Grow node's lease on account by at least `want` (bytes, inodes) if there is room,
+        topped up towards the lease unit; extends it to ttl from now.  fresh: the node holds
+        no lease on it yet, and has grown it by this much since its last flush.  None: the
+        account is gone."""
+        pending = fresh or (0, 0)
+        got = self._run(
+            "acquire",
+            account,
+            node,
+            want[0],
+            want[1],
+            ttl,
+            floor[0],
+            floor[1],
+            "1" if fresh is not None else "0",
+            pending[0],
+            pending[1],
+        )
+        if not got:
+            return None
+        return Grant(*(int(x) for x in got))
+
+    def release(self, node: str, account: str, nbytes: int, inodes: int, drop: bool) -> None:
+        """Give back part of node's lease (account '*': all of node's leases, as at a start);
+        drop: give back all of it."""
+        self._run("release", account, node, nbytes, inodes, "drop" if drop else "")
+
+    def heartbeat(self, node: str, instance: str, info: dict[str, Any], ttl: float) -> str:
+        """Say node is alive; at a start (instance new) refuse a name another live daemon
+        holds: returns that daemon's info as json, or '' when done."""
+        body = json.dumps({**info, "instance": instance})
+        return str(self._run("heartbeat", node, instance, body, ttl, "1"))
+
+    def leave(self, node: str) -> None:
+        self._run("leave", node)
+
+    def nodes(self) -> list[NodeInfo]:
+        rows = self._run("nodes")
+        now = float(rows[0])
+        out = []
+        for raw in rows[1:]:
+            node, info, seen, held = json.loads(raw)
+            held = held or []  # cjson writes an empty table as {}
+            leases = {}
+            for acct, v in zip(held[::2], held[1::2], strict=True):
+                b, i, exp = v.split()
+                leases[acct] = (int(b), int(i), float(exp) - now)
+            out.append(NodeInfo(node, json.loads(info or "{}"), now - float(seen), leases))
+        return sorted(out, key=lambda n: n.name)
+
+    def publish(self, message: str) -> None:
+        self._call(self._r.publish, EVENTS, message)
+
+    def listen(self, stop: threading.Event, deliver: Callable[[str], None]) -> None:
+        """Deliver every events-channel message until stop is set (on the calling thread, which
+        it blocks).  Reconnects by itself; deliver('resync') after each (re)subscription, since
+        messages sent meanwhile are lost."""
+        while not stop.is_set():
+            pubsub = None
+            try:
+                pubsub = self._r.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(EVENTS)
+                deliver("resync")
+                while not stop.is_set():
+                    msg = pubsub.get_message(timeout=0.5)
+                    if msg is not None and msg.get("type") == "message":
+                        deliver(str(msg["data"]))
+            except (redis.RedisError, OSError):
+                stop.wait(0.5)
+            finally:
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except (redis.RedisError, OSError):
+                        pass
+        return None

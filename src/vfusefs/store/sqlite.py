@@ -43,6 +43,7 @@ KEEP_CHANGES = 10000  # feed entries kept; a reader further behind gets one "all
 
 class SqliteStore:
     kind = "sqlite"
+    shared = False  # one node: limits are checked in its own ledger
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -173,6 +174,16 @@ class SqliteStore:
             base = out.get(vfid, (0, 0))
             out[vfid] = (base[0] + nbytes, base[1] + inodes)
         return out
+
+    def vfolder_usage(self, vfid: str) -> tuple[int, int]:
+        base = self._run("SELECT bytes, inodes FROM usage WHERE vfolder = ?", (vfid,))
+        delta = self._run(
+            "SELECT coalesce(sum(bytes), 0), coalesce(sum(inodes), 0) FROM usage_deltas "
+            "WHERE vfolder = ?",
+            (vfid,),
+        )
+        b, i = base[0] if base else (0, 0)
+        return b + delta[0][0], i + delta[0][1]
 
     def add_usage(self, node: str, deltas: list[tuple[str, int, int]]) -> None:
         self._transaction(
