@@ -18,7 +18,6 @@ import pytest
 from vfusefs.domain.quota import QuotaExceeded, QuotaLedger
 from vfusefs.store import SharedStore, VfolderRecord, open_store
 
-
 MiB = 1 << 20
 TTL = 30.0
 FLOOR = (MiB, 1)
