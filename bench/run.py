@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """vfusefs benchmark: the same workloads on a native directory and through the mount, one run.
 
-    sudo .venv/bin/python bench/run.py [--quick] [--compare checks|quota] [--repeat 3]
+    sudo .venv/bin/python bench/run.py [--quick] [--compare checks|quota|redis] [--repeat 3]
                                        [--rss-files 100000] [--only write,untar,...]
                                        [--bindfs] [--baseline CHECKOUT]
 
@@ -9,7 +9,9 @@ Prints the median seconds on each side and the ratio mount/native (1.0 = as fast
 Workloads run as a container would: root inside a confined cgroup, through a bind mount of the
 vfolder, with several grants in place (one matching).  --compare checks mounts a second daemon
 with access checks off, --compare quota one whose vfolder has no quota (the first has vfolder
-and scope limits set), and reports what the feature costs; --baseline mounts one running another
+and scope limits set), --compare redis runs the first on a Redis store (a redis-server the bench
+starts; both with far-away limits, so writes spend quota leases) and the second on SQLite, and
+reports what each costs; --baseline mounts one running another
 checkout's code (an older revision) and reports the change.  Targets take turns within each
 repetition, so drift on the machine hits all of them alike.  Caches are dropped before the
 "cold" rows only; every other row runs right after the previous one, as a user would see it.
@@ -127,7 +129,12 @@ def make_tarball(path: Path, files: int, dirs: int = 50) -> None:
 
 class Daemon:
     def __init__(
-        self, base: Path, checks: bool, quota: bool = False, source: Path | None = None
+        self,
+        base: Path,
+        checks: bool,
+        quota: bool = False,
+        source: Path | None = None,
+        store_url: str = "",
     ) -> None:
         self.base = base
         for sub in ("native", "state", "mnt", "bind"):
@@ -137,7 +144,8 @@ class Daemon:
         cfg.write_text(
             f'[daemon]\nmountpoint = "{base}/mnt"\nstate_dir = "{base}/state"\n'
             f'control_socket = "{self.sock}"\nmetrics_listen = ""\n'
-            f'[hosts.local]\npath = "{base}/native"\n'
+            + (f'[store]\nurl = "{store_url}"\n' if store_url else "")
+            + f'[hosts.local]\npath = "{base}/native"\n'
         )
         env = dict(os.environ)
         if not checks:
@@ -295,7 +303,13 @@ def run_suite(
     """Every workload on each target in turn (rotating the order), the whole sequence `repeat`
     times; returns {workload: {target: [seconds...]}}.  "on" has access checks and, with
     --compare quota, a quota set; "off" lacks the compared feature."""
-    daemons = {"on": Daemon(base / "on", True, quota=compare == "quota")}
+    redis = None
+    if compare == "redis":
+        redis = RedisServer(base / "redis")
+        daemons = {"on": Daemon(base / "on", True, quota=True, store_url=redis.url)}
+        daemons["off"] = Daemon(base / "off", True, quota=True)
+    else:
+        daemons = {"on": Daemon(base / "on", True, quota=compare == "quota")}
     if compare == "checks":
         daemons["off"] = Daemon(base / "off", False)
     elif compare == "quota":
@@ -337,7 +351,37 @@ def run_suite(
             d.stop()
         for r in refs.values():
             r.stop()
+        if redis is not None:
+            redis.stop()
     return times
+
+
+class RedisServer:
+    """A redis-server on a unix socket, nothing persisted (--compare redis, bench/many_nodes)."""
+
+    def __init__(self, base: Path) -> None:
+        base.mkdir(parents=True)
+        self.sock = base / "redis.sock"
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", "0", "--unixsocket", str(self.sock), "--unixsocketperm",
+             "600", "--save", "", "--appendonly", "no", "--dir", str(base)],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        for _ in range(200):
+            if self.sock.exists():
+                break
+            time.sleep(0.02)
+        else:
+            raise SystemExit("bench: redis-server did not start (apt-get install redis-server)")
+        self.url = f"unix://{self.sock}?db=0"
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
 
 
 def rss_check(base: Path, files: int) -> tuple[float, float, float]:
@@ -379,9 +423,9 @@ def main() -> None:
     )
     ap.add_argument(
         "--compare",
-        choices=["checks", "quota"],
-        help="mount a second daemon without access checks (or without a quota) "
-        "and report what the feature costs",
+        choices=["checks", "quota", "redis"],
+        help="mount a second daemon without access checks (or without a quota, or on SQLite "
+        "instead of Redis) and report what the feature costs",
     )
     ap.add_argument(
         "--baseline",

@@ -387,6 +387,10 @@ class RedisSentinel(RedisProcesses):
         super().__init__(base)
         self.master = self.start(free_port())
         self.replica = self.start(free_port(), "--replicaof", "127.0.0.1", str(self.master))
+        deadline = time.monotonic() + 10
+        while "master_link_status:up" not in redis_cli(self.replica, "info", "replication"):
+            assert time.monotonic() < deadline, "the replica did not sync"
+            time.sleep(0.05)
         self.sentinels = []
         for _ in range(3):
             conf = (

@@ -6,17 +6,19 @@ limit, which must end within the documented bound of N x lease_floor over.
 
 from __future__ import annotations
 
-import random
-import threading
+import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
-from vfusefs.domain.quota import QuotaExceeded, QuotaLedger
 from vfusefs.store import SharedStore, VfolderRecord, open_store
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+from many_nodes import simulate  # noqa: E402
 
 MiB = 1 << 20
 TTL = 30.0
@@ -125,82 +127,14 @@ def test_node_names_are_taken_by_one_live_daemon(stores: list[SharedStore]) -> N
     assert g is not None and g.others_bytes == 0
 
 
-class SimNode:
-    """One simulated node: a ledger whose leased account is fed by the store, as the daemon's
-    LeaseKeeper feeds it (grow on a short reservation, flush spends, give back when idle)."""
-
-    def __init__(self, store: SharedStore, name: str, vfid: str) -> None:
-        self.store, self.name, self.vfid = store, name, vfid
-        self.key = f"vf:{vfid}"
-        self.ledger = QuotaLedger()
-        self.acc = self.ledger.set_limits(self.key, 1, 0, shared=True)
-        self.flushed = 0
-        self.requests = 0
-
-    def write(self, nbytes: int) -> bool:
-        for _ in range(3):
-            try:
-                res = self.ledger.reserve([self.key], nbytes, 0)
-            except QuotaExceeded as exc:
-                fresh = None if self.acc.lease_held else (self.acc.used_bytes - self.flushed, 0)
-                self.requests += 1
-                g = self.store.acquire(self.name, self.key, (exc.short_bytes, 0), TTL, FLOOR, fresh)
-                assert g is not None
-                if fresh is not None:
-                    self.acc.lease_bytes = 0
-                self.acc.lease_held = self.acc.lease_open = True
-                self.acc.lease_bytes += g.bytes
-                if not g.bytes:
-                    return False
-                continue
-            self.ledger.commit(res, nbytes, 0)
-            return True
-        return False
-
-    def flush(self) -> None:
-        delta = self.acc.used_bytes - self.flushed
-        if delta:
-            self.store.add_usage(self.name, [(self.vfid, delta, 0)])
-            self.flushed += delta
-
-
 @pytest.mark.parametrize("nodes", [10, 100])
 def test_many_simulated_nodes_end_within_the_bound(stores: list[SharedStore], nodes: int) -> None:
-    """N nodes writing random chunks into one 1 GiB limit from 4 threads: the total ends at most
-    N x lease_floor over (here: not over at all, since grants never exceed the room), and
-    the limit is filled to within the last chunk of each node."""
-    store = stores[0]
+    """N simulated nodes (bench/many_nodes.py: in-process ledgers driven as the daemon's
+    LeaseKeeper drives them) write random chunks into one 1 GiB limit until each is refused:
+    the total ends at most N x lease_floor over (here not over at all: grants never exceed the
+    room), and the limit is filled to within the last chunk of each node."""
     limit = 1 << 30
-    vfid = vfolder(store, quota_bytes=limit)
-    sims = [SimNode(stores[i % 3], f"sim{i}", vfid) for i in range(nodes)]
-    for s in sims:
-        store.heartbeat(s.name, s.name, {}, TTL)
-    rng = random.Random(5)
-    chunks = [rng.randrange(4096, 4 * MiB) for _ in range(4096)]
-    lock = threading.Lock()
-
-    def run(part: list[SimNode]) -> None:
-        live = list(part)
-        step = 0
-        while live:
-            for s in list(live):
-                with lock:  # one store handle is shared by several simulated nodes
-                    ok = s.write(chunks[step % len(chunks)])
-                    if step % 7 == 0 or not ok:
-                        s.flush()
-                if not ok:
-                    live.remove(s)
-                step += 1
-
-    threads = [threading.Thread(target=run, args=(sims[i::4],)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    for s in sims:
-        s.flush()
-    total = store.vfolder_usage(vfid)[0]
-    requests = sum(s.requests for s in sims)
-    print(f"{nodes} nodes: {total / MiB:.1f} MiB of {limit / MiB:.0f}, {requests} lease requests")
-    assert total <= limit + nodes * FLOOR[0]
-    assert total >= limit - nodes * 4 * MiB
+    got = simulate(stores[0], nodes, limit)
+    print(f"{nodes} nodes: {got['total'] / MiB:.1f} MiB of 1024, {got['requests']} requests")
+    assert got["total"] <= limit + nodes * FLOOR[0]
+    assert got["total"] >= limit - nodes * 4 * MiB

@@ -21,9 +21,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
-from conftest import Daemon, RedisServer, run
+from vfusefs.store import open_store
+
+from conftest import Daemon, RedisServer, free_port, run
 from test_access_mount import Container, container  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.mount
@@ -50,9 +53,18 @@ class Cluster:
                 hosts={"local": {"path": str(self.native)}},
                 store_url=redis.url,
                 store_opts={"node": f"node-{name}", "lease_floor": "1M", "lease_ttl": lease_ttl},
+                daemon_opts={"metrics_listen": f"127.0.0.1:{free_port()}"},
             )
             for name in ("a", "b")
         ]
+
+    @staticmethod
+    def metric(d: Daemon, name: str) -> float:
+        text = httpx.get(f"http://{d.daemon_opts['metrics_listen']}/metrics", timeout=5).text
+        for line in text.splitlines():
+            if line.startswith(name):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError(f"{name} not exported")
 
     def start(self) -> Cluster:
         for d in self.nodes:
@@ -166,7 +178,15 @@ def check_usage_on_both(cluster: Cluster, vfids: list[str]) -> None:
                 return False
         return True
 
-    wait_for(agree, 15.0, "usage equal to du on both nodes")
+    try:
+        wait_for(agree, 15.0, "usage equal to du on both nodes")
+    except AssertionError:
+        for vfid in vfids:
+            real = (du_bytes(cluster.native / vfid), inodes_below(cluster.native / vfid))
+            print(vfid, "du", real, [usage(d, vfid) for d in cluster.nodes])
+        for d in cluster.nodes:
+            print(d.log()[-4000:])
+        raise
 
 
 def test_writers_on_two_nodes_share_one_byte_limit(cluster: Cluster) -> None:
@@ -189,7 +209,11 @@ def test_writers_on_two_nodes_share_one_byte_limit(cluster: Cluster) -> None:
     assert total >= limit - 4 * MiB  # and the leases did not strand what was left
     check_usage_on_both(cluster, [vfid])
     # what one node frees, the other may write again
-    os.unlink(a.mnt / "local" / vfid / "a0")
+    freed = 0
+    for f in sorted((a.mnt / "local" / vfid).iterdir(), key=lambda f: -f.stat().st_size):
+        if freed < 9 * MiB:  # through node a, whoever wrote it
+            freed += f.stat().st_size
+            f.unlink()
     finish([dd_until_full(b.mnt / "local" / vfid / "again", 8)])
     assert (b.mnt / "local" / vfid / "again").stat().st_size == 8 * MiB
     check_usage_on_both(cluster, [vfid])
@@ -293,6 +317,7 @@ def test_redis_killed_and_started_empty_mid_workload(world_dir: Path) -> None:
         # reads, metadata and unlimited writes go on; the outage is said
         for d in cluster.nodes:
             assert d.api("GET", "/v1/status").json()["store"]["connected"] is False
+            assert cluster.metric(d, "vfusefs_store_up{") == 0
             assert len(os.listdir(d.mnt / "local" / limited)) == 4
             (d.mnt / "local" / free / f"{d.base.name}-during").write_bytes(b"y" * MiB)
         redis = cluster.redis = RedisServer(world_dir / "redis-own")  # empty, same socket
@@ -309,6 +334,8 @@ def test_redis_killed_and_started_empty_mid_workload(world_dir: Path) -> None:
         check_usage_on_both(cluster, [free, limited])
         for d in cluster.nodes:
             assert d.log().count("store unreachable") == 1
+            assert cluster.metric(d, "vfusefs_store_up{") == 1
+            assert cluster.metric(d, "vfusefs_lease_requests_total") > 0
     finally:
         for d in cluster.nodes:
             d.stop(check=False)
@@ -347,3 +374,70 @@ def test_two_daemons_may_not_share_a_node_name(world_dir: Path, redis_server: Re
         assert "Traceback" not in b.log()
     finally:
         assert a.stop() == 0
+
+
+def test_nodes_follow_a_sentinel_failover_mid_write(world_dir: Path) -> None:
+    """A master, a replica and three sentinels; both nodes write into one limited vfolder while
+    the master is killed: they follow the promoted replica by themselves, and nothing is lost
+    or counted twice (usage equals du on both, and in the store)."""
+    from conftest import RedisSentinel
+
+    sentinel = RedisSentinel(world_dir / "sentinel")
+    cluster = Cluster(world_dir, sentinel, lease_ttl=30.0)  # type: ignore[arg-type]
+    try:
+        cluster.start()
+        a, b = cluster.nodes
+        vfid = a.create_vfolder(quota_bytes=256 * MiB, grants=[{"principal": "*", "mode": "rwd"}])[
+            "id"
+        ]
+        wait_for(lambda: (b.mnt / "local" / vfid).is_dir(), 1.0)
+        stop = threading.Event()
+        written: dict[str, int] = {}
+
+        errors: list[str] = []
+
+        def writer(d: Daemon) -> None:  # 256 KiB every 50 ms: far from the limit throughout
+            n = 0
+            while not stop.is_set() and n < 400:
+                try:
+                    (d.mnt / "local" / vfid / f"{d.base.name}-{n}").write_bytes(b"s" * (256 << 10))
+                except OSError as exc:
+                    errors.append(f"{d.base.name}-{n}: {exc}")
+                n += 1
+                time.sleep(0.05)
+            written[d.base.name] = n
+
+        threads = [threading.Thread(target=writer, args=(d,)) for d in cluster.nodes]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        old = sentinel.master
+        sentinel.kill(old)
+        wait_for(lambda: sentinel.master_port() != old, 20, "the sentinels promote the replica")
+
+        # the nodes write to the new master by themselves: a change through a reaches b
+        def create_works() -> bool:
+            r = a.api(
+                "POST", "/v1/hosts/local/vfolders", {"grants": [{"principal": "*", "mode": "ro"}]}
+            )
+            return r.status_code == 201
+
+        wait_for(create_works, 20, "a change through node a after the failover")
+        stop.set()
+        for t in threads:
+            t.join(60)
+        print(f"files written across the failover: {written}; refused: {errors}")
+        assert all(n > 0 for n in written.values()) and not errors
+        check_usage_on_both(cluster, [vfid])
+        store = open_store(sentinel.url)
+        try:
+            real = du_bytes(cluster.native / vfid)
+            wait_for(lambda: store.vfolder_usage(vfid)[0] == real, 10, "the store's usage")
+        finally:
+            store.close()
+    finally:
+        for d in cluster.nodes:
+            d.stop(check=False)
+        sentinel.stop()
+    for d in cluster.nodes:
+        assert "Traceback" not in d.log()

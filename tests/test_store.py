@@ -36,7 +36,9 @@ STORES = ["redis", "sqlite"]
 @pytest.fixture(params=[*STORES, "redis-cluster"])
 def store_pair(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Store, Store]]:
     if request.param.startswith("redis"):  # a real redis-server or Cluster, emptied each test
-        server = request.getfixturevalue(request.param.replace("-", "_"))
+        server = request.getfixturevalue(
+            {"redis": "redis_server", "redis-cluster": "redis_cluster"}[request.param]
+        )
         server.flush()
         factory = lambda: open_store(server.url)  # noqa: E731
     else:
@@ -149,6 +151,16 @@ def test_trash_is_claimed_by_one_node_at_a_time(store_pair: tuple[Store, Store])
     assert not a.claim_trash("/nope", "n1", 60)  # nothing queued there
     b.trash_purged("/srv/.trash/x")
     assert a.trash() == []
+
+
+def test_background_tasks_are_claimed_by_one_node(store_pair: tuple[Store, Store]) -> None:
+    a, b = store_pair
+    assert a.claim_task("rescan:x", "n1", 60)
+    assert not b.claim_task("rescan:x", "n2", 60)  # n1 does it this round
+    assert b.claim_task("rescan:y", "n2", 60)  # another task is free
+    assert a.claim_task("rescan:x", "n1", 0.2)  # the holder renews
+    time.sleep(0.3)
+    assert b.claim_task("rescan:x", "n2", 60)  # n1 died (its claim ran out): n2 takes it
 
 
 def test_a_deleted_vfolder_is_restored_from_its_trash_entry(

@@ -39,6 +39,9 @@ def endpoint(fn: Endpoint) -> Endpoint:
             return await fn(request)
         except RegistryError as exc:
             return error(exc.status, exc.code, exc.message)
+        except StoreError as exc:  # the store is away (a failover, an outage): nothing changed
+            log.warning("control API %s %s: %s", request.method, request.url.path, exc)
+            return error(503, "store", f"{exc}; try again once the store answers")
         except Exception:
             log.exception("control API %s %s failed", request.method, request.url.path)
             return error(500, "internal", "internal error; see the daemon's log")

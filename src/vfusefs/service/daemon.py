@@ -647,6 +647,14 @@ class Service:
             for vf in list(registry.vfolders.values()):
                 if vf.deleted:
                     continue
+                try:  # on a shared store one node recounts each vfolder per interval
+                    mine = await registry.store_workers.run(
+                        registry.store.claim_task, f"rescan:{vf.id}", registry.node, interval
+                    )
+                except StoreError:
+                    break  # said by the feed follower; the next round tries again
+                if not mine:
+                    continue
                 task = registry.start_rescan(vf)
                 while task.state == "running":  # one vfolder at a time
                     await trio.sleep(1)

@@ -136,6 +136,27 @@ class VfusefsCollector(Collector):
         inodes.add_metric([], len(self.registry.table))
         yield inodes
 
+        store = GaugeMetricFamily(
+            "vfusefs_store_up", "1 while the store answers", labels=["kind", "node"]
+        )
+        store.add_metric(
+            [self.registry.store.kind, self.registry.node], int(self.registry.store_connected)
+        )
+        yield store
+        keeper = self.registry.leases
+        if keeper is not None:  # many nodes: quota leases
+            requests = CounterMetricFamily(
+                "vfusefs_lease_requests", "quota lease requests this node made to the store"
+            )
+            requests.add_metric([], keeper.requests)
+            refused = CounterMetricFamily(
+                "vfusefs_lease_refused", "lease requests that found no room (then EDQUOT)"
+            )
+            refused.add_metric([], keeper.refused)
+            held = GaugeMetricFamily("vfusefs_leases_held", "quota leases this node holds")
+            held.add_metric([], len(keeper.until))
+            yield from (requests, refused, held)
+
         if not self.registry.config.daemon.metrics_vfolders:  # read live: SIGHUP may change it
             return
         usage = GaugeMetricFamily(

@@ -161,6 +161,10 @@ class Registry:
         self.untrusted: set[str] = set()
         self._id_locks: dict[str, trio.Lock] = {}  # see _lifecycle
         self._flushing = trio.Lock()  # one usage flush (or refresh) at a time
+        # usage batches: numbered (rising across restarts too), the last one kept until the
+        # store took it (sent again as it was after an error: added once)
+        self._batch = time.time_ns() // 1000
+        self._unsent: tuple[int, list[tuple[str, int, int]]] | None = None
         # many nodes: limited accounts are spent through quota leases (state/leases.py)
         self.leases: LeaseKeeper | None = None
         if store.shared:
@@ -611,25 +615,27 @@ class Registry:
             await self._flush_usage()
 
     async def _flush_usage(self) -> None:
-        rows = []
-        for vf in self.vfolders.values():
-            acc = self.ledger.account(vf.quota_keys[0])
-            if acc.dirty:
-                acc.dirty = False
-                dbytes, dinodes = acc.used_bytes - vf.stored[0], acc.used_inodes - vf.stored[1]
-                if dbytes or dinodes:
-                    rows.append((vf.id, dbytes, dinodes))
-                    vf.stored = (acc.used_bytes, acc.used_inodes)
-        if rows:
-            try:
-                await self.store_workers.run(self.store.add_usage, self.node, rows)
-            except BaseException:
-                for vfid, dbytes, dinodes in rows:  # not stored: the next flush sends them again
-                    vf2 = self.vfolders.get(vfid)
-                    if vf2 is not None:
-                        vf2.stored = (vf2.stored[0] - dbytes, vf2.stored[1] - dinodes)
-                        self.ledger.account(vf2.quota_keys[0]).dirty = True
-                raise
+        """Send the batch an error left unsent (it may have landed: the store adds a batch
+        once), then what changed since."""
+        for _ in range(2):
+            if self._unsent is None:
+                rows = []
+                for vf in self.vfolders.values():
+                    acc = self.ledger.account(vf.quota_keys[0])
+                    if acc.dirty:
+                        acc.dirty = False
+                        dbytes = acc.used_bytes - vf.stored[0]
+                        dinodes = acc.used_inodes - vf.stored[1]
+                        if dbytes or dinodes:
+                            rows.append((vf.id, dbytes, dinodes))
+                            vf.stored = (acc.used_bytes, acc.used_inodes)
+                if not rows:
+                    return
+                self._batch += 1
+                self._unsent = (self._batch, rows)
+            batch, rows = self._unsent
+            await self.store_workers.run(self.store.add_usage, self.node, rows, batch)
+            self._unsent = None
 
     async def refresh_usage(self) -> None:
         """Many nodes: take in what the others changed usage by (the store's figures plus what
@@ -756,7 +762,7 @@ class Registry:
             await trio.sleep(OTHERS_FLUSH_WAIT)
             return await self.store_workers.run(self.store.vfolder_usage, vf.id)
         except (StoreError, trio.TooSlowError):
-            return None
+            return (-1, time.monotonic_ns())  # unknown: never equal to another answer
 
     def _take_count(self, vf: Vfolder, found: native.Scan, watched: dict[int, Node]) -> None:
         """A rescan's count becomes vf's usage.  Files still watched go on being watched from
@@ -1017,6 +1023,7 @@ class Registry:
         the scope limits it knows are written back, and the feed is followed from where the
         store is now."""
         put = 0
+        self._unsent = None  # in the recount below
         for vf in list(self.vfolders.values()):
             # what this node has not flushed was written before the store came back: the
             # recount below (this node's or the one that wrote the vfolder back) has it
@@ -1103,7 +1110,9 @@ class Registry:
             if vf is None:
                 return usage
             self._invalidate_entry(host, vfid)  # the kernel may remember it as absent
-            if rec.id not in usage and self.nursery is not None:
+            # no usage stored: count it, unless the store is shared (the node that made it
+            # counts it; a follower that walked it now would race that node's writes)
+            if rec.id not in usage and self.nursery is not None and not self.store.shared:
                 self.untrusted.add(vf.id)
                 self.start_rescan(vf)
             log.info(

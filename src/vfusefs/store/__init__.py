@@ -117,8 +117,10 @@ class Store(Protocol):
     def vfolder_usage(self, vfid: str) -> tuple[int, int]:
         """One vfolder's usage ((0, 0) if none is stored)."""
 
-    def add_usage(self, node: str, deltas: list[tuple[str, int, int]]) -> None:
-        """Add (vfolder, bytes, inodes) deltas to node's share of usage."""
+    def add_usage(self, node: str, deltas: list[tuple[str, int, int]], batch: int = 0) -> None:
+        """Add (vfolder, bytes, inodes) deltas to node's share of usage.  batch > 0 numbers
+        the call (rising per node): a batch sent again after an error that left it unknown
+        whether it landed (a failover) is added once."""
 
     def set_usage(self, vfid: str, nbytes: int, inodes: int) -> None:
         """A recount: the base becomes this and every node's delta for it is dropped."""
@@ -140,6 +142,11 @@ class Store(Protocol):
     def restore_vfolder(self, rec: VfolderRecord, trash_path: str) -> bool:
         """Serve rec again and take its data out of the trash queue, at once (False if the
         trash entry is gone: purged meanwhile)."""
+
+    # background work many nodes could each do: one does it
+    def claim_task(self, name: str, node: str, seconds: float) -> bool:
+        """Take task `name` for `seconds` (False: another node holds it; a node that dies
+        leaves it to the others once its claim runs out)."""
 
     # the change feed
     def epoch(self) -> str:

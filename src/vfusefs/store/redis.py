@@ -56,6 +56,7 @@ SEQ, CHANGES, EPOCH = P + "seq", P + "changes", P + "epoch"
 NODES, SEEN = P + "nodes", P + "nodes:seen"  # node -> json; node scored by last heartbeat
 EVENTS = P + "events"  # pub/sub channel: "changed", "reclaim|<account>|<node>"
 KEEP_CHANGES = 10000
+REPLICA_WAIT_MS = 500  # Sentinel: how long a change waits for a replica to have it
 TIMEOUT = 5.0  # seconds a command may take (a lease request is answered by then, or refused)
 
 # Helpers every script gets.  KEYS[1] is always VFOLDERS (it routes the script to the slot);
@@ -132,10 +133,15 @@ redis.call('HSET', SC, ARGV[1], ARGV[2])
 changed('scope', ARGV[1])
 """
 
-# ARGV: node, then (vfolder, bytes, inodes) triples.  A deleted vfolder's deltas are dropped.
+# ARGV: node, batch (0: none), then (vfolder, bytes, inodes) triples.  A batch already added
+# is not added again; a deleted vfolder's deltas are dropped.
 ADD_USAGE = """
-local node = ARGV[1]
-for k = 2, #ARGV, 3 do
+local node, batch = ARGV[1], tonumber(ARGV[2])
+if batch > 0 then
+  if num(redis.call('HGET', P .. 'batches', node)) >= batch then return 0 end
+  redis.call('HSET', P .. 'batches', node, ARGV[2])
+end
+for k = 3, #ARGV, 3 do
   local vfid, db, di = ARGV[k], tonumber(ARGV[k + 1]), tonumber(ARGV[k + 2])
   local scope = scope_of(vfid)
   if scope then
@@ -168,6 +174,15 @@ if held then
   if claim[1] ~= ARGV[2] and claim[2] >= t then return 0 end
 end
 redis.call('HSET', P .. 'trash:claims', ARGV[1], cjson.encode({ARGV[2], t + tonumber(ARGV[3])}))
+return 1
+"""
+
+# ARGV: task name, node, milliseconds -> 1 if node holds it now
+CLAIM_TASK = """
+local key = P .. 'task:' .. ARGV[1]
+local held = redis.call('GET', key)
+if held and held ~= ARGV[2] then return 0 end
+redis.call('SET', key, ARGV[2], 'PX', ARGV[3])
 return 1
 """
 
@@ -307,6 +322,7 @@ SCRIPTS = {
     "add_usage": ADD_USAGE,
     "set_usage": SET_USAGE,
     "claim": CLAIM_TRASH,
+    "claim_task": CLAIM_TASK,
     "purged": TRASH_PURGED,
     "restore": RESTORE_VFOLDER,
     "acquire": ACQUIRE,
@@ -384,6 +400,10 @@ class RedisStore:
 
     def __init__(self, url: str) -> None:
         self.url = url
+        # behind Sentinel a failover promotes a replica, which has what was replicated to it:
+        # every change waits a moment for a replica to have it (WAIT); usage is sent again
+        # until one does (best effort for the rest: a store with no replica keeps working)
+        self._replicated = url.startswith("redis+sentinel://")
         try:
             self._r = connect(url)
             self._r.ping()
@@ -403,7 +423,19 @@ class RedisStore:
             raise StoreError(f"store {self.url}: {exc}") from None
 
     def _run(self, script: str, *args: Any) -> Any:
-        return self._call(self._scripts[script], keys=[VFOLDERS], args=list(args))
+        result = self._call(self._scripts[script], keys=[VFOLDERS], args=list(args))
+        if self._replicated and script != "nodes":
+            acked = self._call(self._r.execute_command, "WAIT", 1, REPLICA_WAIT_MS)
+            if not acked and script == "add_usage" and self._replicas():
+                # a failover now would lose it: the caller sends the batch again, and the
+                # store adds it once (a master with no replica left confirms nothing: taken)
+                raise StoreError(f"store {self.url}: no replica confirmed the usage in time")
+        return result
+
+    def _replicas(self) -> int:
+        """How many replicas the master has connected now."""
+        role = self._call(self._r.execute_command, "ROLE")
+        return len(role[2]) if role and role[0] == "master" else 0
 
     def ping(self) -> None:
         self._call(self._r.ping)
@@ -453,9 +485,9 @@ class RedisStore:
         b, i = self._call(self._r.hmget, USAGE, [f"{vfid}|b", f"{vfid}|i"])
         return int(b or 0), int(i or 0)
 
-    def add_usage(self, node: str, deltas: list[tuple[str, int, int]]) -> None:
+    def add_usage(self, node: str, deltas: list[tuple[str, int, int]], batch: int = 0) -> None:
         if deltas:
-            self._run("add_usage", node, *[x for row in deltas for x in row])
+            self._run("add_usage", node, batch, *[x for row in deltas for x in row])
 
     def set_usage(self, vfid: str, nbytes: int, inodes: int) -> None:
         self._run("set_usage", vfid, nbytes, inodes)
@@ -489,6 +521,9 @@ class RedisStore:
 
     def claim_trash(self, path: str, node: str, seconds: float) -> bool:
         return bool(self._run("claim", path, node, seconds))
+
+    def claim_task(self, name: str, node: str, seconds: float) -> bool:
+        return bool(self._run("claim_task", name, node, max(1, int(seconds * 1000))))
 
     def trash_purged(self, path: str) -> None:
         self._run("purged", path)

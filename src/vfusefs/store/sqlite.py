@@ -185,17 +185,22 @@ class SqliteStore:
         b, i = base[0] if base else (0, 0)
         return b + delta[0][0], i + delta[0][1]
 
-    def add_usage(self, node: str, deltas: list[tuple[str, int, int]]) -> None:
-        self._transaction(
-            *[
-                (
-                    "INSERT INTO usage_deltas VALUES (?, ?, ?, ?) ON CONFLICT (vfolder, node) DO UPDATE "
-                    "SET bytes = bytes + excluded.bytes, inodes = inodes + excluded.inodes",
-                    (vfid, node, nbytes, inodes),
-                )
-                for vfid, nbytes, inodes in deltas
-            ]
-        )
+    def add_usage(self, node: str, deltas: list[tuple[str, int, int]], batch: int = 0) -> None:
+        if batch:
+            done = self._run("SELECT value FROM meta WHERE key = ?", (f"batch:{node}",))
+            if done and int(done[0][0]) >= batch:
+                return  # landed already (a retry)
+        steps: list[tuple[str, tuple[Any, ...]]] = [
+            (
+                "INSERT INTO usage_deltas VALUES (?, ?, ?, ?) ON CONFLICT (vfolder, node) DO UPDATE "
+                "SET bytes = bytes + excluded.bytes, inodes = inodes + excluded.inodes",
+                (vfid, node, nbytes, inodes),
+            )
+            for vfid, nbytes, inodes in deltas
+        ]
+        if batch:
+            steps.append(("INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"batch:{node}", batch)))
+        self._transaction(*steps)
 
     def set_usage(self, vfid: str, nbytes: int, inodes: int) -> None:
         self._transaction(
@@ -267,6 +272,27 @@ class SqliteStore:
                     (node, now + seconds, path, node, now),
                 )
                 return cur.rowcount == 1
+            except sqlite3.Error as exc:
+                raise StoreError(f"store {self.path}: {exc}") from None
+
+    def claim_task(self, name: str, node: str, seconds: float) -> bool:
+        now = time.time()
+        with self._lock:
+            try:
+                with self._db:
+                    self._db.execute("BEGIN IMMEDIATE")
+                    row = self._db.execute(
+                        "SELECT value FROM meta WHERE key = ?", (f"task:{name}",)
+                    ).fetchone()
+                    if row:
+                        holder, until = json.loads(row[0])
+                        if holder != node and until > now:
+                            return False
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                        (f"task:{name}", json.dumps([node, now + seconds])),
+                    )
+                return True
             except sqlite3.Error as exc:
                 raise StoreError(f"store {self.path}: {exc}") from None
 
