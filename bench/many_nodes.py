@@ -203,8 +203,11 @@ class SimNode:
                 res = self.ledger.reserve([self.key], nbytes, 0)
             except QuotaExceeded as exc:
                 fresh = None if self.acc.lease_held else (self.acc.used_bytes - self.flushed, 0)
+                have = (self.acc.lease_bytes - self.acc.reserved_bytes, 0)
                 self.requests += 1
-                g = self.store.acquire(self.name, self.key, (exc.short_bytes, 0), TTL, FLOOR, fresh)
+                g = self.store.acquire(
+                    self.name, self.key, (exc.short_bytes, 0), TTL, FLOOR, fresh, have
+                )
                 if g is None:
                     raise SystemExit("the vfolder went away") from None
                 if fresh is not None:
@@ -314,6 +317,7 @@ def bench_vfolders(base: Path, count: int) -> None:
             if i % 5000 == 4999:
                 pipe.execute()
         pipe.execute()
+        store.set_clean("n1", True)  # a node restarting after a clean stop (no recount)
         print(f"written to the store in {time.perf_counter() - t0:.1f} s")
         took = node.start()
         listed = len(os.listdir(node.mnt / "local"))

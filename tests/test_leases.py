@@ -60,10 +60,19 @@ def test_grants_come_from_what_nobody_holds(stores: list[SharedStore]) -> None:
     assert g4 is not None and g4.bytes == 0  # nothing left to grant: never past the limit
     # b gives back what it does not spend; a may then have it
     b.release("b", acct, 10 * MiB, 0, False)
-    g5 = a.acquire("a", acct, (MiB, 0), TTL, FLOOR)
-    assert g5 is not None and g5.bytes == MiB  # what it asks: it holds more than a unit
-    g6 = a.acquire("a", acct, (20 * MiB, 0), TTL, FLOOR)
-    assert g6 is not None and g6.bytes == 9 * MiB  # the rest, and no more
+    g5 = a.acquire("a", acct, (MiB, 0), TTL, FLOOR, have=(16 * MiB, 0))
+    assert g5 is not None and g5.bytes == MiB  # what it asks: it has more than a unit left
+    # having spent all it held (not flushed yet: the store still counts it as a's), a is topped
+    # up to the unit again: (64 - 38 held by b) / (2 x 2 nodes) = 6.5 MiB
+    g = a.acquire("a", acct, (MiB, 0), TTL, FLOOR, have=(0, 0))
+    assert g is not None and g.bytes == 6 * MiB + MiB // 2
+    b.release("b", acct, 0, 0, True)
+    a.release("a", acct, 0, 0, True)
+    # a fresh lease counts what the node grew the account by and has not flushed (17 MiB)
+    g = a.acquire("a", acct, (0, 0), TTL, FLOOR, fresh=(17 * MiB, 0))
+    assert g is not None and g.bytes == 16 * MiB and g.held_bytes == 33 * MiB
+    g = b.acquire("b", acct, (48 * MiB, 0), TTL, FLOOR)
+    assert g is not None and g.bytes == 31 * MiB  # the rest (64 - 33), and no more
     assert a.acquire("a", f"vf:{uuid.uuid4()}", (1, 0), TTL, FLOOR) is None  # no such vfolder
 
 

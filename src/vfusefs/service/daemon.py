@@ -242,6 +242,7 @@ class Service:
         self.last_status = ""
         self.nursery: trio.Nursery | None = None
         self.waiter: fuseloop.Waiter | None = None
+        self.flush_asked = False  # another node asked for a flush, not started yet
 
     # -- systemd --------------------------------------------------------------------------------
     def status_line(self) -> str:
@@ -519,13 +520,16 @@ class Service:
         if message in ("changed", "resync"):
             registry.store_wake.set()
         elif message.startswith("flush|") and self.nursery:  # another node is recounting
-            self.nursery.start_soon(self.flush_quietly)
+            if not self.flush_asked:  # one flush answers every request made before it starts
+                self.flush_asked = True
+                self.nursery.start_soon(self.flush_quietly)
         elif message.startswith("reclaim|") and registry.leases and self.nursery:
             _, key, node = message.split("|", 2)
             self.nursery.start_soon(registry.leases.reclaim, key, node)
 
     async def flush_quietly(self) -> None:
         assert self.registry is not None
+        self.flush_asked = False
         try:
             await self.registry.flush_usage()
         except StoreError:

@@ -159,11 +159,14 @@ class LeaseKeeper:
         the account is gone."""
         acc = self.registry.ledger.account(key)
         fresh = None if acc.lease_held else self.pending(key)
+        have = (0, 0)
+        if acc.lease_held:
+            have = (acc.lease_bytes - acc.reserved_bytes, acc.lease_inodes - acc.reserved_inodes)
         sent = time.monotonic()
         self.requests += 1
         try:
             grant = await self.workers.run(
-                self.store.acquire, self.node, key, want, self.ttl, self.floor, fresh
+                self.store.acquire, self.node, key, want, self.ttl, self.floor, fresh, have
             )
         except (StoreError, trio.TooSlowError) as exc:
             log.debug("lease on %s: %s", key, exc)

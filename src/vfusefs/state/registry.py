@@ -995,12 +995,14 @@ class Registry:
             return 0
         vfids: dict[str, None] = {}
         scopes: dict[str, None] = {}
+        records: dict[str, VfolderRecord | None] = {}  # read at once for an "all"
         for ch in changes:
             if ch.kind == "all":  # fell behind what the feed keeps: compare everything
                 vfids.update(dict.fromkeys(self.vfolders))
-                vfids.update(
-                    (r.id, None) for r in await self.store_workers.run(self.store.vfolders)
-                )
+                records = dict.fromkeys(self.vfolders)  # absent from the store: deleted
+                for r in await self.store_workers.run(self.store.vfolders):
+                    vfids[r.id] = None
+                    records[r.id] = r
                 scopes.update(dict.fromkeys(await self.store_workers.run(self.store.scopes)))
             elif ch.kind == "vfolder":
                 vfids[ch.key] = None
@@ -1009,7 +1011,7 @@ class Registry:
         usage: dict[str, tuple[int, int]] | None = None  # read once, if a vfolder appeared
         for vfid in vfids:
             async with self._lifecycle(vfid):
-                usage = await self._follow_vfolder(vfid, usage)
+                usage = await self._follow_vfolder(vfid, usage, records)
         if scopes:
             limits = await self.store_workers.run(self.store.scopes)
             for scope in scopes:
@@ -1065,11 +1067,18 @@ class Registry:
         )
 
     async def _follow_vfolder(
-        self, vfid: str, usage: dict[str, tuple[int, int]] | None
+        self,
+        vfid: str,
+        usage: dict[str, tuple[int, int]] | None,
+        records: dict[str, VfolderRecord | None],
     ) -> dict[str, tuple[int, int]] | None:
         """Bring vfid up to the store's record.  usage: the store's usage if read already for
-        this batch of changes (it is read at most once per batch); returned for the next."""
-        rec = await self.store_workers.run(self.store.vfolder, vfid)
+        this batch of changes (it is read at most once per batch); returned for the next.
+        records: what the store holds, when a full comparison read it all at once."""
+        if vfid in records:
+            rec = records[vfid]
+        else:
+            rec = await self.store_workers.run(self.store.vfolder, vfid)
         vf = self.vfolders.get(vfid)
         if vf is not None and rec == vf.record:
             return usage

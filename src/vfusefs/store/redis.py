@@ -202,7 +202,8 @@ return 1
 
 # ARGV: account, node, want bytes, want inodes, ttl, floor bytes, floor inodes, fresh
 # ('1': the node holds no lease on it: start one, counting what the node grew the account by
-# and has not flushed yet, pending bytes and inodes) -> {granted b, granted i, usage b,
+# and has not flushed yet, pending bytes and inodes), have bytes, have inodes (what the node
+# has left of its lease to spend) -> {granted b, granted i, usage b,
 # usage i, limit b, limit i, held b, held i, others b, others i}; {} if the account is gone (vfolder deleted)
 ACQUIRE = """
 local acct, node = ARGV[1], ARGV[2]
@@ -236,16 +237,18 @@ end
 if ARGV[8] == '1' then mine_b, mine_i = tonumber(ARGV[9]), tonumber(ARGV[10]) end
 redis.call('ZADD', P .. 'nodes:seen', t, node)
 local live = math.max(1, redis.call('ZCOUNT', P .. 'nodes:seen', t - ttl, '+inf'))
-local function grant(limit, used, others, mine, want, floor)
+-- mine counts what the node spent and has not flushed; have is what it has left to spend:
+-- the room excludes the first, the top-up to a unit counts only the second
+local function grant(limit, used, others, mine, have, want, floor)
   if limit <= 0 then return 0 end
   local room = limit - used - others - math.max(0, mine)
   if room <= 0 then return 0 end
   local unit = math.max(floor, math.floor((room + math.max(0, mine)) / (2 * live)))
-  local g = math.max(want, unit - math.max(0, mine))
+  local g = math.max(want, unit - math.max(0, have))
   return math.max(0, math.min(room, g))
 end
-local gb = grant(lb, ub, others_b, mine_b, want_b, floor_b)
-local gi = grant(li, ui, others_i, mine_i, want_i, floor_i)
+local gb = grant(lb, ub, others_b, mine_b, tonumber(ARGV[11]), want_b, floor_b)
+local gi = grant(li, ui, others_i, mine_i, tonumber(ARGV[12]), want_i, floor_i)
 put_lease(acct, node, mine_b + gb, mine_i + gi, t + ttl)
 redis.call('SADD', P .. 'held:' .. node, acct)
 return {gb, gi, ub, ui, lb, li, mine_b + gb, mine_i + gi, others_b, others_i}
@@ -564,11 +567,12 @@ class RedisStore:
         ttl: float,
         floor: tuple[int, int],
         fresh: tuple[int, int] | None = None,
+        have: tuple[int, int] = (0, 0),
     ) -> Grant | None:
         """Grow node's lease on account by at least `want` (bytes, inodes) if there is room,
-        topped up towards the lease unit; extends it to ttl from now.  fresh: the node holds
-        no lease on it yet, and has grown it by this much since its last flush.  None: the
-        account is gone."""
+        and so that what it has left to spend (`have`) reaches the lease unit; extends it to
+        ttl from now.  fresh: the node holds no lease on it yet, and has grown it by this
+        much since its last flush.  None: the account is gone."""
         pending = fresh or (0, 0)
         got = self._run(
             "acquire",
@@ -582,6 +586,8 @@ class RedisStore:
             "1" if fresh is not None else "0",
             pending[0],
             pending[1],
+            have[0],
+            have[1],
         )
         if not got:
             return None
@@ -629,9 +635,16 @@ class RedisStore:
                 pubsub.subscribe(EVENTS)
                 deliver("resync")
                 while not stop.is_set():
+                    # a burst (thousands of changes) is handed over once: what is waiting
+                    # is drained first, and each distinct message delivered once
+                    batch: dict[str, None] = {}
                     msg = pubsub.get_message(timeout=0.5)
-                    if msg is not None and msg.get("type") == "message":
-                        deliver(str(msg["data"]))
+                    while msg is not None and len(batch) < 1000:
+                        if msg.get("type") == "message":
+                            batch[str(msg["data"])] = None
+                        msg = pubsub.get_message(timeout=0.0)
+                    for message in batch:
+                        deliver(message)
             except (redis.RedisError, OSError):
                 stop.wait(0.5)
             finally:
