@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -68,6 +69,7 @@ class Node:
         self.proc = subprocess.Popen(
             [str(BIN), "serve", "--config", str(self.cfg)],
             stderr=open(self.base / "daemon.log", "ab"),
+            preexec_fn=raise_nofile,  # one O_PATH fd per vfolder root, as systemd allows
         )
         while True:
             if self.proc.poll() is not None:
@@ -100,6 +102,31 @@ class Node:
             self.proc.send_signal(signal.SIGTERM)
             self.proc.wait(60)
         subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
+
+
+def raise_nofile() -> None:
+    """LimitNOFILE=1048576, as the systemd unit sets it (or as high as this machine allows)."""
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1 << 20, 1 << 20))
+    except (ValueError, OSError):
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def vfolders_allowed(wanted: int) -> int:
+    """A daemon keeps one O_PATH fd per vfolder root: as many as RLIMIT_NOFILE allows here."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard >= (1 << 20) or hard == resource.RLIM_INFINITY:
+        return wanted
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1 << 20, 1 << 20))
+        return wanted
+    except (ValueError, OSError):
+        allowed = min(wanted, hard - 5000)
+        if allowed < wanted:
+            print(f"(this machine allows {hard} fds per process and a daemon holds one per "
+                  f"vfolder: {allowed} vfolders instead of {wanted})")  # fmt: skip
+        return allowed
 
 
 def dd_writers(targets: list[Path], mib: int) -> tuple[float, int]:
@@ -290,6 +317,7 @@ def bench_sim(base: Path, counts: list[int], limit: int) -> None:
 
 def bench_vfolders(base: Path, count: int) -> None:
     print(f"\n== {count} vfolders with grants in Redis")
+    count = vfolders_allowed(count)
     redis = RedisServer(base / "redis-vf")
     native = base / "native-vf"
     native.mkdir()

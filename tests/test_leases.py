@@ -147,3 +147,20 @@ def test_many_simulated_nodes_end_within_the_bound(stores: list[SharedStore], no
     print(f"{nodes} nodes: {got['total'] / MiB:.1f} MiB of 1024, {got['requests']} requests")
     assert got["total"] <= limit + nodes * FLOOR[0]
     assert got["total"] >= limit - nodes * 4 * MiB
+
+
+def test_usage_changes_are_read_since_the_last_look(stores: list[SharedStore]) -> None:
+    """A node takes in the others' usage by what changed (O(changes), not O(vfolders))."""
+    a, b, _ = stores
+    one, two, three = (vfolder(a) for _ in range(3))
+    seq, rows = b.usage_since(0)
+    assert rows == {one: (0, 0), two: (0, 0), three: (0, 0)}
+    a.add_usage("a", [(two, 4096, 1)], batch=1)
+    a.add_usage("a", [(two, 4096, 1)], batch=1)  # the same batch again (a retry): added once
+    seq2, rows = b.usage_since(seq)
+    assert rows == {two: (4096, 1)} and seq2 > seq
+    a.set_usage(three, 8192, 2)  # a recount
+    a.delete_vfolder(two, None)
+    seq3, rows = b.usage_since(seq2)
+    assert rows == {three: (8192, 2)}
+    assert b.usage_since(seq3) == (seq3, {})

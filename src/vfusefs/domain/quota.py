@@ -71,6 +71,7 @@ class Account:
 
 @dataclass
 class Reservation:
+    keys: tuple[str, ...]
     accounts: tuple[Account, ...]
     bytes: int
     inodes: int
@@ -80,6 +81,7 @@ class Reservation:
 class QuotaLedger:
     def __init__(self) -> None:
         self.accounts: dict[str, Account] = {}
+        self.dirty: set[str] = set()  # accounts whose usage changed since take_dirty()
 
     def account(self, key: str) -> Account:
         acc = self.accounts.get(key)
@@ -113,13 +115,15 @@ class QuotaLedger:
             acc.reserved_inodes += inodes
             if acc.leased and (nbytes or inodes):
                 acc.lease_used = True
-        return Reservation(accounts, nbytes, inodes)
+        return Reservation(keys, accounts, nbytes, inodes)
 
     def commit(self, res: Reservation, nbytes: int, inodes: int) -> None:
         """Release the reservation and apply what the operation really changed."""
         self.refund(res)
         for acc in res.accounts:
             _grow(acc, nbytes, inodes)
+        if nbytes or inodes:
+            self.dirty.update(res.keys)
 
     def refund(self, res: Reservation) -> None:
         if res.done:
@@ -133,6 +137,8 @@ class QuotaLedger:
         """Apply a change that needs no check (a decrease, or a correction)."""
         for key in keys:
             _grow(self.account(key), nbytes, inodes)
+            if nbytes or inodes:
+                self.dirty.add(key)
 
     def set_limits(self, key: str, limit_bytes: int, limit_inodes: int, shared: bool) -> Account:
         """Set an account's limits; on a shared store a limited account is leased (an account
@@ -145,6 +151,18 @@ class QuotaLedger:
     def set_usage(self, key: str, nbytes: int, inodes: int) -> None:
         acc = self.account(key)
         acc.used_bytes, acc.used_inodes, acc.dirty = nbytes, inodes, True
+        self.dirty.add(key)
+
+    def mark_dirty(self, key: str) -> None:
+        """Usage of key must be persisted again (a flush that did not land)."""
+        self.account(key).dirty = True
+        self.dirty.add(key)
+
+    def take_dirty(self) -> set[str]:
+        """The accounts whose usage changed since the last call (their `dirty` flags say
+        which still need persisting)."""
+        out, self.dirty = self.dirty, set()
+        return out
 
     def shift(self, keys: Iterable[str], nbytes: int, inodes: int) -> None:
         """Move usage by a count found elsewhere (a recount, another node's writes): nothing

@@ -165,6 +165,7 @@ class Registry:
         # store took it (sent again as it was after an error: added once)
         self._batch = time.time_ns() // 1000
         self._unsent: tuple[int, list[tuple[str, int, int]]] | None = None
+        self.usage_seen = 0  # shared store: the usage changes taken in so far (refresh_usage)
         # many nodes: limited accounts are spent through quota leases (state/leases.py)
         self.leases: LeaseKeeper | None = None
         if store.shared:
@@ -620,8 +621,11 @@ class Registry:
         for _ in range(2):
             if self._unsent is None:
                 rows = []
-                for vf in self.vfolders.values():
-                    acc = self.ledger.account(vf.quota_keys[0])
+                for key in self.ledger.take_dirty():  # only what changed: O(changes)
+                    vf = self.vfolders.get(key[3:]) if key.startswith("vf:") else None
+                    if vf is None:
+                        continue
+                    acc = self.ledger.account(key)
                     if acc.dirty:
                         acc.dirty = False
                         dbytes = acc.used_bytes - vf.stored[0]
@@ -641,19 +645,25 @@ class Registry:
         """Many nodes: take in what the others changed usage by (the store's figures plus what
         this node has not flushed yet), so usage, df and the metrics show every node's writes.
         Limits do not depend on it: leases hold them."""
+        if self.leases is None:
+            return await self.flush_usage()
         async with self._flushing:
             await self._flush_usage()
-            usage = await self.store_workers.run(self.store.usage)
-            for vf in self.vfolders.values():
-                if vf.id not in usage or vf.id in self.untrusted:
+            # only what changed since the last look: O(changes), not O(vfolders)
+            seq, usage = await self.store_workers.run(
+                self.leases.store.usage_since, self.usage_seen
+            )
+            self.usage_seen = seq
+            for vfid, stored in usage.items():
+                vf = self.vfolders.get(vfid)
+                if vf is None or vf.id in self.untrusted:
                     continue
                 acc = self.ledger.account(vf.quota_keys[0])
                 pending = (acc.used_bytes - vf.stored[0], acc.used_inodes - vf.stored[1])
-                stored = usage[vf.id]
                 if stored != vf.stored:
                     dirty = acc.dirty
                     self.set_usage(vf, stored[0] + pending[0], stored[1] + pending[1])
-                    acc.dirty = dirty
+                    acc.dirty = dirty  # (ledger.dirty may list it: a no-op for the flush)
                     vf.stored = stored
 
     async def mark_clean(self) -> None:
@@ -729,7 +739,7 @@ class Registry:
                     )
                 except Exception as exc:  # the store keeps the old figure: flush the difference
                     vf.stored = before_stored
-                    self.ledger.account(vf.quota_keys[0]).dirty = True
+                    self.ledger.mark_dirty(vf.quota_keys[0])
                     log.warning(
                         "rescan of vfolder %s: count not stored: %s",
                         vf.id,
@@ -1026,6 +1036,7 @@ class Registry:
         store is now."""
         put = 0
         self._unsent = None  # in the recount below
+        self.usage_seen = 0
         for vf in list(self.vfolders.values()):
             # what this node has not flushed was written before the store came back: the
             # recount below (this node's or the one that wrote the vfolder back) has it

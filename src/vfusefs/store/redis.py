@@ -87,6 +87,9 @@ local function bump(acct, db, di)
   if db ~= 0 then redis.call('HINCRBY', USAGE, acct .. '|b', db) end
   if di ~= 0 then redis.call('HINCRBY', USAGE, acct .. '|i', di) end
 end
+local function usage_changed(vfid, seq)
+  redis.call('ZADD', P .. 'usage:changed', seq, vfid)
+end
 local function scope_of(vfid)
   local raw = redis.call('HGET', VF, vfid)
   if not raw then return nil end
@@ -123,6 +126,7 @@ local b, i = usage_of(ARGV[1])
 if scope and scope ~= '' then bump('scope:' .. scope, -b, -i) end
 redis.call('HDEL', VF, ARGV[1])
 redis.call('HDEL', USAGE, ARGV[1] .. '|b', ARGV[1] .. '|i')
+redis.call('ZREM', P .. 'usage:changed', ARGV[1])
 redis.call('DEL', P .. 'lease:vf:' .. ARGV[1])
 if ARGV[2] ~= '' then redis.call('HSET', P .. 'trash', ARGV[2], ARGV[3]) end
 changed('vfolder', ARGV[1])
@@ -141,11 +145,13 @@ if batch > 0 then
   if num(redis.call('HGET', P .. 'batches', node)) >= batch then return 0 end
   redis.call('HSET', P .. 'batches', node, ARGV[2])
 end
+local seq = redis.call('INCR', P .. 'useq')
 for k = 3, #ARGV, 3 do
   local vfid, db, di = ARGV[k], tonumber(ARGV[k + 1]), tonumber(ARGV[k + 2])
   local scope = scope_of(vfid)
   if scope then
     bump(vfid, db, di)
+    usage_changed(vfid, seq)
     spend('vf:' .. vfid, node, db, di)
     if scope ~= '' then
       bump('scope:' .. scope, db, di)
@@ -160,6 +166,7 @@ SET_USAGE = """
 local b, i = usage_of(ARGV[1])
 local nb, ni = tonumber(ARGV[2]), tonumber(ARGV[3])
 redis.call('HSET', USAGE, ARGV[1] .. '|b', ARGV[2], ARGV[1] .. '|i', ARGV[3])
+usage_changed(ARGV[1], redis.call('INCR', P .. 'useq'))
 local scope = scope_of(ARGV[1])
 if scope and scope ~= '' then bump('scope:' .. scope, nb - b, ni - i) end
 """
@@ -318,6 +325,19 @@ end
 return out
 """
 
+# ARGV: seq -> {seq now, vfolder, bytes, inodes, ...} for every vfolder whose usage changed
+# after seq (a recount, another node's flush)
+USAGE_SINCE = """
+local out = {num(redis.call('GET', P .. 'useq'))}
+for _, vfid in ipairs(redis.call('ZRANGEBYSCORE', P .. 'usage:changed', '(' .. ARGV[1], '+inf')) do
+  local b, i = usage_of(vfid)
+  out[#out + 1] = vfid
+  out[#out + 1] = b
+  out[#out + 1] = i
+end
+return out
+"""
+
 SCRIPTS = {
     "put_vfolder": PUT_VFOLDER,
     "delete_vfolder": DELETE_VFOLDER,
@@ -333,6 +353,7 @@ SCRIPTS = {
     "heartbeat": HEARTBEAT,
     "leave": LEAVE,
     "nodes": NODES_SCRIPT,
+    "usage_since": USAGE_SINCE,
 }
 
 
@@ -427,7 +448,7 @@ class RedisStore:
 
     def _run(self, script: str, *args: Any) -> Any:
         result = self._call(self._scripts[script], keys=[VFOLDERS], args=list(args))
-        if self._replicated and script != "nodes":
+        if self._replicated and script not in ("nodes", "usage_since"):
             acked = self._call(self._r.execute_command, "WAIT", 1, REPLICA_WAIT_MS)
             if not acked and script == "add_usage" and self._replicas():
                 # a failover now would lose it: the caller sends the batch again, and the
@@ -487,6 +508,13 @@ class RedisStore:
     def vfolder_usage(self, vfid: str) -> tuple[int, int]:
         b, i = self._call(self._r.hmget, USAGE, [f"{vfid}|b", f"{vfid}|i"])
         return int(b or 0), int(i or 0)
+
+    def usage_since(self, seq: int) -> tuple[int, dict[str, tuple[int, int]]]:
+        """The usage of every vfolder whose usage changed after `seq` (0: all of them), and
+        the seq to ask from next time."""
+        got = self._run("usage_since", seq)
+        rows = {got[k]: (int(got[k + 1]), int(got[k + 2])) for k in range(1, len(got), 3)}
+        return int(got[0]), rows
 
     def add_usage(self, node: str, deltas: list[tuple[str, int, int]], batch: int = 0) -> None:
         if deltas:
