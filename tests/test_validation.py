@@ -12,6 +12,8 @@ from vfusefs.domain.validation import (
     canonical_uuid,
     parse_grants,
     parse_limits,
+    parse_mode,
+    parse_owner,
     parse_scope,
     strict_uuid,
 )
@@ -61,3 +63,18 @@ def test_grants() -> None:
         [{"principal": "*", "mode": "rw", "extra": 1}],
     ):
         assert refused(parse_grants, bad) == "bad_grant"
+
+
+def test_owner_and_mode_of_a_vfolder_root() -> None:
+    assert parse_owner(None) is None and parse_mode(None) is None
+    assert parse_owner("1000:100") == (1000, 100)
+    assert parse_mode("0755") == 0o755 and parse_mode("2775") == 0o2775
+    assert parse_mode("700") == 0o700 and parse_mode("0o750") == 0o750
+    for bad in ("1000", "-1:0", "a:b", "4294967296:0", 1000, "1000:1000:1"):
+        with pytest.raises(RegistryError) as exc:
+            parse_owner(bad)
+        assert exc.value.status == 400 and exc.value.code == "bad_owner"
+    for bad in ("999", "rwxr-xr-x", "12345", 493, "", "075555"):
+        with pytest.raises(RegistryError) as exc:
+            parse_mode(bad)
+        assert exc.value.code == "bad_mode"

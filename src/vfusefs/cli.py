@@ -326,6 +326,8 @@ def _grants(values: tuple[str, ...]) -> list[dict[str, str]]:
     help="grant at creation, repeatable (uid:1000=rw, cgroup:/docker/x=rwd, '*=ro')",
 )
 @click.option("--adopt", is_flag=True, help="use an existing native directory")
+@click.option("--owner", metavar="UID:GID", help="owner of the vfolder's root (default 0:0)")
+@click.option("--mode", metavar="OCTAL", help="permissions of the vfolder's root (default 0755)")
 @json_option
 @click.pass_context
 def vfolder_create(
@@ -335,10 +337,16 @@ def vfolder_create(
     scope: str | None,
     grants: tuple[str, ...],
     adopt: bool,
+    owner: str | None,
+    mode: str | None,
     as_json: bool,
 ) -> None:
     """Create a vfolder on HOST."""
     body: dict[str, Any] = {"grants": _grants(grants)}
+    if owner is not None:
+        body["owner"] = owner
+    if mode is not None:
+        body["mode"] = mode
     if vfid:
         body["id"] = vfid
     if scope:

@@ -80,3 +80,34 @@ def parse_grants(grants: Any) -> dict[str, str]:
         except access.BadGrant as exc:
             raise RegistryError(400, "bad_grant", str(exc)) from None
     return out
+
+
+OWNER_RE = re.compile(r"([0-9]{1,10}):([0-9]{1,10})")
+MODE_RE = re.compile(r"(?:0o?)?([0-7]{3,4})")
+
+
+def parse_owner(text: Any) -> tuple[int, int] | None:
+    """A vfolder root's owner, "uid:gid" (None: not given, the default 0:0)."""
+    if text is None:
+        return None
+    m = OWNER_RE.fullmatch(text) if isinstance(text, str) else None
+    if not m or int(m.group(1)) >= 1 << 32 or int(m.group(2)) >= 1 << 32:
+        raise RegistryError(
+            400, "bad_owner", f"bad owner {str(text)[:40]!r}: expected UID:GID, e.g. 1000:1000"
+        )
+    return int(m.group(1)), int(m.group(2))
+
+
+def parse_mode(text: Any) -> int | None:
+    """A vfolder root's permission bits as an octal string ("0755", "2775"; None: not given,
+    the default 0755)."""
+    if text is None:
+        return None
+    m = MODE_RE.fullmatch(text) if isinstance(text, str) else None
+    if not m:
+        raise RegistryError(
+            400,
+            "bad_mode",
+            f'bad mode {str(text)[:40]!r}: expected an octal string such as "0755" or "2775"',
+        )
+    return int(m.group(1), 8)

@@ -181,7 +181,8 @@ def build_app(registry: Registry, token: str | None = None) -> Starlette:
                 await registry.reconcile(vf)
             return JSONResponse([vf_json(vf) for vf in h.vfolders.values()])
         body = await json_body(
-            request, {"id", "scope", "quota_bytes", "quota_inodes", "grants", "adopt"}
+            request,
+            {"id", "scope", "quota_bytes", "quota_inodes", "grants", "adopt", "owner", "mode"},
         )
         vf = await registry.create_vfolder(
             h.name,
@@ -191,6 +192,8 @@ def build_app(registry: Registry, token: str | None = None) -> Starlette:
             body.get("quota_inodes", 0),
             body.get("grants"),
             body.get("adopt", False),
+            body.get("owner"),
+            body.get("mode"),
         )
         return JSONResponse(vf_json(vf), status_code=201)
 

@@ -29,6 +29,8 @@ from vfusefs.domain.validation import (
     canonical_uuid,
     parse_grants,
     parse_limits,
+    parse_mode,
+    parse_owner,
     parse_scope,
     strict_uuid,
 )
@@ -427,12 +429,15 @@ class Registry:
         quota_inodes: Any = 0,
         grants: Any = None,
         adopt: Any = False,
+        owner: Any = None,
+        mode: Any = None,
     ) -> Vfolder:
         # everything is validated before anything is changed: a refused create leaves nothing
         host = self.host(host_name)
         vfid = str(uuid.uuid4()) if vfid is None else canonical_uuid(vfid)
         scope = parse_scope(scope)
         grant_map = parse_grants([] if grants is None else grants)
+        root_owner, root_mode = parse_owner(owner), parse_mode(mode)
         quota_bytes, quota_inodes = (v or 0 for v in parse_limits(quota_bytes, quota_inodes))
         if not isinstance(adopt, bool):
             raise RegistryError(400, "bad_adopt", "adopt must be true or false")
@@ -451,6 +456,23 @@ class Registry:
                 ) from None
             except BackendError as exc:
                 raise RegistryError(409, "backend", str(exc)) from None
+            try:  # the root's owner and mode: what the vfolder's users need at its top level
+                if made or root_owner is not None or root_mode is not None:
+                    await host.admin.run(
+                        _set_root,
+                        path,
+                        root_owner or (0, 0),
+                        0o755 if root_mode is None else root_mode,
+                    )
+            except BaseException as exc:
+                if made:
+                    with trio.CancelScope(shield=True):
+                        await trio.to_thread.run_sync(host.backend.remove_new_vfolder, path)
+                if isinstance(exc, OSError):
+                    raise RegistryError(
+                        409, "backend", f"cannot set the owner and mode of {path}: {exc.strerror}"
+                    ) from None
+                raise
             rec = VfolderRecord(
                 id=vfid,
                 host=host.name,
@@ -1201,6 +1223,16 @@ def _write_back(nodes: list[Node]) -> None:
 def _attach_fields(hc: HostConfig) -> tuple[Any, ...]:
     """What decides where a host's vfolders live: changing any of it re-attaches the host."""
     return hc.backend, hc.path, hc.layout, hc.options
+
+
+def _set_root(path: str, owner: tuple[int, int], mode: int) -> None:
+    """Give a vfolder's root directory its owner and permission bits (no symlink followed)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.fchown(fd, *owner)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def _open_dir(path: str) -> tuple[int, os.stat_result]:
