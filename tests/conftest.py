@@ -413,3 +413,36 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
     cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
     yield cluster
     cluster.stop()
+
+
+class BtrfsFs:
+    """A btrfs filesystem on a loop device, quotas enabled (LABS: milliseconds to make)."""
+
+    def __init__(self, base: Path, size: str = "1G") -> None:
+        self.image, self.mnt = base / "btrfs.img", base / "btrfs"
+        self.mnt.mkdir(parents=True)
+        run("truncate", "-s", size, str(self.image))
+        run("mkfs.btrfs", "-q", str(self.image))
+        run("mount", "-o", "loop", str(self.image), str(self.mnt))
+        run("btrfs", "quota", "enable", str(self.mnt))
+        self.mnt.chmod(0o755)
+
+    def dir(self, name: str) -> Path:
+        d = self.mnt / name
+        d.mkdir()
+        return d
+
+    def stop(self) -> None:
+        subprocess.run(["umount", "-l", str(self.mnt)], check=False)
+
+
+@pytest.fixture(scope="session")
+def btrfs_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BtrfsFs]:
+    if not (have("mkfs.btrfs") and IS_ROOT):
+        pytest.skip("needs root and btrfs-progs for a btrfs loop mount")
+    base = Path(tempfile.mkdtemp(prefix="vfusefs-btrfs-", dir="/tmp"))
+    base.chmod(0o755)
+    fs = BtrfsFs(base)
+    yield fs
+    fs.stop()
+    shutil.rmtree(base, ignore_errors=True)

@@ -4,7 +4,8 @@ Each entry of BACKENDS makes a host config for one backend on storage this machi
 tests hold every backend to the same promises: layouts, create/adopt/undo, delete into the
 trash and purge, declared options, and capabilities that match the methods (a backend that
 says it has no native quota refuses set_native_quota with NotSupported, one that says it has
-one must not).  Later backends (btrfs, xfs, cephfs...) add their entry here.
+one must not).  vfs runs on a plain directory, btrfs on a real btrfs loop mount with quotas;
+later backends (xfs, cephfs...) add their entry here.
 """
 
 from __future__ import annotations
@@ -47,12 +48,18 @@ def host_config(path: Path, backend: str = "vfs", **kw: Any) -> HostConfig:
 
 BACKENDS: dict[str, Callable[[Path], HostConfig]] = {
     "vfs": lambda tmp: host_config(tmp),
+    "btrfs": lambda tmp: host_config(tmp, "btrfs"),
 }
+ON_STORAGE = {"btrfs": "btrfs_fs"}  # backends whose path must be on their filesystem: fixture
 
 
 @pytest.fixture(params=sorted(BACKENDS))
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    return load_backend(BACKENDS[request.param](tmp_path))
+    path = tmp_path
+    if request.param in ON_STORAGE:  # a fresh directory on the real filesystem (a loop mount)
+        fs = request.getfixturevalue(ON_STORAGE[request.param])
+        path = fs.dir(f"host-{uuid.uuid4().hex[:8]}")
+    return load_backend(BACKENDS[request.param](path))
 
 
 def test_every_installed_backend_is_tested() -> None:

@@ -464,6 +464,8 @@ class Registry:
                         root_owner or (0, 0),
                         0o755 if root_mode is None else root_mode,
                     )
+                if quota_bytes or quota_inodes:  # the storage's own limit too, where it has one
+                    await self._push_native_quota(host, path, quota_bytes, quota_inodes)
             except BaseException as exc:
                 if made:
                     with trio.CancelScope(shield=True):
@@ -585,6 +587,18 @@ class Registry:
         async with self._lifecycle(self.vfolder(host_name, vfid).id):
             return await self._set_limits(self.vfolder(host_name, vfid), qb, qi)
 
+    async def _push_native_quota(self, host: Host, path: str, qb: int, qi: int) -> None:
+        """Set a vfolder's limits on the storage, where the backend has native quotas (a
+        refusal: RegistryError, one line naming the backend)."""
+        if not host.backend.capabilities.native_quota:
+            return
+        try:
+            await host.admin.run(host.backend.set_native_quota, path, qb, qi)
+        except BackendError as exc:
+            raise RegistryError(
+                502, "backend", f"backend {host.backend.name} of host {host.name}: {exc}"
+            ) from None
+
     async def _set_limits(self, vf: Vfolder, qb: int | None, qi: int | None) -> Vfolder:
         rec = VfolderRecord(
             **{
@@ -593,7 +607,16 @@ class Registry:
                 "quota_inodes": vf.record.quota_inodes if qi is None else qi,
             }
         )
-        await self.store_workers.run(self.store.put_vfolder, rec)
+        old = vf.record
+        await self._push_native_quota(vf.host, rec.native_path, rec.quota_bytes, rec.quota_inodes)
+        try:
+            await self.store_workers.run(self.store.put_vfolder, rec)
+        except BaseException:  # the store kept the old limits: so does the storage
+            with trio.CancelScope(shield=True), contextlib.suppress(RegistryError):
+                await self._push_native_quota(
+                    vf.host, old.native_path, old.quota_bytes, old.quota_inodes
+                )
+            raise
         vf.record = rec
         self._set_limits_of(vf.quota_keys[0], rec.quota_bytes, rec.quota_inodes)
         log.info(
