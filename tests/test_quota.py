@@ -384,7 +384,7 @@ def test_rescan_corrects_drift(daemon: Daemon) -> None:
     while task["state"] == "running" and time.monotonic() < deadline:
         time.sleep(0.1)
         task = daemon.api("GET", f"/v1/tasks/{task['id']}").json()
-    assert task["state"] == "done" and (task["bytes"], task["entries"]) == du(native)
+    assert task["state"] == "done" and (task["done_bytes"], task["done_files"]) == du(native)
     assert usage(daemon, vf) == du(native)
     (native / "more").write_bytes(b"m" * 70000)
     out = daemon.cli("vfolder", "rescan", "local", vf.name).stdout

@@ -474,18 +474,79 @@ def vfolder_trash(ctx: click.Context, host: str, as_json: bool) -> None:
     )
 
 
-def _not_yet(what: str, method: str = "POST") -> Any:
-    @click.argument("host")
-    @click.argument("vfid")
-    @json_option
-    @click.pass_context
-    def command(ctx: click.Context, host: str, vfid: str, as_json: bool) -> None:
-        emit(_client(ctx).call(method, vf_path(host, vfid, what), {}), as_json)
+@vfolder.command("clone")
+@click.argument("host")
+@click.argument("vfid")
+@click.option("--id", "new_id", help="UUID of the new vfolder (default: a new random one)")
+@click.option("--scope", help="its quota scope (default: the source's)")
+@click.option("--bytes", "qbytes", metavar="SIZE", help="its byte limit (default: the source's)")
+@click.option("--inodes", "qinodes", metavar="N", help="its inode limit (default: the source's)")
+@click.option(
+    "--grant", "grants", multiple=True, metavar="PRINCIPAL=MODE", help="its grants, repeatable "
+    "(default: the source's)",
+)  # fmt: skip
+@click.option("--snapshot", metavar="NAME", help="clone this snapshot of the source")
+@click.option("--no-wait", is_flag=True, help="start it and print the task id")
+@json_option
+@click.pass_context
+def vfolder_clone(
+    ctx: click.Context,
+    host: str,
+    vfid: str,
+    new_id: str | None,
+    scope: str | None,
+    qbytes: str | None,
+    qinodes: str | None,
+    grants: tuple[str, ...],
+    snapshot: str | None,
+    no_wait: bool,
+    as_json: bool,
+) -> None:
+    """Clone a vfolder: a snapshot where the storage has them (btrfs: O(1)), else a copy that
+    keeps modes, owners, times, xattrs, links and holes.  The new vfolder appears only once the
+    clone is complete; a clone that fails leaves nothing behind."""
+    body: dict[str, Any] = {}
+    for key, value in (
+        ("id", new_id),
+        ("scope", scope),
+        ("quota_bytes", qbytes),
+        ("quota_inodes", qinodes),
+        ("snapshot", snapshot),
+    ):
+        if value is not None:
+            body[key] = value
+    if grants:
+        body["grants"] = _grants(grants)
+    client = _client(ctx)
+    task = client.call("POST", vf_path(host, vfid, "clone"), body)
+    if no_wait:
+        return emit(task, True) if as_json else click.echo(task["id"])
+    task = wait_task(client, task, show=not as_json)
+    if task["state"] == "failed":
+        die(f"clone failed (nothing was left of it): {task['error']}")
+    emit(task["vfolder"], as_json, VFOLDER_COLUMNS)
 
-    return command
 
-
-vfolder.command("clone", help="Clone a vfolder (not implemented yet).")(_not_yet("clone"))
+@vfolder.command("snapshot")
+@click.argument("host")
+@click.argument("vfid")
+@click.argument("name", required=False)
+@click.option("--rm", "remove", is_flag=True, help="delete snapshot NAME")
+@json_option
+@click.pass_context
+def vfolder_snapshot(
+    ctx: click.Context, host: str, vfid: str, name: str | None, remove: bool, as_json: bool
+) -> None:
+    """List a vfolder's snapshots, take snapshot NAME, or delete it (--rm); where the backend
+    has snapshots (btrfs)."""
+    client = _client(ctx)
+    if name is None:
+        if remove:
+            die("name the snapshot to delete", usage=True)
+        return emit(client.call("GET", vf_path(host, vfid, "snapshots")), as_json)
+    if remove:
+        return emit(client.call("DELETE", vf_path(host, vfid, "snapshots", name)), as_json)
+    emit(client.call("POST", vf_path(host, vfid, "snapshots"), {"name": name}), as_json)
 
 
 @vfolder.command("rescan")
@@ -505,7 +566,7 @@ def vfolder_rescan(ctx: click.Context, host: str, vfid: str, no_wait: bool, as_j
     if task["state"] == "failed":
         die(f"rescan failed: {task['error']}")
     click.echo(
-        f"{task['state']}: {task['entries']} inodes, {task['bytes']} bytes"
+        f"{task['state']}: {task['done_files']} inodes, {task['done_bytes']} bytes"
         if not no_wait
         else task["id"]
     )
@@ -513,11 +574,12 @@ def vfolder_rescan(ctx: click.Context, host: str, vfid: str, no_wait: bool, as_j
 
 def wait_task(client: Client, task: dict[str, Any], show: bool) -> dict[str, Any]:
     """Poll a background task until it ends, with a progress line for people."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
+        BarColumn(),  # a bar once the total is known (a clone's copy), a pulse before
         TimeElapsedColumn(),
         console=Console(stderr=True),
         disable=not show,
@@ -527,10 +589,15 @@ def wait_task(client: Client, task: dict[str, Any], show: bool) -> dict[str, Any
         while task["state"] == "running":
             time.sleep(0.2)
             task = client.call("GET", f"/tasks/{quote(task['id'], safe='')}")
+            vf = task["vfolder"]
+            done, total = task["done_bytes"], task.get("total_bytes")
             progress.update(
                 bar,
-                description=f"{task['kind']} {task['vfolder']}: "
-                f"{task['entries']} inodes, {task['bytes']} bytes",
+                description=f"{task['kind']} {vf['id'] if isinstance(vf, dict) else vf}: "
+                f"{task['done_files']} files, {human(done)}"
+                + (f" of {human(total)}" if total else ""),
+                completed=done,
+                total=total or None,
             )
     return task
 

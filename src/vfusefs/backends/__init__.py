@@ -16,12 +16,13 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 from vfusefs.config import ConfigError, HostConfig
-from vfusefs.native import mounts
+from vfusefs.native import copytree, mounts
 
 TRASH_DIR = ".vfusefs-trash"
 NETWORK_FS_TYPES = frozenset(
@@ -148,12 +149,14 @@ class Backend:
             return False
 
     def remove_new_vfolder(self, path: str) -> None:
-        """Undo create_vfolder after a later step failed: the directory is still empty (nothing
-        could reach it before it was served)."""
-        try:
-            os.rmdir(path)
-        except FileNotFoundError:
-            pass
+        """Undo create_vfolder (or a clone) after a later step failed: nothing could reach it
+        before it was served, so all of it goes."""
+        if not os.path.lexists(path):
+            return
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
 
     def delete_vfolder(self, path: str, vfid: str) -> str:
         """Move the vfolder's data into the host's trash (a rename) and return where it went."""
@@ -195,12 +198,50 @@ class Backend:
         """(bytes, inodes) of a vfolder as the storage counts them, without a walk."""
         raise NotSupported(f"backend {self.name!r} has no fast usage")
 
-    def clone(self, src: str, dst: str, snapshot: str | None = None) -> None:
-        """Make dst a copy of src (or of its snapshot), by `capabilities.clone`."""
-        raise NotSupported(f"backend {self.name!r} cannot clone yet")
+    def clone(
+        self,
+        src: str,
+        dst: str,
+        snapshot: str | None = None,
+        progress: Callable[[int, int], None] = lambda files, nbytes: None,
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """Make dst (which must not exist) a copy of src, or of src's snapshot, by
+        `capabilities.clone`; progress(files, bytes) as it goes.  On failure dst may be left
+        half made: the caller removes it (remove_new_vfolder)."""
+        raise NotSupported(f"backend {self.name!r} cannot clone")
+
+    def copy_tree(
+        self,
+        src: str,
+        dst: str,
+        progress: Callable[[int, int], None],
+        cancelled: Callable[[], bool],
+    ) -> None:
+        """A clone by copy (native/copytree.py: contents by copy_file_range, holes, modes,
+        owners, times, xattrs, symlinks, hard links), for storage with no snapshot."""
+        if os.path.lexists(dst):
+            raise AlreadyThere(f"native directory {dst} already exists")
+        self.create_vfolder(dst)
+        src_fd = os.open(src, copytree.DIR_FLAGS)
+        try:
+            dst_fd = os.open(dst, copytree.DIR_FLAGS)
+            try:
+                copytree.copy_tree(src_fd, dst_fd, progress, cancelled)
+            finally:
+                os.close(dst_fd)
+        finally:
+            os.close(src_fd)
 
     def snapshot(self, path: str, name: str) -> str:
         """Take a read-only snapshot of a vfolder; returns where it is."""
+        raise NotSupported(f"backend {self.name!r} has no snapshots")
+
+    def snapshots(self, path: str) -> list[str]:
+        """The names of a vfolder's snapshots."""
+        raise NotSupported(f"backend {self.name!r} has no snapshots")
+
+    def delete_snapshot(self, path: str, name: str) -> None:
         raise NotSupported(f"backend {self.name!r} has no snapshots")
 
     # -- health ---------------------------------------------------------------------------------

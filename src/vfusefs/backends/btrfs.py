@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 
 from vfusefs.backends import AlreadyThere, Backend, BackendError, Capabilities
 
@@ -136,7 +137,14 @@ class BtrfsBackend(Backend):
         raise BackendError(f"no qgroup for subvolume {rootid} of {path} (btrfs quota enabled?)")
 
     # -- clone and snapshots --------------------------------------------------------------------
-    def clone(self, src: str, dst: str, snapshot: str | None = None) -> None:
+    def clone(
+        self,
+        src: str,
+        dst: str,
+        snapshot: str | None = None,
+        progress: Callable[[int, int], None] = lambda files, nbytes: None,
+        cancelled: Callable[[], bool] = lambda: False,
+    ) -> None:
         """dst becomes a writable snapshot of src (or of src's snapshot `snapshot`): O(1)."""
         origin = self._snapshot_path(src, snapshot) if snapshot else src
         if snapshot and not is_subvolume(origin):

@@ -1,8 +1,8 @@
 """The control API (SPEC §6): HTTP/1.1 + JSON, served by hypercorn on the daemon's trio loop.
 
 Routes are thin: parse and validate the request, call the registry, render JSON.  Every error is
-`{"error": code, "message": one line}` with 400, 401, 403, 404, 409 (or 501 for what this
-version does not do yet); no traceback ever reaches a client.
+`{"error": code, "message": one line}` with 400, 401, 403, 404, 409, 502 (a backend's storage
+refused) or 503 (the store is away); no traceback ever reaches a client.
 """
 
 from __future__ import annotations
@@ -95,15 +95,6 @@ async def json_body(request: Request, allowed: set[str]) -> dict[str, Any]:
             f"(allowed: {', '.join(sorted(allowed))})",
         )
     return body
-
-
-def not_yet(feature: str) -> Endpoint:
-    async def handler(request: Request) -> Response:
-        return error(
-            501, "not_implemented", f"{feature} is not implemented in vfusefs {__version__}"
-        )
-
-    return handler
 
 
 def build_app(registry: Registry, token: str | None = None) -> Starlette:
@@ -221,6 +212,40 @@ def build_app(registry: Registry, token: str | None = None) -> Starlette:
         return JSONResponse(task.describe(), status_code=202)
 
     @endpoint
+    async def clone(request: Request) -> Response:
+        p = request.path_params
+        body = await json_body(
+            request, {"id", "scope", "quota_bytes", "quota_inodes", "grants", "snapshot"}
+        )
+        task = await registry.start_clone(
+            p["host"],
+            p["id"],
+            body.get("id"),
+            body.get("scope"),
+            body.get("quota_bytes"),
+            body.get("quota_inodes"),
+            body.get("grants"),
+            body.get("snapshot"),
+        )
+        return JSONResponse(task.describe(), status_code=202)
+
+    @endpoint
+    async def snapshots(request: Request) -> Response:
+        p = request.path_params
+        if request.method == "GET":
+            names = await registry.snapshots(p["host"], p["id"])
+            return JSONResponse([{"name": n} for n in names])
+        body = await json_body(request, {"name"})
+        name = await registry.take_snapshot(p["host"], p["id"], body.get("name"))
+        return JSONResponse({"name": name}, status_code=201)
+
+    @endpoint
+    async def snapshot(request: Request) -> Response:
+        p = request.path_params
+        await registry.delete_snapshot(p["host"], p["id"], p["name"])
+        return JSONResponse({"deleted": p["name"]})
+
+    @endpoint
     async def restore(request: Request) -> Response:
         p = request.path_params
         await json_body(request, set())  # nothing to say: an empty body or {}
@@ -294,7 +319,9 @@ def build_app(registry: Registry, token: str | None = None) -> Starlette:
             grant,
             methods=["PUT", "DELETE"],
         ),
-        Route("/v1/hosts/{host}/vfolders/{id}/clone", not_yet("clone"), methods=["POST"]),
+        Route("/v1/hosts/{host}/vfolders/{id}/clone", clone, methods=["POST"]),
+        Route("/v1/hosts/{host}/vfolders/{id}/snapshots", snapshots, methods=["GET", "POST"]),
+        Route("/v1/hosts/{host}/vfolders/{id}/snapshots/{name}", snapshot, methods=["DELETE"]),
         Route("/v1/hosts/{host}/vfolders/{id}/rescan", rescan, methods=["POST"]),
         Route("/v1/hosts/{host}/vfolders/{id}/restore", restore, methods=["POST"]),
         Route("/v1/hosts/{host}/trash", trash),
