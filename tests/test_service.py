@@ -439,6 +439,14 @@ def test_examples_run_as_written(world_dir: Path) -> None:
     repo = Path(__file__).parent.parent
     cfg = config.parse((repo / "examples" / "vfs.toml").read_text(), "vfs.toml", check_paths=False)
     assert set(cfg.hosts) == {"local", "nfs1"} and cfg.hosts["nfs1"].layout == "backendai"
+    cfg = config.parse((repo / "examples" / "btrfs.toml").read_text(), "btrfs", check_paths=False)
+    assert cfg.hosts["fast"].backend == "btrfs"
+    cfg = config.parse(
+        (repo / "examples" / "many-nodes.toml").read_text(), "many-nodes", check_paths=False
+    )
+    assert cfg.store_url.startswith("redis://") and cfg.lease_floor == 1 << 20
+    for example in sorted((repo / "examples").glob("*.toml")):  # every one is checked here
+        assert example.name in ("vfs.toml", "btrfs.toml", "many-nodes.toml", "demo.toml")
 
     cgroot = Path("/sys/fs/cgroup/unified")
     if not (cgroot / "cgroup.procs").exists() and not Path("/sys/fs/cgroup/cgroup.procs").exists():
