@@ -59,6 +59,7 @@ class Daemon:
         self.allowed_errors: list[str] = []
         self.env: dict[str, str] = {}  # extra environment for the daemon (NOTIFY_SOCKET...)
         self.nofile: int | None = None  # RLIMIT_NOFILE (soft and hard) to start the daemon with
+        self.prefix: list[str] = []  # run the daemon under this (nsenter --net=... for netns)
         for d in (self.mnt, self.state):
             d.mkdir(parents=True, exist_ok=True)
         if hosts is None:
@@ -95,7 +96,7 @@ class Daemon:
         self.logf = open(self.log_path, "ab")
         nofile = self.nofile
         self.proc = subprocess.Popen(
-            [VFUSEFS, "serve", "--config", str(self.config)],
+            [*self.prefix, VFUSEFS, "serve", "--config", str(self.config)],
             stdout=self.logf,
             stderr=subprocess.STDOUT,
             env={**os.environ, **self.env},

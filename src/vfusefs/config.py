@@ -465,7 +465,9 @@ def parse(text: str, path: str = "<config>", check_paths: bool = True) -> Config
                 f"'.', '_' or '-', starting with a letter or digit"
             )
         values = _read_section(path, f"hosts.{name}", table, HOST_OPTIONS)
-        real = os.path.realpath(values["path"])
+        # without check_paths (the CLI, reading the file for the socket) nothing on the host
+        # paths is touched: one may be a hung NFS mount
+        real = os.path.realpath(values["path"]) if check_paths else os.path.normpath(values["path"])
         if check_paths and not os.path.isdir(real):
             raise ConfigError(
                 f"{path}: hosts.{name}.path: {values['path']} is not an existing directory"

@@ -4,7 +4,8 @@ Rules (which error wins, written down once):
 - `FUSEError` raised on purpose (access, quota, policy) passes through unchanged.
 - `OSError` from a native syscall passes its errno through, so callers see what the native
   filesystem said (ENOENT, ENOTEMPTY, EDQUOT, ENOSPC...); an OSError without errno is EIO.
-- `trio.TooSlowError` (a host did not answer within its op_timeout) is EIO.
+- `trio.TooSlowError` (a host did not answer within its op_timeout) is EIO; so is `HostDown`
+  (a host marked down answers at once, and is not logged per request: its health change is).
 - Store and backend failures are EIO: the request cannot be decided safely.
 - Anything else is a bug: EIO plus one logged traceback.  pyfuse3 ends its main loop on any
   exception that is not a FUSEError, so nothing else may ever escape a handler.
@@ -24,7 +25,7 @@ import trio
 
 from vfusefs.backends import BackendError
 from vfusefs.domain.quota import QuotaExceeded
-from vfusefs.runtime.workers import StoppedError
+from vfusefs.runtime.workers import HostDown, StoppedError
 from vfusefs.store import StoreError
 
 log = logging.getLogger("vfusefs.ops")
@@ -37,6 +38,7 @@ MAPPED: tuple[tuple[type[BaseException], int], ...] = (
     (StoreError, errno.EIO),
     (BackendError, errno.EIO),
     (StoppedError, errno.EIO),
+    (HostDown, errno.EIO),
     (UnicodeError, errno.EINVAL),
     (OverflowError, errno.EINVAL),
 )
@@ -69,6 +71,8 @@ def to_errno(exc: BaseException, op: str = "", host: str = "-") -> int:
         return exc.errno
     if isinstance(exc, OSError):
         return exc.errno or errno.EIO
+    if isinstance(exc, HostDown):  # said once, when the host went down (state/health.py)
+        return errno.EIO
     fields = {"op": op, "host": host, "errno": errno.EIO}
     for kind, code in MAPPED:
         if isinstance(exc, kind):

@@ -329,9 +329,15 @@ class Operations(pyfuse3.Operations):
         used), else one from native storage, remembered."""
         if node.st is not None and time.monotonic() < node.st_until:
             return node.st  # type: ignore[no-any-return]
+        if node.kind is Kind.VFROOT and node.st is not None and self._down(node):
+            return node.st  # type: ignore[no-any-return]  # its virtual xattrs stay readable
         st = await self._run(node, native.fstat, node.fd)
         self._fresh(node, st)
         return st  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _down(node: Node) -> bool:
+        return node.host is not None and node.host.health == "down"
 
     def _stale(self, st: os.stat_result | None, vf: Vfolder | None) -> None:
         """An inode changed in a way we have no new stat for (a link of it went away)."""
@@ -1250,8 +1256,8 @@ class Operations(pyfuse3.Operations):
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._node(inode)
         if node.vf is None or node.kind is Kind.VFROOT and name.startswith(XATTR_PREFIX):
-            if name.startswith(b"user.vfusefs.usage."):  # O(files changed lately), not O(tree)
-                for vf in (
+            if name.startswith(b"user.vfusefs.usage.") and not self._down(node):
+                for vf in (  # O(files changed lately), not O(tree)
                     [node.vf] if node.vf else list(node.host.vfolders.values()) if node.host else []
                 ):
                     await self.registry.reconcile(vf)
@@ -1268,6 +1274,8 @@ class Operations(pyfuse3.Operations):
         if node.vf is None:
             return list(self._virtual_xattrs(node, ctx))
         self._allow(ctx, node, Need.READ)
+        if node.kind is Kind.VFROOT and self._down(node):  # the virtual ones stay readable
+            return list(self._virtual_xattrs(node, ctx))
         await self._own_links(node)
         names = [os.fsencode(n) for n in await self._run(node, native.listxattr, node.fd)]
         if node.kind is Kind.VFROOT:

@@ -63,6 +63,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
+import outcome
 import trio
 
 from vfusefs.runtime._hop import PARKED, Lane, close_fds, pread_cached
@@ -102,6 +103,11 @@ class StoppedError(Exception):
     """The host's pool was stopped (the host is no longer served): answered with EIO."""
 
 
+class HostDown(trio.TooSlowError):
+    """The host is down (its health probe did not answer): answered with EIO at once.  A kind
+    of TooSlowError, so whatever copes with a host that does not answer copes with this."""
+
+
 class _Job:
     __slots__ = ("fn", "args", "task", "ok", "value", "abandoned")
 
@@ -133,8 +139,12 @@ class HostWorkers:
         self._backlog: collections.deque[_Job] = collections.deque()  # background calls
         self.slow_ewma = 0.0  # recent native call latency, seconds
         self.stopped = False
+        # the host is down (state/health.py): calls fail at once, and so do calls waiting
+        self.down = False
+        self._waiting_jobs: set[_Job] = set()  # jobs whose task is parked in trio for them
         # what to do with the result of a call that ended after its request gave up (op_timeout)
         self.on_abandoned: Callable[[Any], None] | None = None
+        self.on_timeout: Callable[[], None] | None = None  # a call gave up after op_timeout
         self._to_close: list[int] = []  # fds batched for closing (close_soon)
         # fds handed to background close calls that have not ended: each call gets at least
         # one, so settle waits until this is 0
@@ -232,6 +242,8 @@ class HostWorkers:
             while not self._free:
                 if self.stopped:
                     raise StoppedError(f"host {self.name} is no longer served")
+                if self.down:
+                    raise HostDown(f"host {self.name} is down")
                 await self._lane_free.park()
             return self._free.pop()
         finally:
@@ -242,6 +254,8 @@ class HostWorkers:
         """Run fn(*args) on one of this host's threads; TooSlowError after op_timeout."""
         if self.stopped:
             raise StoppedError(f"host {self.name} is no longer served")
+        if self.down:
+            raise HostDown(f"host {self.name} is down")
         job = _Job(fn, args, trio.lowlevel.current_task())
         deadline = trio.current_time() + self.op_timeout
         if self._returned:
@@ -260,6 +274,8 @@ class HostWorkers:
                     self._release(lane)
                     return cast(T, self._result(job))
                 return cast(T, await self._parked(job))
+        if self.on_timeout is not None:
+            self.on_timeout()  # e.g. probe the host's health now
         raise trio.TooSlowError(
             f"host {self.name}: native call {_name(fn)} took longer than {self.op_timeout}s"
         )
@@ -289,11 +305,32 @@ class HostWorkers:
 
         global parked
         parked += 1
+        self._waiting_jobs.add(job)
         try:
             await trio.lowlevel.wait_task_rescheduled(abort)
         finally:
             parked -= 1
+            self._waiting_jobs.discard(job)
         return self._result(job)
+
+    def set_down(self, down: bool) -> None:
+        """The host went down (or came back): from now on calls fail at once with HostDown,
+        and so do the calls already waiting, for a thread or for their native call (whose
+        thread is left to finish, or to hang in the kernel: the pool's threads are all a dead
+        host can hold, and new calls start no more)."""
+        self.down = down
+        if not down:
+            return
+        for job in list(self._waiting_jobs):
+            job.abandoned = True  # its lane comes back if the call ever ends (_wake)
+            self._waiting_jobs.discard(job)
+            trio.lowlevel.reschedule(job.task, outcome.Error(HostDown(f"host {self.name} is down")))
+        self._lane_free.unpark_all()
+
+    @property
+    def stuck(self) -> int:
+        """Threads busy with a call whose request gave up (a hung host holds them)."""
+        return len(self._lanes) - len(self._free) - len(self._returned)
 
     @staticmethod
     def _result(job: _Job) -> Any:

@@ -435,6 +435,10 @@ class Service:
                 self.tcp_app = build_app(registry, read_token(d.control_token_file))
                 await nursery.start(serve_asgi, self.tcp_app, d.control_listen, "control_listen")
             registry.nursery = nursery
+            registry.on_health_change = self.update_status
+            for served in list(registry.hosts.values()):  # each host's storage probed from now
+                nursery.start_soon(registry.watch_health, served)
+            await registry.watch_network()  # and the way to its servers
             for vf in registry.needs_scan:  # usage not trusted after an unclean stop
                 registry.start_rescan(vf)
 
@@ -575,7 +579,7 @@ class Service:
             await trio.sleep(USAGE_FLUSH_INTERVAL)
             stuck: set[str] = set()  # hosts that did not answer this round: skip the rest
             for vf in list(registry.vfolders.values()):
-                if vf.host.name in stuck:
+                if vf.host.name in stuck or vf.host.health == "down":  # said once, by health
                     continue
                 try:
                     await registry.reconcile(vf)

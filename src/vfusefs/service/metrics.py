@@ -115,12 +115,25 @@ class VfusefsCollector(Collector):
         vfolders = GaugeMetricFamily(
             "vfusefs_host_vfolders", "vfolders served per host", labels=["host"]
         )
+        health = GaugeMetricFamily(
+            "vfusefs_host_health",
+            "1 for the host's health state (ok, degraded, down), 0 for the others",
+            labels=["host", "state"],
+        )
+        stuck = GaugeMetricFamily(
+            "vfusefs_host_stuck_threads",
+            "threads holding a call whose request gave up (a hung host holds them)",
+            labels=["host"],
+        )
         for name, host in sorted(self.registry.hosts.items()):
             read.add_metric([name], host.bytes_read)
             written.add_metric([name], host.bytes_written)
             up.add_metric([name], 0 if host.health == "down" else 1)
             vfolders.add_metric([name], len(host.vfolders))
-        yield from (read, written, up, vfolders)
+            for state in ("ok", "degraded", "down"):
+                health.add_metric([name, state], int(host.health == state))
+            stuck.add_metric([name], host.workers.stuck if host.health == "down" else 0)
+        yield from (read, written, up, vfolders, health, stuck)
 
         denied = CounterMetricFamily(
             "vfusefs_denied", "requests refused by access mode or quota", labels=["host", "reason"]

@@ -14,7 +14,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -39,7 +39,9 @@ from vfusefs.fuse.inodes import ROOT_INODE, InodeTable, Kind, Node
 from vfusefs.fuse.kernel import KernelCache
 from vfusefs.native import copytree, mounts
 from vfusefs.runtime.workers import HostWorkers
+from vfusefs.state.health import HostHealth
 from vfusefs.state.leases import LeaseKeeper
+from vfusefs.state.netwatch import NetState, NetWatch
 from vfusefs.store import SharedStore, Store, StoreError, TrashRecord, VfolderRecord, node_name
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,9 @@ class Host:
     admin: HostWorkers  # backend calls (create, delete, quotas...): never on the lanes
     node: Node | None = None
     vfolders: dict[str, Vfolder] = field(default_factory=dict)
-    health: str = "ok"
+    health: str = "ok"  # ok, degraded, down: kept by `health_watch` (state/health.py)
+    health_watch: HostHealth | None = None
+    health_scope: trio.CancelScope | None = None
     fs_type: str = "?"  # of the native path, from mountinfo
     # close() of a written file is passed on (close-to-open: NFS writes back and reports errors
     # then); on a local filesystem it has nothing to do, so flush needs no worker hop there
@@ -165,6 +169,8 @@ class Registry:
         self.untrusted: set[str] = set()
         self._id_locks: dict[str, trio.Lock] = {}  # see _lifecycle
         self._flushing = trio.Lock()  # one usage flush (or refresh) at a time
+        self.on_health_change: Callable[[], None] | None = None  # the daemon's STATUS line
+        self.netwatch: NetWatch | None = None
         # usage batches: numbered (rising across restarts too), the last one kept until the
         # store took it (sent again as it was after an error: added once)
         self._batch = time.time_ns() // 1000
@@ -266,8 +272,48 @@ class Registry:
         admin.on_abandoned = close_opened
         host = Host(hc.name, hc, backend, workers, admin)
         host.node = self.table.new_virtual(Kind.HOST, host)
+        host.health_watch = HostHealth(host, self._health_changed)
+        workers.on_timeout = admin.on_timeout = host.health_watch.suspect
         self.hosts[hc.name] = host
+        if self.nursery is not None:
+            self.nursery.start_soon(self.watch_health, host)
         return host
+
+    async def watch_health(self, host: Host) -> None:
+        """Probe host's storage until the host is no longer served (state/health.py)."""
+        assert host.health_watch is not None
+        with trio.CancelScope() as scope:
+            host.health_scope = scope
+            await host.health_watch.watch()
+
+    async def watch_network(self) -> None:
+        """Start watching the way to every host's servers over netlink (state/netwatch.py)."""
+        self.netwatch = NetWatch(self.token, self._network_changed)
+        await self.network_targets()
+        self.netwatch.start()
+
+    async def network_targets(self) -> None:
+        """Tell the network watch which servers each host has (at start, after a reload)."""
+        if self.netwatch is None:
+            return
+        targets = {}
+        for host in list(self.hosts.values()):
+            try:  # the mount table and the host's path: on its admin threads (it may hang)
+                targets[host.name] = await host.admin.run(host.backend.health_targets)
+            except (OSError, trio.TooSlowError) as exc:
+                log.warning("host %s: cannot tell its storage servers: %s", host.name, exc)
+        self.netwatch.set_targets(targets)
+
+    def _network_changed(self, changed: dict[str, NetState]) -> None:
+        for name, net in changed.items():
+            host = self.hosts.get(name)
+            if host is not None and host.health_watch is not None:
+                host.health_watch.network(net)
+
+    def _health_changed(self, host: Host, old: str, new: str) -> None:
+        host.admin.set_down(new == "down")
+        if self.on_health_change is not None:
+            self.on_health_change()
 
     async def _probe_fs(self, host: Host) -> None:
         try:
@@ -302,6 +348,8 @@ class Registry:
         self.store_workers.stop()
         if self.leases is not None:
             self.leases.close()
+        if self.netwatch is not None:
+            self.netwatch.stop()
 
     def _set_limits_of(self, key: str, quota_bytes: int, quota_inodes: int) -> None:
         """An account's limits, as the store has them (leased on a shared store)."""
@@ -342,6 +390,7 @@ class Registry:
                 )
         if changes:
             self.kernel.forget_attrs(ROOT_INODE)  # its link count
+        await self.network_targets()  # servers may have changed without anything else
         return changes
 
     async def _remove_host(self, name: str) -> None:
@@ -351,6 +400,8 @@ class Registry:
             self._stop_serving(vf)
         host.workers.stop()  # queued calls finish; later ones fail, closes run inline
         host.admin.stop()
+        if host.health_scope is not None:
+            host.health_scope.cancel()
         self.kernel.forget_entry(ROOT_INODE, name.encode())
 
     def _stop_serving(self, vf: Vfolder) -> None:
