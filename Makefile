@@ -49,7 +49,17 @@ run: venv
 	   echo "demo vfolder: /mnt/vfroot/local/$(DEMO_ID)" ) & \
 	exec $(VENV)/bin/vfusefs serve --config $(DEMO)/vfusefs.toml
 
-test: test-deps venv
+# promtool (checks examples/prometheus): taken out of Debian's prometheus package into .cache,
+# not installed, so no Prometheus server is set up on the machine
+PROMTOOL = .cache/prometheus/usr/bin/promtool
+$(PROMTOOL):
+	@mkdir -p .cache/deb
+	@cd .cache/deb && (apt-get download prometheus >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get download prometheus >/dev/null))
+	dpkg -x .cache/deb/prometheus_*.deb .cache/prometheus
+	@rm -rf .cache/deb
+
+test: test-deps venv $(PROMTOOL)
 	$(VENV)/bin/mypy src/
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench

@@ -36,7 +36,7 @@ from vfusefs.fuse.ops import Operations
 from vfusefs.native import mounts
 from vfusefs.runtime import fuseloop, fuseshim
 from vfusefs.runtime.workers import StoppedError
-from vfusefs.service import metrics
+from vfusefs.service import doctor, metrics
 from vfusefs.service.control import build_app
 from vfusefs.service.logs import setup_logging
 from vfusefs.service.notify import Notifier
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 TRASH_PURGE_INTERVAL = 60.0
 USAGE_FLUSH_INTERVAL = 5.0
 STORE_FOLLOW_INTERVAL = 0.5  # seconds between reads of the store's change feed
+LAG_CHECK = 1.0  # seconds between looks at the loop's lag when systemd has no watchdog
 
 
 class StartupError(Exception):
@@ -243,6 +244,7 @@ class Service:
         self.nursery: trio.Nursery | None = None
         self.waiter: fuseloop.Waiter | None = None
         self.flush_asked = False  # another node asked for a flush, not started yet
+        self.loop_lag_max = 0.0  # seconds the event loop woke late, the worst of the last minute
 
     # -- systemd --------------------------------------------------------------------------------
     def status_line(self) -> str:
@@ -264,14 +266,20 @@ class Service:
             self.notifier.status(line)
 
     async def watchdog(self) -> None:
-        """Ping systemd from the event loop itself: if the loop wedges, the pings stop."""
-        interval = self.notifier.watchdog_seconds / 3
-        if not interval:
-            return
-        log.debug("pinging the systemd watchdog every %.1f s", interval)
+        """Ping systemd from the event loop itself: if the loop wedges, the pings stop.  How
+        late the loop woke for it (the worst of the last minute) is exported, so an alert can
+        fire before systemd's WatchdogSec runs out (vfusefs_loop_lag_max_seconds)."""
+        interval = self.notifier.watchdog_seconds / 3 or LAG_CHECK
+        if self.notifier.watchdog_seconds:
+            log.debug("pinging the systemd watchdog every %.1f s", interval)
+        window: list[float] = []
         while True:
-            self.notifier.watchdog()
+            if self.notifier.watchdog_seconds:
+                self.notifier.watchdog()
+            due = trio.current_time() + interval
             await trio.sleep(interval)
+            window = [*window[-(int(60 / interval) or 1) + 1 :], trio.current_time() - due]
+            self.loop_lag_max = max(window)
 
     async def announce_ready(self) -> None:
         """READY=1 only once the mount answers: a round trip through our own FUSE loop."""
@@ -412,6 +420,16 @@ class Service:
             registry = self.registry = Registry(self.cfg, store, table, token)
             stack.callback(registry.close)
             await registry.load()
+            limit = doctor.fuse_request_timeout()
+            for hc in self.cfg.hosts.values():
+                if limit and hc.op_timeout >= limit:
+                    log.warning(
+                        "host %s: op_timeout %g s is not below fs.fuse.default_request_timeout "
+                        "(%d s): a hung request would abort the whole mount; lower op_timeout",
+                        hc.name,
+                        hc.op_timeout,
+                        limit,
+                    )
             if registry.leases is not None:
                 try:
                     await registry.leases.join()
@@ -445,7 +463,10 @@ class Service:
             ops = self.ops = Operations(registry, d)
             if d.metrics_listen:
                 await nursery.start(
-                    serve_asgi, metrics.build_app(ops, registry), d.metrics_listen, "metrics_listen"
+                    serve_asgi,
+                    metrics.build_app(ops, registry, self),
+                    d.metrics_listen,
+                    "metrics_listen",
                 )
             options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
             options |= {"fsname=vfusefs", "subtype=vfusefs", "allow_other"}

@@ -372,7 +372,38 @@ def check_hosts(cfg: Config) -> list[Check]:
                 "add a host (see examples/)",
             )
         )
+    out.extend(check_request_timeout(cfg))
     return out
+
+
+def fuse_request_timeout() -> int:
+    """fs.fuse.default_request_timeout: seconds after which the kernel aborts a FUSE connection
+    whose request is unanswered (0 or absent: never)."""
+    try:
+        with open("/proc/sys/fs/fuse/default_request_timeout") as f:
+            return int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def check_request_timeout(cfg: Config) -> list[Check]:
+    """Every request must be answered before the kernel would abort the whole mount: each
+    host's op_timeout must stay below fs.fuse.default_request_timeout."""
+    limit = fuse_request_timeout()
+    if not limit:
+        return []
+    late = [f"{n} ({hc.op_timeout:g} s)" for n, hc in cfg.hosts.items() if hc.op_timeout >= limit]
+    if not late:
+        return [Check("fuse request timeout", "ok", f"{limit} s, above every op_timeout")]
+    return [
+        Check(
+            "fuse request timeout",
+            "fail",
+            f"fs.fuse.default_request_timeout is {limit} s: a hung request of host(s) "
+            f"{', '.join(late)} would abort the whole mount before it fails with EIO",
+            f"set op_timeout below {limit} for them, or raise the sysctl",
+        )
+    ]
 
 
 def check_daemon(cfg: Config) -> Check:

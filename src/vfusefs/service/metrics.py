@@ -76,9 +76,10 @@ def result_label(code: int) -> str:
 
 
 class VfusefsCollector(Collector):
-    def __init__(self, ops: Operations, registry: Registry) -> None:
+    def __init__(self, ops: Operations, registry: Registry, service: Any = None) -> None:
         self.ops = ops
         self.registry = registry
+        self.service = service  # the daemon (loop lag, watchdog), when there is one
 
     def collect(self) -> Iterator[Any]:
         ops_total = CounterMetricFamily(
@@ -149,6 +150,28 @@ class VfusefsCollector(Collector):
         inodes.add_metric([], len(self.registry.table))
         yield inodes
 
+        if self.service is not None:
+            lag = GaugeMetricFamily(
+                "vfusefs_loop_lag_max_seconds",
+                "how late the event loop woke for a timer, the worst of the last minute",
+            )
+            lag.add_metric([], self.service.loop_lag_max)
+            watchdog = GaugeMetricFamily(
+                "vfusefs_watchdog_seconds", "systemd's WatchdogSec for the daemon (0: none)"
+            )
+            watchdog.add_metric([], self.service.notifier.watchdog_seconds)
+            yield from (lag, watchdog)
+        scope_usage = GaugeMetricFamily(
+            "vfusefs_scope_usage_bytes", "bytes a quota scope's vfolders use", labels=["scope"]
+        )
+        scope_quota = GaugeMetricFamily(
+            "vfusefs_scope_quota_bytes", "a quota scope's byte limit", labels=["scope"]
+        )
+        for key, acc in sorted(self.registry.ledger.accounts.items()):
+            if key.startswith("scope:") and acc.limit_bytes:  # limited scopes only
+                scope_usage.add_metric([key[6:]], acc.used_bytes)
+                scope_quota.add_metric([key[6:]], acc.limit_bytes)
+        yield from (scope_usage, scope_quota)
         store = GaugeMetricFamily(
             "vfusefs_store_up", "1 while the store answers", labels=["kind", "node"]
         )
@@ -156,19 +179,18 @@ class VfusefsCollector(Collector):
             [self.registry.store.kind, self.registry.node], int(self.registry.store_connected)
         )
         yield store
-        keeper = self.registry.leases
-        if keeper is not None:  # many nodes: quota leases
-            requests = CounterMetricFamily(
-                "vfusefs_lease_requests", "quota lease requests this node made to the store"
-            )
-            requests.add_metric([], keeper.requests)
-            refused = CounterMetricFamily(
-                "vfusefs_lease_refused", "lease requests that found no room (then EDQUOT)"
-            )
-            refused.add_metric([], keeper.refused)
-            held = GaugeMetricFamily("vfusefs_leases_held", "quota leases this node holds")
-            held.add_metric([], len(keeper.until))
-            yield from (requests, refused, held)
+        keeper = self.registry.leases  # many nodes: quota leases (0 on a single-node store)
+        requests = CounterMetricFamily(
+            "vfusefs_lease_requests", "quota lease requests this node made to the store"
+        )
+        requests.add_metric([], keeper.requests if keeper else 0)
+        refused = CounterMetricFamily(
+            "vfusefs_lease_refused", "lease requests that found no room (then EDQUOT)"
+        )
+        refused.add_metric([], keeper.refused if keeper else 0)
+        held = GaugeMetricFamily("vfusefs_leases_held", "quota leases this node holds")
+        held.add_metric([], len(keeper.until) if keeper else 0)
+        yield from (requests, refused, held)
 
         if not self.registry.config.daemon.metrics_vfolders:  # read live: SIGHUP may change it
             return
@@ -188,10 +210,10 @@ class VfusefsCollector(Collector):
         yield quota
 
 
-def build_app(ops: Operations, registry: Registry) -> Any:
+def build_app(ops: Operations, registry: Registry, service: Any = None) -> Any:
     """The ASGI app serving /metrics (hypercorn runs it on the event loop, like the control API)."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(VfusefsCollector(ops, registry))
+    reg.register(VfusefsCollector(ops, registry, service))
     ProcessCollector(registry=reg)  # RSS, open fds, CPU of the daemon
     return WithLifespan(make_asgi_app(registry=reg))
 
