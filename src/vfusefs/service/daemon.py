@@ -501,9 +501,16 @@ class Service:
                 nursery.start_soon(registry.leases.keep)
             await pyfuse3.main(min_tasks=1, max_tasks=d.max_tasks)
             log.info("FUSE loop ended: no more requests are served")
-            await registry.mark_clean()  # usage persisted: the next start may trust it
-            if registry.leases is not None:
-                await registry.leases.leave()  # every lease given back
+            try:
+                await registry.mark_clean()  # usage persisted: the next start may trust it
+                if registry.leases is not None:
+                    await registry.leases.leave()  # every lease given back
+            except (StoreError, trio.TooSlowError) as exc:
+                log.warning(
+                    "usage not persisted at stop (the store is away: %s): the next start "
+                    "recounts it",
+                    exc,
+                )
             for (host, op, code), st in sorted(ops.stats.items()):
                 log.debug(
                     "served %-8s %-12s errno %-3d x%-8d %8.1f us each",

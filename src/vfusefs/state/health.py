@@ -8,15 +8,18 @@ small hidden file in it (`.vfusefs-probe`), on a thread of its own, bounded by t
 - `degraded`: they answer, but slower;
 - `down`: a probe did not answer within op_timeout, or failed (the path is gone, I/O errors).
 
-What netlink says of the way to the host's `servers` (state/netwatch.py) counts too: the worse
-of the two wins.  A host goes `down` at the first probe that does not answer: its operations, new and already
-waiting, then fail with EIO at once (HostWorkers.set_down) instead of each waiting op_timeout.
-A request that times out on the data path wakes the probe at once, so a host that hangs is
-found within about one op_timeout.  Coming back takes RECOVER probes in a row that answer (and
-leaving `degraded` as many fast ones), so a flapping link does not flap the state.  A probe
-thread stuck in the kernel (a hard NFS mount) is never joined by another: the host stays down
-until it returns.  Each change is logged once and shown in `user.vfusefs.health`,
-`vfusefs_host_up`, `vfusefs_host_health`, `vfusefs status` and the systemd STATUS line.
+What netlink says of the way to the host's `servers` (state/netwatch.py) counts too: the
+worse of the two wins.
+
+A host goes `down` at the first probe that does not answer, or the first request that gets no
+answer within op_timeout.  Its operations, new and already waiting, then fail with EIO at once
+(HostWorkers.set_down) instead of each waiting op_timeout, so no caller waits much more than
+op_timeout for one system call, however many the kernel queued behind one another.  Coming back
+takes RECOVER probes in a row that answer (and leaving `degraded` as many fast ones), so a
+flapping link does not flap the state.  A probe thread stuck in the kernel (a hard NFS mount)
+is never joined by another: the host stays down until it returns.  Each change is logged once
+and shown in `user.vfusefs.health`, `vfusefs_host_up`, `vfusefs_host_health`, `vfusefs status`
+and the systemd STATUS line.
 """
 
 from __future__ import annotations
@@ -94,7 +97,11 @@ class HostHealth:
             self.wake.set()
 
     def suspect(self) -> None:
-        """A request on this host timed out: probe at once."""
+        """A request on this host got no answer within op_timeout: that is a probe that did
+        not answer.  Down at once, so the requests the kernel queued behind it (lookups in one
+        directory go one at a time) fail now instead of each waiting op_timeout; the probes
+        bring it back (RECOVER in a row)."""
+        self._set("down", f"a request got no answer within {self.host.config.op_timeout:g} s")
         self.wake.set()
 
     async def watch(self) -> None:

@@ -157,6 +157,8 @@ class LeaseKeeper:
     async def _acquire(self, key: str, want: tuple[int, int]) -> Grant | None:
         """One acquire; updates the account's lease.  None when the store did not answer or
         the account is gone."""
+        if not self.registry.store_connected:  # not until it is known to be the same store
+            return None
         acc = self.registry.ledger.account(key)
         fresh = None if acc.lease_held else self.pending(key)
         have = (0, 0)
@@ -250,6 +252,8 @@ class LeaseKeeper:
                         key,
                         self.ttl,
                     )
+        if not registry.store_connected:  # expiry above is all that runs without the store
+            return
         await registry.flush_usage()  # what was spent becomes usage in the store
         for key in list(self.until):
             acc = registry.ledger.accounts.get(key)

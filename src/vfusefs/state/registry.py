@@ -273,7 +273,8 @@ class Registry:
         host = Host(hc.name, hc, backend, workers, admin)
         host.node = self.table.new_virtual(Kind.HOST, host)
         host.health_watch = HostHealth(host, self._health_changed)
-        workers.on_timeout = admin.on_timeout = host.health_watch.suspect
+        # a request that got no answer: the host is down (backend calls may take long)
+        workers.on_timeout = host.health_watch.suspect
         self.hosts[hc.name] = host
         if self.nursery is not None:
             self.nursery.start_soon(self.watch_health, host)
@@ -717,7 +718,11 @@ class Registry:
 
     async def _flush_usage(self) -> None:
         """Send the batch an error left unsent (it may have landed: the store adds a batch
-        once), then what changed since."""
+        once), then what changed since.  Not while the store is away: after it answers again
+        the feed follower first checks it is the same store (apply_changes), and a store that
+        lost its data gets this node's usage by a recount instead (_republish)."""
+        if not self.store_connected:
+            return
         for _ in range(2):
             if self._unsent is None:
                 rows = []
