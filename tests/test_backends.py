@@ -178,3 +178,15 @@ def test_the_server_of_a_mount_source(source: str, server: str) -> None:
 def test_the_mount_table_names_sources() -> None:
     m = mounts.mount_of("/proc/self")
     assert m is not None and m.fstype == "proc" and m.source == "proc"
+
+
+def test_inventory_finds_vfolders_by_layout(backend: Backend) -> None:
+    flat = backend.native_path(uuid.uuid4(), "")
+    backend.create_vfolder(flat)
+    Path(backend.host.path, "not-a-vfolder").mkdir()
+    found, unfinished = backend.inventory()
+    assert found == [flat] and unfinished == []
+    deep = load_backend(dataclasses.replace(backend.host, layout="backendai"))
+    path = deep.native_path(uuid.uuid4(), "project:0b8e2f46-7b1c-4a55-9c3e-2d1f0a9b8c7d")
+    deep.create_vfolder(path)
+    assert deep.inventory()[0] == [path]  # the flat one is not where this layout looks

@@ -112,3 +112,12 @@ def test_a_limit_btrfs_cannot_hold_changes_nothing(world_dir: Path) -> None:
             assert d.stop() == 0
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_limit_changed_behind_vfusefs_is_reported(bt: Daemon) -> None:
+    info = bt.create_vfolder("bt", quota_bytes="16M")
+    run("btrfs", "qgroup", "limit", "32M", info["native_path"])  # an admin, by hand
+    c = bt.api("GET", "/v1/hosts/bt").json()["consistency"]
+    assert c["limit_drift"] == [{"id": info["id"], "store": 16 * MiB, "native": 32 * MiB}]
+    bt.cli("vfolder", "quota", "bt", info["id"], "--bytes", "16M")  # re-applied
+    assert bt.api("GET", "/v1/hosts/bt").json()["consistency"]["limit_drift"] == []

@@ -317,3 +317,29 @@ def test_create_sets_the_roots_owner_and_mode(daemon: Daemon) -> None:
     r3 = daemon.api("POST", "/v1/hosts/local/vfolders", {"mode": 493})  # a number, not a string
     assert r3.status_code == 400 and r3.json()["error"] == "bad_mode"
     assert sorted(os.listdir(daemon.hosts["local"]["path"])) == before
+
+
+def test_native_storage_against_the_store_is_reported_never_changed(daemon: Daemon) -> None:
+    """GET /v1/hosts/{host} and doctor name orphan directories, vfolders whose directory is
+    gone and unfinished clones, say what to do about each, and delete nothing."""
+    native = Path(daemon.hosts["local"]["path"])
+    kept = daemon.create_vfolder()
+    gone = daemon.create_vfolder()
+    orphan = native / str(uuid.uuid4())
+    orphan.mkdir()
+    (orphan / "data").write_text("someone's\n")
+    (native / f".{uuid.uuid4()}.clone").mkdir()  # what a clone stopped by a crash leaves
+    (native / "not-a-vfolder").mkdir()  # other names are none of our business
+    os.rename(gone["native_path"], native / "elsewhere")
+    c = daemon.api("GET", "/v1/hosts/local").json()["consistency"]
+    assert c["orphans"] == [str(orphan)] and c["missing"] == [gone["id"]]
+    assert len(c["unfinished_clones"]) == 1 and c["limit_drift"] == []
+    checks = {x["name"]: x for x in json.loads(daemon.cli("doctor", "--json", check=False).stdout)}
+    line = checks["host local: vfolders against the store"]
+    assert line["level"] == "warn" and "1 directory(ies) no vfolder names" in line["detail"]
+    assert f"vfusefs vfolder create local --id UUID --adopt (first: {orphan})" in line["fix"]
+    assert f"vfusefs vfolder rm local {gone['id']}" in line["fix"]
+    assert (orphan / "data").read_text() == "someone's\n"  # reported, not touched
+    daemon.cli("vfolder", "create", "local", "--id", orphan.name, "--adopt")
+    c = daemon.api("GET", "/v1/hosts/local").json()["consistency"]
+    assert c["orphans"] == [] and os.path.isdir(kept["native_path"])

@@ -134,6 +134,33 @@ class Backend:
     def trash_dir(self) -> str:
         return os.path.join(self.host.path, TRASH_DIR)
 
+    def inventory(self) -> tuple[list[str], list[str]]:
+        """What the host's native directory holds, by its layout: (vfolder directories,
+        unfinished clones: hidden `.<uuid>.clone` entries a crash mid-clone left)."""
+        found: list[str] = []
+        unfinished: list[str] = []
+        levels = 1 if self.host.layout == "flat" else 4  # <scope>/<u[0:2]>/<u[2:4]>/<u[4:]>
+        self._walk_layout(self.host.path, levels, "", found, unfinished)
+        return sorted(found), sorted(unfinished)
+
+    def _walk_layout(
+        self, path: str, levels: int, prefix: str, found: list[str], unfinished: list[str]
+    ) -> None:
+        try:
+            entries = list(os.scandir(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for entry in entries:
+            name = entry.name
+            if levels == 1:
+                if name.startswith(".") and name.endswith(".clone"):
+                    unfinished.append(entry.path)
+                elif entry.is_dir(follow_symlinks=False) and _looks_like_vfolder(prefix + name):
+                    found.append(entry.path)
+            elif entry.is_dir(follow_symlinks=False) and not name.startswith("."):
+                part = "" if levels == 4 else prefix + name  # the scope dir is not in the id
+                self._walk_layout(entry.path, levels - 1, part, found, unfinished)
+
     # -- vfolder lifecycle ----------------------------------------------------------------------
     def create_vfolder(self, path: str, adopt: bool = False) -> bool:
         """Make the vfolder's directory (or, with adopt, use the one there); True if made."""
@@ -192,6 +219,10 @@ class Backend:
     # -- optional capabilities ------------------------------------------------------------------
     def set_native_quota(self, path: str, quota_bytes: int, quota_inodes: int) -> None:
         """Push a vfolder's limits (0: none) down to the storage."""
+        raise NotSupported(f"backend {self.name!r} has no native quota")
+
+    def native_limit(self, path: str) -> int:
+        """The byte limit the storage enforces on a vfolder (0: none)."""
         raise NotSupported(f"backend {self.name!r} has no native quota")
 
     def native_usage(self, path: str) -> tuple[int, int]:
@@ -268,6 +299,46 @@ class Backend:
             "layout": self.host.layout,
             "capabilities": asdict(self.capabilities),
         }
+
+
+def consistency(backend: Backend, recorded: dict[str, tuple[str, int]]) -> dict[str, Any]:
+    """Native storage against the store, for one host (blocking: its admin threads or doctor).
+
+    recorded: native path -> (vfolder id, byte limit) of every vfolder the store has on the
+    host.  Returns native directories no vfolder record names (`orphans`: adopt them or remove
+    them by hand), records whose directory is gone (`missing`), unfinished clones a crash left,
+    and limits the storage enforces that differ from the store's (`limit_drift`).  It reports;
+    it never deletes anything."""
+    found, unfinished = backend.inventory()
+    orphans = sorted(set(found) - set(recorded))
+    missing = sorted(vfid for path, (vfid, _) in recorded.items() if not os.path.isdir(path))
+    drift = []
+    if backend.capabilities.native_quota:
+        for path, (vfid, limit) in sorted(recorded.items()):
+            if vfid in missing:
+                continue
+            try:
+                native = backend.native_limit(path)
+            except BackendError:
+                continue
+            if native != limit:
+                drift.append({"id": vfid, "store": limit, "native": native})
+    return {
+        "orphans": orphans,
+        "missing": missing,
+        "unfinished_clones": unfinished,
+        "limit_drift": drift,
+    }
+
+
+def _looks_like_vfolder(name: str) -> bool:
+    """A canonical UUID (flat layout), or its 32 hex digits split as the backendai layout does."""
+    text = name if "-" in name else name.replace("/", "")
+    try:
+        u = uuid.UUID(text)
+    except ValueError:
+        return False
+    return str(u) == text or u.hex == text
 
 
 def installed() -> dict[str, type[Backend]]:

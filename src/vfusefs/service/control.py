@@ -162,7 +162,12 @@ def build_app(registry: Registry, token: str | None = None) -> Starlette:
 
     @endpoint
     async def host(request: Request) -> Response:
-        return JSONResponse(registry.host(request.path_params["host"]).describe())
+        out = registry.host(request.path_params["host"]).describe()
+        try:  # native storage against the store; a hung host answers the rest anyway
+            out["consistency"] = await registry.host_consistency(request.path_params["host"])
+        except (trio.TooSlowError, OSError) as exc:
+            out["consistency"] = {"error": getattr(exc, "strerror", None) or str(exc)}
+        return JSONResponse(out)
 
     @endpoint
     async def vfolders(request: Request) -> Response:

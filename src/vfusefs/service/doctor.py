@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vfusefs import config as config_mod
-from vfusefs.backends import BackendError, load_backend
+from vfusefs.backends import BackendError, consistency, load_backend
 from vfusefs.config import Config, ConfigError
 from vfusefs.native import mounts
 from vfusefs.store import REDIS_SCHEMES, StoreError, open_store, sqlite_path
@@ -373,6 +373,60 @@ def check_hosts(cfg: Config) -> list[Check]:
             )
         )
     out.extend(check_request_timeout(cfg))
+    out.extend(check_consistency(cfg))
+    return out
+
+
+def check_consistency(cfg: Config) -> list[Check]:
+    """Each host's native storage against the store's records: orphan directories, records
+    with no directory, unfinished clones, native limits that drifted (nothing is changed)."""
+    if cfg.store_url.startswith("sqlite:"):
+        try:
+            if not os.path.exists(sqlite_path(cfg.store_url)):
+                return []  # no store yet: nothing to compare (and doctor makes none)
+        except StoreError:
+            return []
+    try:
+        store = bounded(open_store, cfg.store_url)
+    except (StoreError, TimeoutError):
+        return []  # check_state says what is wrong with the store
+    try:
+        records = bounded(store.vfolders)
+    except (StoreError, TimeoutError):
+        return []
+    finally:
+        store.close()
+    out = []
+    for name, hc in cfg.hosts.items():
+        recorded = {r.native_path: (r.id, r.quota_bytes) for r in records if r.host == name}
+        try:
+            found = bounded(consistency, load_backend(hc), recorded)
+        except (TimeoutError, OSError, BackendError, ConfigError):
+            continue  # check_hosts says so
+        label = f"host {name}: vfolders against the store"
+        problems = []
+        fixes = []
+        if found["orphans"]:
+            problems.append(f"{len(found['orphans'])} directory(ies) no vfolder names")
+            fixes.append(
+                f"serve one: vfusefs vfolder create {name} --id UUID --adopt "
+                f"(first: {found['orphans'][0]})"
+            )
+        if found["missing"]:
+            problems.append(f"{len(found['missing'])} vfolder(s) whose directory is gone")
+            fixes.append(f"restore the data, or: vfusefs vfolder rm {name} {found['missing'][0]}")
+        if found["unfinished_clones"]:
+            problems.append(f"{len(found['unfinished_clones'])} unfinished clone(s)")
+            fixes.append(f"remove what a stopped clone left: {found['unfinished_clones'][0]}")
+        if found["limit_drift"]:
+            d = found["limit_drift"][0]
+            problems.append(f"{len(found['limit_drift'])} native limit(s) differ from the store")
+            fixes.append(f"re-apply: vfusefs vfolder quota {name} {d['id']} --bytes {d['store']}")
+        total = len(recorded)
+        if problems:
+            out.append(Check(label, "warn", "; ".join(problems), "; ".join(fixes)))
+        else:
+            out.append(Check(label, "ok", f"{total} vfolder(s), each with its directory"))
     return out
 
 

@@ -21,7 +21,7 @@ from typing import Any, cast
 import trio
 
 from vfusefs import native
-from vfusefs.backends import AlreadyThere, Backend, BackendError, load_backend
+from vfusefs.backends import AlreadyThere, Backend, BackendError, consistency, load_backend
 from vfusefs.config import Config, HostConfig
 from vfusefs.domain import access
 from vfusefs.domain.quota import QuotaLedger
@@ -782,6 +782,24 @@ class Registry:
             )
             return
         await self.store_workers.run(self.store.set_clean, self.node, True)
+
+    async def host_consistency(self, host_name: str) -> dict[str, Any]:
+        """The host's native storage against the store (backends.consistency): GET
+        /v1/hosts/{host} shows it; nothing is changed."""
+        host = self.host(host_name)
+        recorded = {
+            r.native_path: (r.id, r.quota_bytes)
+            for r in await self.store_workers.run(self.store.vfolders)
+            if r.host == host.name
+        }
+        running = {
+            t.vfolder for t in self.tasks.values() if t.kind == "clone" and t.state == "running"
+        }
+        found = await host.admin.run(consistency, host.backend, recorded)
+        found["unfinished_clones"] = [  # a clone still copying is not a leftover
+            p for p in found["unfinished_clones"] if not any(v in p for v in running)
+        ]
+        return found
 
     # -- clones and snapshots -------------------------------------------------------------------
     async def start_clone(
