@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,20 @@ def world_dir() -> Iterator[Path]:
 @pytest.fixture
 def daemon(world_dir: Path) -> Iterator[Daemon]:
     d = Daemon(world_dir).start()
+    yield d
+    assert d.stop() == 0
+
+
+@pytest.fixture(params=["vfs", "btrfs"])
+def any_daemon(request: pytest.FixtureRequest, world_dir: Path) -> Iterator[Daemon]:
+    """A daemon whose host `local` is a plain directory (vfs), or a btrfs filesystem with
+    quotas (the btrfs backend): for the tests every backend must pass."""
+    hosts = None
+    if request.param == "btrfs":
+        fs = request.getfixturevalue("btrfs_fs")
+        path = fs.dir(f"h{uuid.uuid4().hex[:8]}")
+        hosts = {"local": {"backend": "btrfs", "path": str(path)}}
+    d = Daemon(world_dir, hosts=hosts).start()
     yield d
     assert d.stop() == 0
 

@@ -21,7 +21,8 @@ pytestmark = pytest.mark.mount
 MAX_LEN = 256 * 1024
 
 
-def test_fsx(daemon: Daemon) -> None:
+def test_fsx(any_daemon: Daemon) -> None:
+    daemon = any_daemon
     seed = int(os.environ.get("FSX_SEED", random.randrange(2**32)))
     ops = int(os.environ.get("FSX_OPS", 30000))
     rng = random.Random(seed)

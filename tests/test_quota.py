@@ -85,7 +85,8 @@ def _writer(path: str, seed: int) -> None:
 
 
 @pytest.mark.mount
-def test_usage_is_exact_after_random_workloads(daemon: Daemon) -> None:
+def test_usage_is_exact_after_random_workloads(any_daemon: Daemon) -> None:
+    daemon = any_daemon
     vf = daemon.vfolder()
     native = native_of(daemon, vf)
     assert usage(daemon, vf) == du(native)  # an empty vfolder: its own directory block
