@@ -78,6 +78,17 @@ def timed_stat(path: Path) -> tuple[float, int]:
     return time.monotonic() - start, code
 
 
+def at_once(paths: list[Path], seconds: float) -> list[tuple[float, int]]:
+    """stat every path from its own thread, all at once: (seconds, errno) of each that ended."""
+    results: list[tuple[float, int]] = []
+    callers = [threading.Thread(target=lambda p=p: results.append(timed_stat(p))) for p in paths]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join(seconds)
+    return results
+
+
 def health(d: Daemon, host: str) -> str:
     return str(d.api("GET", f"/v1/hosts/{host}").json()["health"])
 
@@ -95,15 +106,7 @@ def test_a_hung_host_fails_fast_and_nothing_else_slows_down(hosts: tuple[Daemon,
     bind.proc.send_signal(signal.SIGSTOP)
     # 20 callers as it hangs, each looking up a name in one directory: the kernel sends such
     # lookups one at a time, so without care the n-th would wait n x op_timeout
-    first: list[tuple[float, int]] = []
-    callers = [
-        threading.Thread(target=lambda i=i: first.append(timed_stat(slow / f"new-{i}")))
-        for i in range(20)
-    ]
-    for t in callers:
-        t.start()
-    for t in callers:
-        t.join(10 * OP_TIMEOUT)
+    first = at_once([slow / f"new-{i}" for i in range(20)], 10 * OP_TIMEOUT)
     print(f"20 callers as the host hung: the slowest took {max(first)[0]:.2f} s")
     assert len(first) == 20 and all(code == errno.EIO for _, code in first)
     assert max(took for took, _ in first) < OP_TIMEOUT + 1.0, sorted(first)
@@ -122,15 +125,7 @@ def test_a_hung_host_fails_fast_and_nothing_else_slows_down(hosts: tuple[Daemon,
     )
     assert r.stdout == "down", r.stderr
     # 50 callers at once on the dead host: every one returns, quickly
-    results: list[tuple[float, int]] = []
-    callers = [
-        threading.Thread(target=lambda i=i: results.append(timed_stat(slow / f"n{i}")))
-        for i in range(50)
-    ]
-    for t in callers:
-        t.start()
-    for t in callers:
-        t.join(3 * OP_TIMEOUT)
+    results = at_once([slow / f"n{i}" for i in range(50)], 3 * OP_TIMEOUT)
     assert len(results) == 50 and all(code == errno.EIO for _, code in results)
     assert max(took for took, _ in results) < OP_TIMEOUT, sorted(results)[-3:]
     # the other host stays fast, the control API and the CLI answer
