@@ -838,7 +838,7 @@ class Registry:
             raise RegistryError(409, "exists", f"vfolder {new_id} already exists")
         if any(t.vfolder == new_id and t.state == "running" for t in self.tasks.values()):
             raise RegistryError(409, "exists", f"a clone into {new_id} is running")
-        if os.path.lexists(path):
+        if await host.admin.run(os.path.lexists, path):  # never a syscall on the event loop
             raise RegistryError(409, "native_exists", f"native directory {path} already exists")
         used = self.ledger.account(src.quota_keys[0])
         self._check_fits(new_id, scope, qb, qi, used.used_bytes, used.used_inodes)
