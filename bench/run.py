@@ -3,9 +3,11 @@
 
     sudo .venv/bin/python bench/run.py [--quick] [--compare checks|quota|redis] [--repeat 3]
                                        [--rss-files 100000] [--only write,untar,...]
-                                       [--bindfs] [--baseline CHECKOUT]
+                                       [--bindfs] [--mergerfs] [--baseline CHECKOUT]
 
-Prints the median seconds on each side and the ratio mount/native (1.0 = as fast as native).
+Prints the median seconds on each side and the ratio mount/native (1.0 = as fast as native),
+then the CPU seconds each daemon process burnt per workload (vfusefs and the peers: --bindfs,
+--mergerfs, both from Debian).
 Workloads run as a container would: root inside a confined cgroup, through a bind mount of the
 vfolder, with several grants in place (one matching).  --compare checks mounts a second daemon
 with access checks off, --compare quota one whose vfolder has no quota (the first has vfolder
@@ -261,7 +263,9 @@ def rows(w: Workloads) -> list[tuple[str, str, Callable[[Path], object], bool]]:
         ("random-cold", "4 KiB random reads x20000 (cold)", w.random_reads, True),
         ("untar", f"untar {w.files} files of 4-12 KiB", w.untar, False),
         ("ls", "ls -lR of that tree", w.ls_lr, False),
+        ("ls-cold", "ls -lR, caches dropped first", w.ls_lr, True),
         ("readback", "read the tree back (find|cat)", w.read_tree, False),
+        ("readback-cold", "read the tree back, cold", w.read_tree, True),
         ("rm", "rm -rf the tree", w.rm_tree, False),
     ]
 
@@ -273,22 +277,47 @@ NEEDS = {
     "random": ("write", "big"),
     "random-cold": ("write", "big"),
     "ls": ("untar", "tree"),
+    "ls-cold": ("untar", "tree"),
     "readback": ("untar", "tree"),
+    "readback-cold": ("untar", "tree"),
     "rm": ("untar", "tree"),
 }
 
 
-class Bindfs:
-    """bindfs (C, libfuse) over a plain directory: the reference issue 2 asks to beat."""
+class Peer:
+    """Another FUSE passthrough over a plain directory, in the foreground (so its CPU can be
+    read from /proc): bindfs (C, libfuse) or mergerfs (C++, its own libfuse), the references
+    vfusefs is held against."""
 
-    def __init__(self, base: Path) -> None:
+    COMMANDS = {
+        "bindfs": ["bindfs", "-f", "{src}", "{mnt}"],
+        "mergerfs": [
+            "mergerfs", "-f", "-o", "allow_other,cache.files=off,category.create=ff",
+            "{src}", "{mnt}",
+        ],
+    }  # fmt: skip
+
+    def __init__(self, base: Path, kind: str) -> None:
         self.src, self.vfolder = base / "src", base / "mnt"
         self.src.mkdir(parents=True)
         self.vfolder.mkdir()
-        subprocess.run(["bindfs", str(self.src), str(self.vfolder)], check=True)
+        cmd = [a.format(src=self.src, mnt=self.vfolder) for a in self.COMMANDS[kind]]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(200):
+            if os.path.ismount(self.vfolder):
+                return
+            time.sleep(0.05)
+        raise SystemExit(f"bench: {kind} did not mount")
 
     def stop(self) -> None:
         subprocess.run(["fusermount3", "-u", str(self.vfolder)], check=False)
+        self.proc.wait(10)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_suite(
@@ -297,12 +326,13 @@ def run_suite(
     compare: str,
     only: set[str],
     repeat: int,
-    bindfs: bool = False,
+    peers: tuple[str, ...] = (),
     baseline: Path | None = None,
-) -> dict[str, dict[str, list[float]]]:
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, list[float]]]]:
     """Every workload on each target in turn (rotating the order), the whole sequence `repeat`
-    times; returns {workload: {target: [seconds...]}}.  "on" has access checks and, with
-    --compare quota, a quota set; "off" lacks the compared feature."""
+    times; returns {workload: {target: [seconds...]}} and the CPU seconds each target's daemon
+    burnt for it, alike.  "on" has access checks and, with --compare quota, a quota set; "off"
+    lacks the compared feature; peers (bindfs, mergerfs) are other passthroughs."""
     redis = None
     if compare == "redis":
         redis = RedisServer(base / "redis")
@@ -316,7 +346,7 @@ def run_suite(
         daemons["off"] = Daemon(base / "off", True, quota=False)
     elif compare == "baseline":
         daemons["off"] = Daemon(base / "off", True, source=baseline)
-    refs = {"bindfs": Bindfs(base / "bindfs")} if bindfs else {}
+    refs = {kind: Peer(base / kind, kind) for kind in peers}
     plain = base / "plain"
     plain.mkdir()
     targets = {
@@ -324,7 +354,12 @@ def run_suite(
         **{k: d.vfolder for k, d in daemons.items()},
         **{k: r.vfolder for k, r in refs.items()},
     }
+    pids = {
+        **{k: d.proc.pid for k, d in daemons.items()},
+        **{k: r.proc.pid for k, r in refs.items()},
+    }
     times: dict[str, dict[str, list[float]]] = {}
+    cpu: dict[str, dict[str, list[float]]] = {}
     try:
         for rep in range(repeat):
             for key, name, _, cold in rows(w):
@@ -338,8 +373,12 @@ def run_suite(
                         workload_seconds(
                             w, made[0], targets[target], False, target != "native"
                         )  # --only left it out
+                    before = cpu_seconds(pids[target]) if target in pids else 0.0
                     t = workload_seconds(w, key, targets[target], cold, target != "native")
                     times.setdefault(key, {}).setdefault(target, []).append(t)
+                    if target in pids:
+                        used = cpu_seconds(pids[target]) - before
+                        cpu.setdefault(key, {}).setdefault(target, []).append(used)
                 got = times[key]
                 print(
                     f"  run {rep + 1}/{repeat} {name:38} "
@@ -353,7 +392,7 @@ def run_suite(
             r.stop()
         if redis is not None:
             redis.stop()
-    return times
+    return times, cpu
 
 
 class RedisServer:
@@ -437,6 +476,7 @@ def main() -> None:
     )
     ap.add_argument("--repeat", type=int, default=3, help="run the whole sequence N times")
     ap.add_argument("--bindfs", action="store_true", help="also run every workload on bindfs")
+    ap.add_argument("--mergerfs", action="store_true", help="also run every workload on mergerfs")
     ap.add_argument("--worker", nargs=2, metavar=("KEY", "DIR"), help=argparse.SUPPRESS)
     ap.add_argument("--size-mib", type=int, default=1024, help=argparse.SUPPRESS)
     ap.add_argument("--tarball", default="", help=argparse.SUPPRESS)
@@ -468,17 +508,17 @@ def main() -> None:
             f"directory and on a vfolder bind mount; ratio = vfusefs / native (medians of "
             f"{args.repeat})"
         )
-        if args.bindfs and shutil.which("bindfs") is None:
-            raise SystemExit("bench: --bindfs needs bindfs (apt-get install bindfs)")
+        peers = tuple(k for k in ("bindfs", "mergerfs") if getattr(args, k))
+        for kind in peers:
+            if shutil.which(kind) is None:
+                raise SystemExit(f"bench: --{kind} needs {kind} (apt-get install {kind})")
         if args.baseline is not None:
             if args.compare:
                 raise SystemExit("bench: --baseline and --compare are one comparison each")
             if not (args.baseline / "src" / "vfusefs").is_dir():
                 raise SystemExit(f"bench: {args.baseline} is not a vfusefs checkout")
             args.compare = "baseline"
-        times = run_suite(
-            base, w, args.compare or "", only, args.repeat, args.bindfs, args.baseline
-        )
+        times, cpu = run_suite(base, w, args.compare or "", only, args.repeat, peers, args.baseline)
         med = {k: {t: statistics.median(v) for t, v in tv.items()} for k, tv in times.items()}
         print()
         print(
@@ -490,7 +530,7 @@ def main() -> None:
                 if args.compare
                 else ""
             )
-            + (f" {'bindfs s':>9} {'ratio':>7} {'vs bindfs':>9}" if args.bindfs else "")
+            + "".join(f" {p + ' s':>11} {'ratio':>7} {'vs ' + p:>12}" for p in peers)
         )
         for key, name, _, _ in rows(w):
             if key not in med:
@@ -500,10 +540,21 @@ def main() -> None:
             if "off" in med[key]:
                 v2 = med[key]["off"]
                 line += f" {v2:12.3f} {v2 / n:7.2f} {(v / v2 - 1) * 100:+10.1f}%"
-            if "bindfs" in med[key]:
-                b = med[key]["bindfs"]
-                line += f" {b:9.3f} {b / n:7.2f} {v / b:8.2f}x"
+            for p in peers:
+                b = med[key][p]
+                line += f" {b:11.3f} {b / n:7.2f} {v / b:11.2f}x"
             print(line)
+        # the CPU each daemon burnt per workload (taken from a GPU node's data loaders)
+        cols = [t for t in ("on", "off", *peers) if any(t in c for c in cpu.values())]
+        print()
+        print(f"{'daemon CPU seconds (median)':40}" + "".join(f" {c:>11}" for c in cols))
+        for key, name, _, _ in rows(w):
+            if key in cpu:
+                line = f"{name:40}"
+                for c in cols:
+                    got = cpu[key].get(c)
+                    line += f" {statistics.median(got):11.2f}" if got else f" {'-':>11}"
+                print(line)
         if args.rss_files:
             rss, t, read = rss_check(base / "rss", args.rss_files)
             print(

@@ -27,6 +27,8 @@ from pathlib import Path
 RENAME_EXCHANGE, RENAME_WHITEOUT = 2, 4
 _libc = ctypes.CDLL(None, use_errno=True)
 
+ABSENT_TARGET = "/nonexistent-vfusefs-stress/target"  # never made: writes through it fail
+
 
 def renameat2(old: Path, new: Path, flags: int) -> None:
     if _libc.renameat2(-100, os.fsencode(old), -100, os.fsencode(new), flags) != 0:
@@ -92,7 +94,10 @@ class Stress:
         os.link(self.path(), self.path())
 
     def symlink(self) -> None:
-        os.symlink(self.rng.choice(["f1", "../f2", "/etc/passwd"]), self.path())
+        # an absolute target that cannot exist: the kernel resolves a symlink in the caller's
+        # own tree, so a real one (it once was /etc/passwd) would have the mix write the host's
+        # files through it (the containers here share the host's root filesystem)
+        os.symlink(self.rng.choice(["f1", "../f2", ABSENT_TARGET]), self.path())
 
     def unlink(self) -> None:
         os.unlink(self.path())
