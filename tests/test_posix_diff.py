@@ -12,6 +12,7 @@ import os
 import shutil
 import stat
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -202,13 +203,21 @@ class Parity(RuleBasedStateMachine):
         assert snapshot(self.mount_root) == snapshot(self.native_root)
 
 
-@pytest.fixture(scope="module")
-def twin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+@pytest.fixture(scope="module", params=["vfs", "btrfs"])
+def twin(request: pytest.FixtureRequest) -> Iterator[tuple[Path, Path]]:
+    """A vfolder through the mount and a plain directory on the same filesystem: tmp for the
+    vfs backend, a btrfs loop mount for the btrfs one (so errno and attributes compare like
+    with like)."""
     base = Path(tempfile.mkdtemp(prefix="vfusefs-parity-", dir="/tmp"))
-    d = Daemon(base).start()
+    base.chmod(0o755)
+    where, hosts = base, None
+    if request.param == "btrfs":
+        where = request.getfixturevalue("btrfs_fs").dir(f"parity-{uuid.uuid4().hex[:8]}")
+        hosts = {"local": {"backend": "btrfs", "path": str(where / "host")}}
+    d = Daemon(base, hosts=hosts).start()
     try:
         vf = d.vfolder()
-        native = base / "twin-native"
+        native = where / "twin-native"
         native.mkdir()
         yield vf, native
     finally:
