@@ -306,6 +306,12 @@ def test_create_sets_the_roots_owner_and_mode(daemon: Daemon) -> None:
     assert (vf / "top").stat().st_uid == 1000
     r2 = subprocess.run([*as_1001, "touch", f"{vf}/other"], capture_output=True, text=True)
     assert r2.returncode != 0 and "Permission denied" in r2.stderr  # rw grant, but mode 0770
+    # adopting: only what is given changes (the directory keeps its owner)
+    native = Path(daemon.hosts["local"]["path"]) / str(uuid.uuid4())
+    native.mkdir()
+    os.chown(native, 1234, 1234)
+    daemon.cli("vfolder", "create", "local", "--id", native.name, "--adopt", "--mode", "0700")
+    assert (native.stat().st_uid, stat.S_IMODE(native.stat().st_mode)) == (1234, 0o700)
     # without them: root's 0755, as before
     plain = daemon.vfolder()
     assert stat.S_IMODE(plain.stat().st_mode) == 0o755 and plain.stat().st_uid == 0

@@ -71,7 +71,7 @@ class Capabilities:
 
     native_quota: bool = False  # set_native_quota pushes limits down to the storage
     fast_usage: bool = False  # native_usage answers without walking the tree
-    clone: str | None = None  # "snapshot" (O(1)), "reflink", "copy"; None: not yet
+    clone: str | None = "copy"  # "snapshot" (O(1)) or "copy" (Backend.clone); None: cannot
     snapshots: bool = False  # snapshot()
     health_targets: bool = True  # health_targets() names servers to watch
 
@@ -80,8 +80,8 @@ class Backend:
     """The contract every backend implements.
 
     Required: the layout and lifecycle methods below (the base class has them for plain
-    directories).  Optional, per `capabilities`: `set_native_quota`, `native_usage`, `clone`,
-    `snapshot`; the base class raises NotSupported.
+    directories, and clone by copy).  Optional, per `capabilities`: `set_native_quota`,
+    `native_usage`, `snapshot`; the base class raises NotSupported.
     """
 
     name: ClassVar[str] = "?"
@@ -239,18 +239,13 @@ class Backend:
     ) -> None:
         """Make dst (which must not exist) a copy of src, or of src's snapshot, by
         `capabilities.clone`; progress(files, bytes) as it goes.  On failure dst may be left
-        half made: the caller removes it (remove_new_vfolder)."""
-        raise NotSupported(f"backend {self.name!r} cannot clone")
+        half made: the caller removes it (remove_new_vfolder).
 
-    def copy_tree(
-        self,
-        src: str,
-        dst: str,
-        progress: Callable[[int, int], None],
-        cancelled: Callable[[], bool],
-    ) -> None:
-        """A clone by copy (native/copytree.py: contents by copy_file_range, holes, modes,
-        owners, times, xattrs, symlinks, hard links), for storage with no snapshot."""
+        Here: a copy (native/copytree.py: contents by copy_file_range, which reflinks where
+        the filesystem can, holes, modes, owners, times, xattrs, symlinks, hard links), for
+        storage with no snapshot; a backend that has one overrides this."""
+        if snapshot is not None:
+            raise BackendError(f"backend {self.name!r} has no snapshots to clone from")
         if os.path.lexists(dst):
             raise AlreadyThere(f"native directory {dst} already exists")
         self.create_vfolder(dst)
@@ -314,8 +309,9 @@ def consistency(backend: Backend, recorded: dict[str, tuple[str, int]]) -> dict[
     missing = sorted(vfid for path, (vfid, _) in recorded.items() if not os.path.isdir(path))
     drift = []
     if backend.capabilities.native_quota:
+        gone = set(missing)
         for path, (vfid, limit) in sorted(recorded.items()):
-            if vfid in missing:
+            if vfid in gone:
                 continue
             try:
                 native = backend.native_limit(path)

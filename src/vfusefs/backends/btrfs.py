@@ -20,7 +20,6 @@ trash; purging one deletes the subvolume and its qgroup.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from collections.abc import Callable
 
@@ -180,10 +179,3 @@ class BtrfsBackend(Backend):
         if not name or "/" in name or name in (".", "..") or len(name) > 200:
             raise BackendError(f"bad snapshot name {name[:40]!r}")
         return os.path.join(self.host.path, SNAPSHOTS_DIR, os.path.basename(path), name)
-
-    def probe(self) -> str:
-        return "ok" if os.path.isdir(self.host.path) else "down"
-
-
-def have_btrfs_progs() -> bool:
-    return shutil.which("btrfs") is not None

@@ -420,16 +420,9 @@ class Service:
             registry = self.registry = Registry(self.cfg, store, table, token)
             stack.callback(registry.close)
             await registry.load()
-            limit = doctor.fuse_request_timeout()
-            for hc in self.cfg.hosts.values():
-                if limit and hc.op_timeout >= limit:
-                    log.warning(
-                        "host %s: op_timeout %g s is not below fs.fuse.default_request_timeout "
-                        "(%d s): a hung request would abort the whole mount; lower op_timeout",
-                        hc.name,
-                        hc.op_timeout,
-                        limit,
-                    )
+            for check in doctor.check_request_timeout(self.cfg):  # doctor's check, at start
+                if check.level != "ok":
+                    log.warning("%s; %s", check.detail, check.fix)
             if registry.leases is not None:
                 try:
                     await registry.leases.join()
@@ -619,10 +612,7 @@ class Service:
                         exc,
                     )
             try:
-                if registry.store.shared:  # and take in what the other nodes wrote
-                    await registry.refresh_usage()
-                else:
-                    await registry.flush_usage()
+                await registry.refresh_usage()  # and, many nodes, take in the others' writes
             except StoreError as exc:
                 self.store_down(exc)
             except Exception:

@@ -513,13 +513,11 @@ class Registry:
             except BackendError as exc:
                 raise RegistryError(409, "backend", str(exc)) from None
             try:  # the root's owner and mode: what the vfolder's users need at its top level
-                if made or root_owner is not None or root_mode is not None:
-                    await host.admin.run(
-                        _set_root,
-                        path,
-                        root_owner or (0, 0),
-                        0o755 if root_mode is None else root_mode,
-                    )
+                if made:  # a new root: the defaults where not given (0:0, 0755)
+                    root_owner = root_owner or (0, 0)
+                    root_mode = 0o755 if root_mode is None else root_mode
+                if root_owner is not None or root_mode is not None:  # adopted: only what is given
+                    await host.admin.run(_set_root, path, root_owner, root_mode)
                 if quota_bytes or quota_inodes:  # the storage's own limit too, where it has one
                     await self._push_native_quota(host, path, quota_bytes, quota_inodes)
             except BaseException as exc:
@@ -747,9 +745,9 @@ class Registry:
             self._unsent = None
 
     async def refresh_usage(self) -> None:
-        """Many nodes: take in what the others changed usage by (the store's figures plus what
-        this node has not flushed yet), so usage, df and the metrics show every node's writes.
-        Limits do not depend on it: leases hold them."""
+        """Flush usage and, on a shared store, take in what the other nodes changed it by (the
+        store's figures plus what this node has not flushed yet), so usage, df and the metrics
+        show every node's writes.  Limits do not depend on it: leases hold them."""
         if self.leases is None:
             return await self.flush_usage()
         async with self._flushing:
@@ -1567,12 +1565,15 @@ def _place(hidden: str, path: str) -> None:
     os.rename(hidden, path)
 
 
-def _set_root(path: str, owner: tuple[int, int], mode: int) -> None:
-    """Give a vfolder's root directory its owner and permission bits (no symlink followed)."""
+def _set_root(path: str, owner: tuple[int, int] | None, mode: int | None) -> None:
+    """Give a vfolder's root directory its owner and permission bits, each if given (no
+    symlink followed; the owner first: chown clears set-ID bits)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
-        os.fchown(fd, *owner)
-        os.fchmod(fd, mode)
+        if owner is not None:
+            os.fchown(fd, *owner)
+        if mode is not None:
+            os.fchmod(fd, mode)
     finally:
         os.close(fd)
 
