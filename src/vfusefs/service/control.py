@@ -2,7 +2,7 @@
 
 Routes are thin: parse and validate the request, call the registry, render JSON.  Every error is
 `{"error": code, "message": one line}` with 400, 401, 403, 404, 409, 502 (a backend's storage
-refused) or 503 (the store is away); no traceback ever reaches a client.
+refused, or the store is away: error "store"); no traceback ever reaches a client.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def endpoint(fn: Endpoint) -> Endpoint:
             return error(exc.status, exc.code, exc.message)
         except StoreError as exc:  # the store is away (a failover, an outage): nothing changed
             log.warning("control API %s %s: %s", request.method, request.url.path, exc)
-            return error(503, "store", f"{exc}; try again once the store answers")
+            return error(502, "store", f"{exc}; try again once the store answers")
         except Exception:
             log.exception("control API %s %s failed", request.method, request.url.path)
             return error(500, "internal", "internal error; see the daemon's log")
