@@ -549,6 +549,34 @@ def vfolder_snapshot(
     emit(client.call("POST", vf_path(host, vfid, "snapshots"), {"name": name}), as_json)
 
 
+@vfolder.command("token")
+@click.argument("host")
+@click.argument("vfid")
+@click.option(
+    "--mode",
+    type=click.Choice(["ro", "rw", "rwd"]),
+    default="ro",
+    show_default=True,
+    help="what the token allows",
+)
+@click.option("--path", metavar="P", help="only this path inside the vfolder (and below it)")
+@click.option("--ttl", default="1h", show_default=True, help="lifetime: seconds, 30m, 12h, 7d")
+@json_option
+@click.pass_context
+def vfolder_token(
+    ctx: click.Context, host: str, vfid: str, mode: str, path: str | None, ttl: str, as_json: bool
+) -> None:
+    """Print a token for the file API (files over HTTP) on a vfolder: send it as
+    `Authorization: Bearer <token>`.  Needs daemon.files_secret_file."""
+    body: dict[str, Any] = {"mode": mode, "ttl": ttl}
+    if path:
+        body["path"] = path
+    made = _client(ctx).call("POST", vf_path(host, vfid, "tokens"), body)
+    if as_json:
+        return emit(made, True)
+    click.echo(made["token"])
+
+
 @vfolder.command("rescan")
 @click.argument("host")
 @click.argument("vfid")

@@ -138,6 +138,33 @@ DAEMON_OPTIONS: tuple[Option, ...] = (
         _absolute_or_empty,
     ),
     Option(
+        "files_listen",
+        str,
+        "",
+        False,
+        "HOST:PORT of the file API (files over HTTP: downloads, listings, tus uploads) for "
+        "clients that do not mount; empty disables",
+        _listen_address,
+    ),
+    Option(
+        "files_secret_file",
+        str,
+        "",
+        True,
+        "file holding the HS256 key file API tokens are signed with (first line, at least "
+        "32 bytes; only its owner may read it)",
+        _absolute_or_empty,
+    ),
+    Option(
+        "upload_expiry",
+        (int, float),
+        86400.0,
+        True,
+        "seconds an unfinished upload is kept after its last bytes arrived; then its file is "
+        "removed and its space freed",
+        _positive,
+    ),
+    Option(
         "metrics_listen",
         str,
         "127.0.0.1:9321",
@@ -340,6 +367,9 @@ class DaemonConfig:
     control_socket: str
     control_listen: str
     control_token_file: str
+    files_listen: str
+    files_secret_file: str
+    upload_expiry: float
     metrics_listen: str
     metrics_vfolders: bool
     admin_uids: tuple[int, ...]
@@ -450,6 +480,7 @@ def parse(text: str, path: str = "<config>", check_paths: bool = True) -> Config
     daemon["admin_uids"] = tuple(daemon["admin_uids"])
     daemon["confined_cgroups"] = tuple(daemon["confined_cgroups"])
     daemon["entry_timeout"] = float(daemon["entry_timeout"])
+    daemon["upload_expiry"] = float(daemon["upload_expiry"])
     store = _read_section(path, "store", doc.get("store", {}), STORE_OPTIONS)
     store_url = store["url"] or f"sqlite://{daemon['state_dir']}/state.db"
 

@@ -114,6 +114,19 @@ class Caller:
     groups: frozenset[int] = frozenset()
 
 
+@dataclass(frozen=True, eq=False)
+class TokenCaller(Caller):
+    """A request of the file API (files over HTTP): its mode is the token's, on the token's
+    vfolder only, whatever that vfolder's grants say; never an admin, never "in a container"
+    that could be told apart (its cgroup is unknown: fail closed)."""
+
+    vfolder: str = ""
+    mode: Mode = Mode.NONE
+
+    def mode_on(self, vfid: str) -> Mode:
+        return self.mode if vfid == self.vfolder else Mode.NONE
+
+
 def is_admin(caller: Caller, admin_uids: Iterable[int], confined: Iterable[str]) -> bool:
     """Admins: uid in admin_uids and cgroup known and not under a confined prefix."""
     if caller.uid not in admin_uids or caller.cgroup is None:

@@ -173,6 +173,19 @@ class QuotaLedger:
             acc.used_inodes += inodes
 
 
+def short_of(ledger: QuotaLedger, keys: Iterable[str], nbytes: int, inodes: int) -> str | None:
+    """The first of keys' accounts without room for nbytes and inodes more (its limit minus
+    what is used and reserved; the store's figures for a limit many nodes share), else None.
+    A question asked ahead of a long operation (an upload's length); the operation's own
+    reservations still decide."""
+    for key in keys:
+        acc = ledger.account(key)
+        room_b, room_i = acc.room_bytes(), acc.room_inodes()
+        if room_b is not None and nbytes > room_b or room_i is not None and inodes > room_i:
+            return key
+    return None
+
+
 def _check_lease(key: str, acc: Account, nbytes: int, inodes: int) -> None:
     """Raise QuotaExceeded (leased) unless acc's lease covers what is reserved and this."""
     short_b = acc.reserved_bytes + nbytes - acc.lease_bytes if nbytes and acc.limit_bytes else 0

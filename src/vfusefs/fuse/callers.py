@@ -13,6 +13,7 @@ admin.  We fail closed.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from vfusefs.domain.access import Caller, is_admin
 
@@ -44,6 +45,20 @@ def read_groups(pid: int) -> frozenset[int]:
     except (OSError, ValueError):
         pass
     return frozenset()
+
+
+@dataclass
+class FilesContext:
+    """What a FUSE handler reads of pyfuse3's RequestContext, for a request of the file API
+    (fuse/files.py): the caller is given (a TokenCaller, or the daemon itself for its own
+    housekeeping with admin=True), not read from /proc; uid and gid own what it makes."""
+
+    caller: Caller
+    admin: bool
+    uid: int
+    gid: int
+    pid: int = 0
+    umask: int = 0o022
 
 
 class CallerCache:

@@ -30,9 +30,9 @@ import pyfuse3
 from vfusefs import native
 from vfusefs.config import DaemonConfig
 from vfusefs.domain import access
-from vfusefs.domain.access import Caller, Mode, Need
+from vfusefs.domain.access import Caller, Mode, Need, TokenCaller
 from vfusefs.domain.quota import QuotaExceeded, Reservation, parse_count, parse_size
-from vfusefs.fuse.callers import CallerCache
+from vfusefs.fuse.callers import CallerCache, FilesContext
 from vfusefs.fuse.errors import handler
 from vfusefs.fuse.fdbudget import FdBudget
 from vfusefs.fuse.inodes import ROOT_INODE, InodeTable, Kind, Node
@@ -219,6 +219,8 @@ class Operations(pyfuse3.Operations):
 
     # -- access ---------------------------------------------------------------------------------
     def _caller(self, ctx: pyfuse3.RequestContext) -> tuple[Caller, bool]:
+        if type(ctx) is FilesContext:  # type: ignore[comparison-overlap]  # the file API's
+            return ctx.caller, ctx.admin  # (fuse/files.py) says who asks
         if not self.checks:
             return UNCHECKED, True
         return self.callers.caller(ctx.uid, ctx.gid, ctx.pid)
@@ -228,6 +230,8 @@ class Operations(pyfuse3.Operations):
             return Mode.ADMIN
         mode = vf.modes.get(caller)  # emptied whenever the vfolder's grants change
         if mode is None:
+            if type(caller) is TokenCaller:  # never cached: a token's mode is its own
+                return caller.mode_on(vf.id)
             grants = vf.grants
             full = self.callers.with_groups(caller) if access.needs_groups(grants) else caller
             mode = access.effective_mode(full, grants)
@@ -927,8 +931,10 @@ class Operations(pyfuse3.Operations):
         return h
 
     @handler
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        tid = fuseshim.read_tid()  # first, before any await (see fuseshim.py)
+    async def read(self, fh: int, off: int, size: int, tid: int | None = None) -> bytes:
+        """tid: given by the file API (0); a kernel request reads it from the shim"""
+        if tid is None:
+            tid = fuseshim.read_tid()  # first, before any await (see fuseshim.py)
         h = self._file(fh)
         self._recheck(h, Need.READ)
         host = h.node.host
@@ -952,8 +958,10 @@ class Operations(pyfuse3.Operations):
         return data
 
     @handler
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
-        cached = fuseshim.write_cached()  # first, before any await (see fuseshim.py)
+    async def write(self, fh: int, off: int, buf: bytes, cached: bool | None = None) -> int:
+        """cached: given by the file API (False); a kernel request reads it from the shim"""
+        if cached is None:
+            cached = fuseshim.write_cached()  # first, before any await (see fuseshim.py)
         h = self._file(fh)
         self._recheck(h, Need.WRITE)
         if cached and h.node.opens > 1:
@@ -1179,6 +1187,19 @@ class Operations(pyfuse3.Operations):
         self._recheck(h, Need.READ)
         if h.stream is not None:
             await self._run(h.node, native.fsync, h.stream.fd, datasync)
+
+    @handler
+    async def listing(
+        self, inode: int, after: bytes, limit: int, ctx: pyfuse3.RequestContext
+    ) -> native.Listed:
+        """A page of a directory's entries for the file API (fuse/files.py), sorted by name and
+        after `after`; the kernel lists through opendir/readdir instead.  The same check as
+        opendir; no inode of the page is looked up."""
+        node = self._node(inode)
+        self._allow(ctx, node, Need.READ)
+        if node.kind is not Kind.NATIVE and node.kind is not Kind.VFROOT:
+            raise fail(errno.ENOTDIR)
+        return await self._run(node, native.listing, node.fd, after, limit)  # type: ignore[no-any-return]
 
     # -- file systems and xattrs -----------------------------------------------------------------
     @handler

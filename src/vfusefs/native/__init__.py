@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import heapq
 import mmap
 import os
 import stat as stat_mod
@@ -757,6 +758,32 @@ class DirStream:
             self._it.close()  # type: ignore[attr-defined]
             self._it = None
         os.close(self.fd)
+
+
+class Listed(NamedTuple):
+    """A page of a directory's entries, sorted by name, each with its lstat."""
+
+    entries: list[tuple[bytes, os.stat_result]]
+    more: bool  # entries after the last one remain
+
+
+def listing(fd: int, after: bytes, limit: int) -> Listed:
+    """The first `limit` entries of the directory fd holds whose names sort after `after`
+    (the file API's paged listing; an entry gone between the read and its stat is left out).
+    Reading every name costs O(entries) per page, the stats only the page's."""
+    dfd = os.open(proc(fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        names = (os.fsencode(n) for n in os.listdir(dfd))
+        page = heapq.nsmallest(limit + 1, (n for n in names if n > after))
+        entries = []
+        for name in page[:limit]:
+            try:
+                entries.append((name, os.stat(name, dir_fd=dfd, follow_symlinks=False)))
+            except FileNotFoundError:
+                continue
+        return Listed(entries, len(page) > limit)
+    finally:
+        os.close(dfd)
 
 
 def is_dir(st: os.stat_result) -> bool:

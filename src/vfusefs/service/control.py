@@ -22,6 +22,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from vfusefs import __version__
+from vfusefs.domain import access, files
+from vfusefs.service.tokens import FileTokens
 from vfusefs.state.registry import Registry, RegistryError
 from vfusefs.store import StoreError
 
@@ -49,6 +51,7 @@ def endpoint(fn: Endpoint) -> Endpoint:
     return wrapper
 
 
+DEFAULT_TOKEN_TTL = 3600  # seconds a file API token lives unless ttl says otherwise
 MAX_BODY = 1 << 20  # bytes of JSON a control request may carry
 MAX_DEPTH = 8  # nesting of JSON values (a create's grants are three deep)
 
@@ -97,9 +100,13 @@ async def json_body(request: Request, allowed: set[str]) -> dict[str, Any]:
     return body
 
 
-def build_app(registry: Registry, token: str | None = None) -> Starlette:
-    """The ASGI app; with a token, every request needs `Authorization: Bearer <token>`."""
+def build_app(
+    registry: Registry, token: str | None = None, tokens: FileTokens | None = None
+) -> Starlette:
+    """The ASGI app; with a token, every request needs `Authorization: Bearer <token>`.
+    tokens signs file API tokens (POST …/tokens)."""
     mountpoint = registry.config.daemon.mountpoint
+    signer = tokens if tokens is not None else FileTokens()
 
     def vf_json(vf: Any) -> dict[str, Any]:
         return vf.describe(mountpoint, registry.ledger)  # type: ignore[no-any-return]
@@ -251,6 +258,31 @@ def build_app(registry: Registry, token: str | None = None) -> Starlette:
         return JSONResponse({"deleted": p["name"]})
 
     @endpoint
+    async def file_token(request: Request) -> Response:
+        """A token for the file API (SPEC §8) on this vfolder: mode, optional path, ttl."""
+        p = request.path_params
+        body = await json_body(request, {"mode", "path", "ttl"})
+        vf = registry.vfolder(p["host"], p["id"])
+        try:
+            mode = access.canonical_mode(body.get("mode", ""))
+        except access.BadGrant as exc:
+            raise RegistryError(400, "bad_mode", str(exc)) from None
+        path = files.show(files.parse_path(body.get("path", ""))) if body.get("path") else ""
+        ttl = files.parse_ttl(body.get("ttl", DEFAULT_TOKEN_TTL))
+        signed, exp = signer.sign(vf.host.name, vf.id, mode, path, ttl)
+        return JSONResponse(
+            {
+                "token": signed,
+                "host": vf.host.name,
+                "vfolder": vf.id,
+                "mode": mode,
+                "path": path or "/",
+                "expires": exp,
+            },
+            status_code=201,
+        )
+
+    @endpoint
     async def restore(request: Request) -> Response:
         p = request.path_params
         await json_body(request, set())  # nothing to say: an empty body or {}
@@ -329,6 +361,7 @@ def build_app(registry: Registry, token: str | None = None) -> Starlette:
         Route("/v1/hosts/{host}/vfolders/{id}/snapshots/{name}", snapshot, methods=["DELETE"]),
         Route("/v1/hosts/{host}/vfolders/{id}/rescan", rescan, methods=["POST"]),
         Route("/v1/hosts/{host}/vfolders/{id}/restore", restore, methods=["POST"]),
+        Route("/v1/hosts/{host}/vfolders/{id}/tokens", file_token, methods=["POST"]),
         Route("/v1/hosts/{host}/trash", trash),
         Route("/v1/tasks/{task}", task),
         Route("/v1/scopes/{scope}", scope, methods=["GET", "PUT"]),

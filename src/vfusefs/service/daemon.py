@@ -38,8 +38,10 @@ from vfusefs.runtime import fuseloop, fuseshim
 from vfusefs.runtime.workers import StoppedError
 from vfusefs.service import doctor, metrics
 from vfusefs.service.control import build_app
+from vfusefs.service.files import FileService
 from vfusefs.service.logs import setup_logging
 from vfusefs.service.notify import Notifier
+from vfusefs.service.tokens import BadKey, FileTokens, read_key
 from vfusefs.state.leases import NameTaken
 from vfusefs.state.registry import Registry
 from vfusefs.store import SharedStore, StoreError, open_store
@@ -185,6 +187,18 @@ def read_token(path: str) -> str:
     return token
 
 
+def file_key(d: DaemonConfig) -> bytes | None:
+    """The file API's signing key (None when files_secret_file is not set)."""
+    if not d.files_secret_file:
+        if d.files_listen:
+            raise StartupError("daemon.files_listen is set but daemon.files_secret_file is not")
+        return None
+    try:
+        return read_key(d.files_secret_file)
+    except BadKey as exc:
+        raise StartupError(str(exc)) from None
+
+
 async def purge_trash_periodically(registry: Registry) -> None:
     """Purge what has been in the trash for trash_retention: when the next entry is due, right
     after a delete (retention 0), and at least every minute (leftovers, a changed retention)."""
@@ -243,6 +257,8 @@ class Service:
         self.last_status = ""
         self.nursery: trio.Nursery | None = None
         self.waiter: fuseloop.Waiter | None = None
+        self.tokens = FileTokens()  # the file API's key (files_secret_file), shared with control
+        self.files: FileService | None = None  # the file API, when files_listen is set
         self.flush_asked = False  # another node asked for a flush, not started yet
         self.loop_lag_max = 0.0  # seconds the event loop woke late, the worst of the last minute
 
@@ -385,6 +401,14 @@ class Service:
             except StartupError as exc:
                 log.error("reload: %s; the old token stays valid", exc)
                 del applied["control_token_file"]
+        if "files_secret_file" in applied:
+            try:
+                self.tokens.key = file_key(new)
+            except StartupError as exc:
+                log.error("reload: %s; the old key stays", exc)
+                del applied["files_secret_file"]
+        if "upload_expiry" in applied and self.files is not None:
+            self.files.upload_expiry = applied["upload_expiry"]
         merged = dataclasses.replace(old, **applied)
         if {"admin_uids", "confined_cgroups"} & set(applied):
             self.ops.callers = CallerCache(merged.admin_uids, merged.confined_cgroups)
@@ -433,17 +457,20 @@ class Service:
                 self.listen_for_events(store, token, stack)  # type: ignore[arg-type]
             await clear_stale_mount(d.mountpoint)
             check_socket_free(d.control_socket)
+            self.tokens = FileTokens(file_key(d))
             await nursery.start(
                 functools.partial(
                     serve_asgi,
-                    build_app(registry),
+                    build_app(registry, tokens=self.tokens),
                     f"unix:{d.control_socket}",
                     "control_socket",
                     unix_umask=0o177,
                 )
             )  # socket file 0600
             if d.control_listen:
-                self.tcp_app = build_app(registry, read_token(d.control_token_file))
+                self.tcp_app = build_app(
+                    registry, read_token(d.control_token_file), tokens=self.tokens
+                )
                 await nursery.start(serve_asgi, self.tcp_app, d.control_listen, "control_listen")
             registry.nursery = nursery
             registry.on_health_change = self.update_status
@@ -461,6 +488,15 @@ class Service:
                     d.metrics_listen,
                     "metrics_listen",
                 )
+            if d.files_listen:  # files over HTTP, in a task group of its own
+                self.files = FileService(ops, registry, self.tokens, d.upload_expiry)
+                await self.files.load()
+                files_nursery = await stack.enter_async_context(trio.open_nursery())
+                stack.callback(files_nursery.cancel_scope.cancel)
+                await files_nursery.start(
+                    serve_asgi, self.files.app(), d.files_listen, "files_listen"
+                )
+                files_nursery.start_soon(self.files.expire_periodically)
             options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
             options |= {"fsname=vfusefs", "subtype=vfusefs", "allow_other"}
             os.umask(0)  # native nodes get exactly the mode the caller asked for (already masked)

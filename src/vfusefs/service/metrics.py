@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from vfusefs.fuse.ops import Operations
+    from vfusefs.service.files import FileService
     from vfusefs.state.registry import Registry
 
 # upper bounds of the op latency buckets, seconds (a request answered from memory takes
@@ -161,6 +162,8 @@ class VfusefsCollector(Collector):
             )
             watchdog.add_metric([], self.service.notifier.watchdog_seconds)
             yield from (lag, watchdog)
+            if self.service.files is not None:
+                yield from files_metrics(self.service.files)
         scope_usage = GaugeMetricFamily(
             "vfusefs_scope_usage_bytes", "bytes a quota scope's vfolders use", labels=["scope"]
         )
@@ -208,6 +211,40 @@ class VfusefsCollector(Collector):
             quota.add_metric([vf.host.name, vf.id], acc.limit_bytes)
         yield usage
         yield quota
+
+
+def files_metrics(files: FileService) -> Iterator[Any]:
+    """The file API's counters (files over HTTP)."""
+    requests = CounterMetricFamily(
+        "vfusefs_files_requests",
+        "file API requests by operation and HTTP status",
+        labels=["op", "code"],
+    )
+    for (op, code), n in sorted(files.requests.items()):
+        requests.add_metric([op, str(code)], n)
+    moved = CounterMetricFamily(
+        "vfusefs_files_bytes",
+        "file bytes the file API sent (out) and wrote (in)",
+        labels=["direction"],
+    )
+    moved.add_metric(["out"], files.bytes_out)
+    moved.add_metric(["in"], files.bytes_in)
+    sessions = GaugeMetricFamily(
+        "vfusefs_uploads",
+        "unfinished uploads: receiving bytes now, or waiting for more",
+        labels=["state"],
+    )
+    receiving = sum(1 for up in files.uploads.values() if up.lock.locked())
+    sessions.add_metric(["receiving"], receiving)
+    sessions.add_metric(["waiting"], len(files.uploads) - receiving)
+    ended = CounterMetricFamily(
+        "vfusefs_uploads_ended",
+        "uploads that ended: completed, terminated, expired, failed",
+        labels=["outcome"],
+    )
+    for outcome in ("completed", "terminated", "expired", "failed"):
+        ended.add_metric([outcome], files.outcomes.get(outcome, 0))
+    yield from (requests, moved, sessions, ended)
 
 
 def build_app(ops: Operations, registry: Registry, service: Any = None) -> Any:
