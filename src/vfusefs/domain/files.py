@@ -111,7 +111,7 @@ def parse_ranges(header: str | None, size: int) -> list[Range] | None:
             ranges.append(Range(max(0, size - n), size - 1))
             continue
         start = int(first)
-        end = int(last) if last else size - 1
+        end = int(last) if last else max(start, size - 1)
         if end < start:
             return None
         if start >= size:

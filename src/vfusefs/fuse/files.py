@@ -143,6 +143,29 @@ class Files:
 
     def __init__(self, ops: Operations) -> None:
         self.ops = ops
+        self.kernel = ops.registry.kernel
+
+    def _changed(self, parent: int, name: bytes) -> None:
+        """A name the API changed: the mount's kernel forgets what it cached of it (and the
+        directory's attributes), as it never saw the change go by."""
+        self.kernel.forget_entry(parent, name)
+        self.kernel.forget_attrs(parent)
+
+    async def _unlink(self, w: Walk, parent: int, name: bytes, missing_ok: bool = False) -> None:
+        try:
+            await self.ops.unlink(parent, name, w.ctx)  # type: ignore[arg-type]
+        except pyfuse3.FUSEError as exc:
+            if exc.errno != errno.ENOENT or not missing_ok:
+                raise
+        self._changed(parent, name)
+
+    async def _rmdir(self, w: Walk, parent: int, name: bytes, missing_ok: bool = False) -> None:
+        try:
+            await self.ops.rmdir(parent, name, w.ctx)  # type: ignore[arg-type]
+        except pyfuse3.FUSEError as exc:
+            if exc.errno != errno.ENOENT or not missing_ok:
+                raise
+        self._changed(parent, name)
 
     def walk(self, host: str, vfid: str, mode: Mode) -> Walk:
         return Walk(self.ops, TokenCaller(0, 0, 0, None, vfolder=vfid, mode=mode))
@@ -215,6 +238,7 @@ class Files:
                 raise
             return await w.path(parent, (name,))
         w.looked.append(attrs.st_ino)
+        self._changed(parent.st_ino, name)
         return attrs
 
     async def remove(
@@ -225,11 +249,10 @@ class Files:
         parent, name = await w.parent(root, parts)
         attrs = await w.path(parent, (name,))
         if not stat.S_ISDIR(attrs.st_mode):
-            await self.ops.unlink(parent.st_ino, name, w.ctx)  # type: ignore[arg-type]
-            return
+            return await self._unlink(w, parent.st_ino, name)
         if recursive:
             await self._empty(w, attrs)
-        await self.ops.rmdir(parent.st_ino, name, w.ctx)  # type: ignore[arg-type]
+        await self._rmdir(w, parent.st_ino, name)
 
     async def _empty(self, w: Walk, top: pyfuse3.EntryAttributes) -> None:
         """Remove everything under top, depth first, without recursion (a tree may be deeper
@@ -241,23 +264,14 @@ class Files:
             if not page.entries:
                 stack.pop()
                 if stack:  # now empty: out of its parent (top itself is the caller's)
-                    await self._gone(self.ops.rmdir(stack[-1][0], name, w.ctx))  # type: ignore[arg-type]
+                    await self._rmdir(w, stack[-1][0], name, missing_ok=True)
                 continue
             for name, st in page.entries:
                 if stat.S_ISDIR(st.st_mode):
                     child = await w.lookup(ino, name)
                     stack.append((child.st_ino, name))
                     break
-                await self._gone(self.ops.unlink(ino, name, w.ctx))  # type: ignore[arg-type]
-
-    @staticmethod
-    async def _gone(call: object) -> None:
-        """Await a removal; an entry someone else removed a moment ago is fine."""
-        try:
-            await call  # type: ignore[misc]
-        except pyfuse3.FUSEError as exc:
-            if exc.errno != errno.ENOENT:
-                raise
+                await self._unlink(w, ino, name, missing_ok=True)
 
     async def rename(self, w: Walk, root: pyfuse3.EntryAttributes, src: Path, dst: Path) -> None:
         """Rename src to dst inside the vfolder (rw may not replace an entry; rwd may)."""
@@ -266,6 +280,8 @@ class Files:
         old, old_name = await w.parent(root, src)
         new, new_name = await w.parent(root, dst)
         await self.ops.rename(old.st_ino, old_name, new.st_ino, new_name, 0, w.ctx)  # type: ignore[arg-type]
+        self._changed(old.st_ino, old_name)
+        self._changed(new.st_ino, new_name)
 
     # -- uploads --------------------------------------------------------------------------------
     async def upload_dir(self, w: Walk, root: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
@@ -283,6 +299,7 @@ class Files:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         info, attrs = await self.ops.create(updir.st_ino, name, FILE_MODE, flags, w.ctx)  # type: ignore[arg-type]
         w.looked.append(attrs.st_ino)
+        self._changed(updir.st_ino, name)
         return int(info.fh)
 
     async def open_upload(self, w: Walk, root: pyfuse3.EntryAttributes, name: bytes) -> int:
@@ -302,13 +319,13 @@ class Files:
         """Remove an upload's file (terminated, expired, or failed), and the directory of
         uploads once it is empty."""
         updir = await w.path(root, (UPLOADS,))
-        await self._gone(self.ops.unlink(updir.st_ino, name, w.ctx))  # type: ignore[arg-type]
+        await self._unlink(w, updir.st_ino, name, missing_ok=True)
         await self.tidy(w, root)
 
     async def tidy(self, w: Walk, root: pyfuse3.EntryAttributes) -> None:
         """Remove the directory of uploads if nothing is in it (else leave it)."""
         try:
-            await self.ops.rmdir(root.st_ino, UPLOADS, w.ctx)  # type: ignore[arg-type]
+            await self._rmdir(w, root.st_ino, UPLOADS, missing_ok=True)
         except pyfuse3.FUSEError as exc:
-            if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST):
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise

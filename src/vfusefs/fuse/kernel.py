@@ -22,7 +22,10 @@ class KernelCache:
     def forget_attrs(self, ino: int) -> None:
         """The kernel asks again for ino's attributes (its link count changed, say)."""
         if self.mounted:
-            pyfuse3.invalidate_inode(ino, attr_only=True)
+            try:
+                pyfuse3.invalidate_inode(ino, attr_only=True)
+            except FileNotFoundError:
+                pass  # the kernel does not know it (any more): nothing cached
 
     async def forget_inodes(self, inos: list[int]) -> None:
         """The kernel drops attributes and cached pages of every inode in inos (a narrowed

@@ -161,10 +161,11 @@ class FileService:
         if self.uploads:
             log.info("taking up %d unfinished upload(s)", len(self.uploads))
 
-    async def expire_periodically(self, interval: float = 60.0) -> None:
+    async def expire_periodically(self) -> None:
+        """Look for expired uploads every minute (more often for an expiry under 4 minutes)."""
         while True:
             await self.expire()
-            await trio.sleep(interval)
+            await trio.sleep(min(60.0, max(0.5, self.upload_expiry / 4)))
 
     async def expire(self) -> None:
         """Remove uploads whose time is up (their bytes are refunded to the vfolder), and
