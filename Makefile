@@ -42,7 +42,8 @@ venv: deps $(VENV)/.installed
 run: venv
 	@mkdir -p $(DEMO)/native $(DEMO)/state
 	@test -f $(DEMO)/vfusefs.toml || sed -e 's|@DEMO@|$(DEMO)|g' examples/demo.toml > $(DEMO)/vfusefs.toml
-	@echo "config: $(DEMO)/vfusefs.toml   mount: /mnt/vfroot   (Ctrl-C unmounts and exits)"
+	@test -f $(DEMO)/files.key || (umask 077; $(PYTHON) -c 'import secrets; print(secrets.token_hex(32))' > $(DEMO)/files.key)
+	@echo "config: $(DEMO)/vfusefs.toml   mount: /mnt/vfroot   file API: 127.0.0.1:6021   (Ctrl-C unmounts and exits)"
 	@( for i in $$(seq 100); do $(VENV)/bin/vfusefs --config $(DEMO)/vfusefs.toml status >/dev/null 2>&1 && break; sleep 0.2; done; \
 	   $(VENV)/bin/vfusefs --config $(DEMO)/vfusefs.toml vfolder info local $(DEMO_ID) >/dev/null 2>&1 || \
 	   $(VENV)/bin/vfusefs --config $(DEMO)/vfusefs.toml vfolder create local --id $(DEMO_ID) --grant '*=rwd'; \

@@ -602,3 +602,29 @@ def test_bad_files_config_stops_start_up_in_one_line(world_dir: Path) -> None:
             d.start(timeout=10)
         assert words in str(exc.value) and "Traceback" not in str(exc.value)
         d.stop(check=False)
+
+
+def test_example_script_runs_as_written(api: Api, world_dir: Path) -> None:
+    import sys
+
+    vf = api.d.vfolder()
+    src = world_dir / "hello.txt"
+    src.write_bytes(b"hello from the files example\n" * 100)
+    script = Path(__file__).parent.parent / "examples" / "files-api.sh"
+    env = {
+        **os.environ,
+        "VFUSEFS_CONFIG": str(api.d.config),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    r = subprocess.run(
+        [str(script), "local", vf.name, str(src)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert f"upload-offset: {src.stat().st_size}" in r.stdout.lower()
+    assert '"name":"hello.txt"' in r.stdout and "h   e   l   l   o" in r.stdout
+    assert '"deleted":true' in r.stdout
+    assert not (vf / "uploads").exists() and not (vf / ".vfusefs-uploads").exists()

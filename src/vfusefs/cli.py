@@ -258,6 +258,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(store["since"]))
         state = "connected" if store["connected"] else "disconnected"
         click.echo(f"store {store['kind']}: {state} since {since} (node {store['node']})")
+    if data.get("files_listen"):
+        click.echo(f"file API (files over HTTP) on {data['files_listen']}")
     emit([{"host": h, "health": s} for h, s in data["hosts"].items()], False)
     if store.get("nodes") is not None:
         click.echo("")

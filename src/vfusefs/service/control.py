@@ -155,6 +155,7 @@ def build_app(
                 "mounted": registry.mounted,
                 "started": registry.started,
                 "config": registry.config.path,
+                "files_listen": registry.config.daemon.files_listen or None,
                 "hosts": {name: h.health for name, h in registry.hosts.items()},
                 "store": store,
                 "vfolders": len(registry.vfolders),
