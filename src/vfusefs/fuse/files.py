@@ -316,11 +316,14 @@ class Files:
         await self.rename(w, root, (UPLOADS, name), target)
 
     async def drop_upload(self, w: Walk, root: pyfuse3.EntryAttributes, name: bytes) -> None:
-        """Remove an upload's file (terminated, expired, or failed), and the directory of
-        uploads once it is empty."""
-        updir = await w.path(root, (UPLOADS,))
+        """Remove an upload's file (terminated, expired, or failed)."""
+        try:
+            updir = await w.path(root, (UPLOADS,))
+        except pyfuse3.FUSEError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            return  # removed behind our back: nothing left to free
         await self._unlink(w, updir.st_ino, name, missing_ok=True)
-        await self.tidy(w, root)
 
     async def tidy(self, w: Walk, root: pyfuse3.EntryAttributes) -> None:
         """Remove the directory of uploads if nothing is in it (else leave it)."""

@@ -496,7 +496,7 @@ class Service:
                 await files_nursery.start(
                     serve_asgi, self.files.app(), d.files_listen, "files_listen"
                 )
-                files_nursery.start_soon(self.files.expire_periodically)
+                files_nursery.start_soon(self.files.keep)
             options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
             options |= {"fsname=vfusefs", "subtype=vfusefs", "allow_other"}
             os.umask(0)  # native nodes get exactly the mode the caller asked for (already masked)

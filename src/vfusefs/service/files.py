@@ -51,6 +51,8 @@ from vfusefs.state.uploads import Upload, UploadFiles
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # bytes read or written per handler call
+TICK = 2.0  # seconds between looks for expired uploads and idle upload directories
+TIDY_AFTER = 2.0  # seconds a vfolder's directory of uploads stays once its last one ended
 TUS_VERSION = "1.0.0"
 TUS_EXTENSIONS = "creation,creation-with-upload,termination,expiration"
 OFFSET_TYPE = "application/offset+octet-stream"
@@ -153,6 +155,7 @@ class FileService:
         self.bytes_out = 0  # file bytes sent
         self.bytes_in = 0  # upload bytes written
         self.outcomes: dict[str, int] = {}  # completed, terminated, expired, failed -> uploads
+        self.idle: dict[tuple[str, str], float] = {}  # (host, vfolder) -> its last upload ended
 
     # -- start-up and expiry --------------------------------------------------------------------
     async def load(self) -> None:
@@ -161,11 +164,17 @@ class FileService:
         if self.uploads:
             log.info("taking up %d unfinished upload(s)", len(self.uploads))
 
-    async def expire_periodically(self) -> None:
-        """Look for expired uploads every minute (more often for an expiry under 4 minutes)."""
+    async def keep(self) -> None:
+        """Every TICK: end expired uploads, and remove directories of uploads that have been
+        idle for a moment (not at once: a client sending many files in a row would have it
+        made and removed for each)."""
         while True:
-            await self.expire()
-            await trio.sleep(min(60.0, max(0.5, self.upload_expiry / 4)))
+            await trio.sleep(TICK)
+            try:
+                await self.expire()
+                await self.tidy()
+            except Exception:
+                log.exception("upload housekeeping failed")
 
     async def expire(self) -> None:
         """Remove uploads whose time is up (their bytes are refunded to the vfolder), and
@@ -181,23 +190,41 @@ class FileService:
             except (RegistryError, pyfuse3.FUSEError) as exc:
                 log.warning("upload %s: expired, but its file stays for now: %s", up.id, exc)
 
+    async def tidy(self) -> None:
+        now = time.monotonic()
+        busy = {up.vfolder for up in self.uploads.values()}
+        for (host, vfid), since in list(self.idle.items()):
+            if vfid in busy:
+                del self.idle[(host, vfid)]
+            elif now - since >= TIDY_AFTER:
+                del self.idle[(host, vfid)]
+                if vfid in self.registry.vfolders:
+                    async with self.files.housekeeping() as w:
+                        await self.files.tidy(w, await w.vfolder(host, vfid))
+
     async def drop(self, up: Upload, outcome: str) -> None:
-        """Forget an upload and remove its file (which the daemon does whatever the token)."""
-        self.uploads.pop(up.id, None)
+        """End an upload and remove its file (which the daemon does whatever the token)."""
         try:
             if up.vfolder in self.registry.vfolders:
                 async with self.files.housekeeping() as w:
                     root = await w.vfolder(up.host, up.vfolder)
                     await self.files.drop_upload(w, root, up.name)
         finally:
-            await trio.to_thread.run_sync(self.records.remove, up.id)
-            self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
-            log.info(
-                "upload %s %s",
-                up.id,
-                outcome,
-                extra={"host": up.host, "vfolder": up.vfolder, "op": "upload"},
-            )
+            await self.ended(up, outcome)
+
+    async def ended(self, up: Upload, outcome: str) -> None:
+        self.uploads.pop(up.id, None)
+        await trio.to_thread.run_sync(self.records.remove, up.id)
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        if not any(other.vfolder == up.vfolder for other in self.uploads.values()):
+            self.idle[(up.host, up.vfolder)] = time.monotonic()
+        log.info(
+            "upload %s to %s %s",
+            up.id,
+            up.path,
+            outcome,
+            extra={"host": up.host, "vfolder": up.vfolder, "op": "upload"},
+        )
 
     # -- requests -------------------------------------------------------------------------------
     def claims(self, request: Request) -> Claims:
@@ -489,10 +516,17 @@ class FileService:
         async with self.files.walk(host, vfid, claims.mode) as w:
             root = await w.vfolder(host, vfid)
             await self.fits(w, vfid, root, parts, length, claims.mode)
-            fh = await self.files.upload_file(w, root, up.name)
+            # recorded before its file is made: a crash between the two leaves no file
+            # nobody knows of, and housekeeping sees the vfolder is busy
+            self.uploads[up.id] = up
+            try:
+                await trio.to_thread.run_sync(self.records.save, up)
+                fh = await self.files.upload_file(w, root, up.name)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self.ended(up, "failed")
+                raise
             await self.files.close(fh)
-        self.uploads[up.id] = up
-        await trio.to_thread.run_sync(self.records.save, up)
         log.info(
             "upload %s of %d bytes to %s started",
             up.id,
@@ -619,20 +653,7 @@ class FileService:
                     e = refusal(exc, up.path)
                     await self.drop(up, "failed")
                     return e.status, e.code, e.message + " (the upload is dropped)"
-                self.uploads.pop(up.id, None)
-                await trio.to_thread.run_sync(self.records.remove, up.id)
-                self.outcomes["completed"] = self.outcomes.get("completed", 0) + 1
-                log.info(
-                    "upload %s of %d bytes to %s complete",
-                    up.id,
-                    up.length,
-                    up.path,
-                    extra={"host": up.host, "vfolder": up.vfolder, "op": "upload"},
-                )
-        if up.offset == up.length and up.id not in self.uploads:
-            async with self.files.housekeeping() as w:
-                root = await w.vfolder(up.host, up.vfolder)
-                await self.files.tidy(w, root)
+                await self.ended(up, "completed")
         return problem
 
     async def write_body(
