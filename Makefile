@@ -7,7 +7,8 @@ DEMO   ?= $(CURDIR)/demo
 # what a node needs to run the daemon (make run, make install) ...
 NODE_PACKAGES = fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr util-linux
 # ... and what the test suite adds: peers to compare with, real storage, tools it drives
-TEST_PACKAGES = redis-server btrfs-progs xfsprogs bindfs psmisc iproute2 procps
+TEST_PACKAGES = redis-server btrfs-progs xfsprogs bindfs psmisc iproute2 procps curl \
+	ceph-mon ceph-osd ceph-mds ceph-fuse ceph-common
 DEMO_ID = 6f1c2a3e-0000-4000-8000-00000000d3e0
 
 # make install [DESTDIR=/tmp/pkgroot] [PREFIX=...]: DESTDIR stages the files for a package

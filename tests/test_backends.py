@@ -4,8 +4,9 @@ Each entry of BACKENDS makes a host config for one backend on storage this machi
 tests hold every backend to the same promises: layouts, create/adopt/undo, delete into the
 trash and purge, declared options, and capabilities that match the methods (a backend that
 says it has no native quota refuses set_native_quota with NotSupported, one that says it has
-one must not).  vfs runs on a plain directory, btrfs on a real btrfs loop mount with quotas;
-later backends (xfs, cephfs...) add their entry here.
+one must not).  vfs runs on a plain directory, btrfs on a real btrfs loop mount with quotas,
+cephfs on a real single-node Ceph cluster's CephFS (ceph-fuse); later backends add their
+entry here.
 """
 
 from __future__ import annotations
@@ -49,8 +50,12 @@ def host_config(path: Path, backend: str = "vfs", **kw: Any) -> HostConfig:
 BACKENDS: dict[str, Callable[[Path], HostConfig]] = {
     "vfs": lambda tmp: host_config(tmp),
     "btrfs": lambda tmp: host_config(tmp, "btrfs"),
+    "cephfs": lambda tmp: host_config(tmp, "cephfs"),
 }
-ON_STORAGE = {"btrfs": "btrfs_fs"}  # backends whose path must be on their filesystem: fixture
+ON_STORAGE = {
+    "btrfs": "btrfs_fs",
+    "cephfs": "ceph_fs",
+}  # backends whose path must be on their filesystem: fixture
 
 
 @pytest.fixture(params=sorted(BACKENDS))

@@ -631,3 +631,25 @@ def test_example_script_runs_as_written(api: Api, world_dir: Path) -> None:
     assert '"name":"hello.txt"' in r.stdout and "h   e   l   l   o" in r.stdout
     assert '"deleted":true' in r.stdout
     assert not (vf / "uploads").exists()
+
+
+def test_a_client_leaving_mid_download_leaves_nothing_open(api: Api) -> None:
+    vf = api.d.vfolder()
+    with open(vf / "big", "wb") as f:
+        f.write(os.urandom(64 * MiB))
+    token = api.token(vf, "ro")
+    for _ in range(5):
+        with httpx.Client(base_url=api.base, timeout=30) as c:
+            with c.stream(
+                "GET", api.url(vf, "big"), headers={"authorization": f"Bearer {token}"}
+            ) as r:
+                assert r.status_code == 200
+                next(r.iter_bytes())  # a first piece, then the client goes away
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        status = api.d.api("GET", "/v1/status").json()
+        if status["open_handles"] == 0:
+            break
+        time.sleep(0.2)
+    assert status["open_handles"] == 0, status
+    assert api.get(vf, "big", token, headers={"range": "bytes=0-3"}).status_code == 206

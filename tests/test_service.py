@@ -445,8 +445,16 @@ def test_examples_run_as_written(world_dir: Path) -> None:
         (repo / "examples" / "many-nodes.toml").read_text(), "many-nodes", check_paths=False
     )
     assert cfg.store_url.startswith("redis://") and cfg.lease_floor == 1 << 20
+    cfg = config.parse((repo / "examples" / "cephfs.toml").read_text(), "cephfs", check_paths=False)
+    assert cfg.hosts["ceph"].backend == "cephfs" and cfg.hosts["ceph"].layout == "backendai"
     for example in sorted((repo / "examples").glob("*.toml")):  # every one is checked here
-        assert example.name in ("vfs.toml", "btrfs.toml", "many-nodes.toml", "demo.toml")
+        assert example.name in (
+            "vfs.toml",
+            "btrfs.toml",
+            "cephfs.toml",
+            "many-nodes.toml",
+            "demo.toml",
+        )
 
     cgroot = Path("/sys/fs/cgroup/unified")
     if not (cgroot / "cgroup.procs").exists() and not Path("/sys/fs/cgroup/cgroup.procs").exists():

@@ -25,6 +25,7 @@ import secrets
 import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 from urllib.parse import unquote
 
 import pyfuse3
@@ -136,6 +137,25 @@ class _Done(Exception):
 
     def __init__(self, response: Response) -> None:
         self.response = response
+
+
+class Download(StreamingResponse):
+    """A streamed download that closes its file handle and ends its walk however the response
+    ends: sent, failed, or cut short by the client (the body's generator may then never run
+    to its end, or not start at all)."""
+
+    def __init__(
+        self, body: AsyncIterator[bytes], done: Callable[[], Awaitable[None]], **kw: Any
+    ) -> None:
+        super().__init__(body, **kw)
+        self.done = done
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.done()
 
 
 class FileService:
@@ -411,27 +431,26 @@ class FileService:
             await self.files.close(fh)
             await w.__aexit__(None, None, None)
             raise
-        return StreamingResponse(self.stream(w, fh, pieces), status_code=status, headers=headers)
 
-    async def stream(
-        self, w: Walk, fh: int, pieces: list[tuple[bytes, int, int]]
-    ) -> AsyncIterator[bytes]:
-        """The bytes of a download, CHUNK at a time; the handle and the walk end with it."""
-        try:
-            for head, off, n in pieces:
-                if head:
-                    yield head
-                end = off + n
-                while off < end:
-                    data = await self.files.read(fh, off, min(CHUNK, end - off))
-                    if not data:  # the file shrank since its stat: the client sees it short
-                        return
-                    off += len(data)
-                    self.bytes_out += len(data)
-                    yield data
-        finally:
+        async def finish() -> None:
             await self.files.close(fh)
             await w.__aexit__(None, None, None)
+
+        return Download(self.stream(fh, pieces), finish, status_code=status, headers=headers)
+
+    async def stream(self, fh: int, pieces: list[tuple[bytes, int, int]]) -> AsyncIterator[bytes]:
+        """The bytes of a download, CHUNK at a time."""
+        for head, off, n in pieces:
+            if head:
+                yield head
+            end = off + n
+            while off < end:
+                data = await self.files.read(fh, off, min(CHUNK, end - off))
+                if not data:  # the file shrank since its stat: the client sees it short
+                    return
+                off += len(data)
+                self.bytes_out += len(data)
+                yield data
 
     # -- changing names -------------------------------------------------------------------------
     async def post(self, request: Request) -> Response:
