@@ -6,9 +6,11 @@ VENV   ?= .venv
 DEMO   ?= $(CURDIR)/demo
 # what a node needs to run the daemon (make run, make install) ...
 NODE_PACKAGES = fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv attr util-linux
-# ... and what the test suite adds: peers to compare with, real storage, tools it drives
+# ... and what the test suite adds: peers to compare with, real storage (a one-node Ceph
+# cluster; a QEMU VM running Debian's kernel for XFS quota), tools it drives
 TEST_PACKAGES = redis-server btrfs-progs xfsprogs bindfs psmisc iproute2 procps curl \
-	ceph-mon ceph-osd ceph-mds ceph-fuse ceph-common
+	ceph-mon ceph-osd ceph-mds ceph-fuse ceph-common \
+	qemu-system-x86 busybox-static kmod cpio
 DEMO_ID = 6f1c2a3e-0000-4000-8000-00000000d3e0
 
 # make install [DESTDIR=/tmp/pkgroot] [PREFIX=...]: DESTDIR stages the files for a package

@@ -5,8 +5,8 @@ tests hold every backend to the same promises: layouts, create/adopt/undo, delet
 trash and purge, declared options, and capabilities that match the methods (a backend that
 says it has no native quota refuses set_native_quota with NotSupported, one that says it has
 one must not).  vfs runs on a plain directory, btrfs on a real btrfs loop mount with quotas,
-cephfs on a real single-node Ceph cluster's CephFS (ceph-fuse); later backends add their
-entry here.
+cephfs on a real single-node Ceph cluster's CephFS (ceph-fuse), xfs on XFS with project
+quota inside the test VM (tests/test_vm_storage.py); later backends add their entry here.
 """
 
 from __future__ import annotations
@@ -51,11 +51,10 @@ BACKENDS: dict[str, Callable[[Path], HostConfig]] = {
     "vfs": lambda tmp: host_config(tmp),
     "btrfs": lambda tmp: host_config(tmp, "btrfs"),
     "cephfs": lambda tmp: host_config(tmp, "cephfs"),
+    "xfs": lambda tmp: host_config(tmp, "xfs"),
 }
-ON_STORAGE = {
-    "btrfs": "btrfs_fs",
-    "cephfs": "ceph_fs",
-}  # backends whose path must be on their filesystem: fixture
+# backends whose path must be on their filesystem: its fixture (xfs: only in the test VM)
+ON_STORAGE = {"btrfs": "btrfs_fs", "cephfs": "ceph_fs", "xfs": "xfs_fs"}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -195,3 +194,13 @@ def test_inventory_finds_vfolders_by_layout(backend: Backend) -> None:
     path = deep.native_path(uuid.uuid4(), "project:0b8e2f46-7b1c-4a55-9c3e-2d1f0a9b8c7d")
     deep.create_vfolder(path)
     assert deep.inventory()[0] == [path]  # the flat one is not where this layout looks
+
+
+def test_xfs_backend_off_xfs_is_one_clear_line(tmp_path: Path) -> None:
+    """The xfs backend on a host path that is not XFS: a create fails saying so, and leaves
+    no directory behind (its real work is tested on XFS in the VM: tests/guest_xfs.py)."""
+    backend = load_backend(host_config(tmp_path, "xfs"))
+    path = backend.native_path(uuid.uuid4(), "")
+    with pytest.raises(BackendError, match="not XFS|not on XFS"):
+        backend.create_vfolder(path)
+    assert not os.path.exists(path)

@@ -12,6 +12,7 @@ backend runs.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import time
@@ -87,6 +88,9 @@ class Backend:
     name: ClassVar[str] = "?"
     options: ClassVar[tuple[BackendOption, ...]] = ()
     capabilities: ClassVar[Capabilities] = Capabilities()
+    # the errno the storage answers a native quota overrun with (XFS: ENOSPC); callers always
+    # get EDQUOT for it on a vfolder with a limit (SPEC §4)
+    quota_errno: ClassVar[int] = errno.EDQUOT
 
     def __init__(self, host: HostConfig) -> None:
         self.host = host

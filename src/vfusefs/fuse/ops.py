@@ -417,11 +417,25 @@ class Operations(pyfuse3.Operations):
         with changing(vf):
             try:
                 result: G = await self._run(node, _locked, self._locks(lock or (node,)), fn, *args)
+            except OSError as exc:
+                self.ledger.refund(res)
+                if self._native_quota_hit(node, vf, exc):
+                    raise self._deny(node, errno.EDQUOT) from None
+                raise
             except BaseException:
                 self.ledger.refund(res)
                 raise
             self.ledger.commit(res, result.grown_bytes, result.grown_inodes)
         return result
+
+    @staticmethod
+    def _native_quota_hit(node: Node, vf: Vfolder, exc: OSError) -> bool:
+        """Whether exc is the storage's own quota refusing (SPEC §4: callers see EDQUOT),
+        where the storage says so with another errno (XFS project quota: ENOSPC)."""
+        quota_errno = node.host.backend.quota_errno  # type: ignore[union-attr]
+        return exc.errno == quota_errno != errno.EDQUOT and bool(
+            vf.record.quota_bytes or vf.record.quota_inodes
+        )
 
     async def _reserve_leased(
         self, node: Node, exc: QuotaExceeded, nbytes: int, inodes: int
