@@ -447,11 +447,14 @@ def test_examples_run_as_written(world_dir: Path) -> None:
     assert cfg.store_url.startswith("redis://") and cfg.lease_floor == 1 << 20
     cfg = config.parse((repo / "examples" / "cephfs.toml").read_text(), "cephfs", check_paths=False)
     assert cfg.hosts["ceph"].backend == "cephfs" and cfg.hosts["ceph"].layout == "backendai"
+    cfg = config.parse((repo / "examples" / "xfs.toml").read_text(), "xfs", check_paths=False)
+    assert cfg.hosts["scratch"].backend == "xfs"
     for example in sorted((repo / "examples").glob("*.toml")):  # every one is checked here
         assert example.name in (
             "vfs.toml",
             "btrfs.toml",
             "cephfs.toml",
+            "xfs.toml",
             "many-nodes.toml",
             "demo.toml",
         )
