@@ -679,25 +679,29 @@ class FileService:
         self, request: Request, up: Upload, fh: int
     ) -> tuple[int, str, str] | None:
         assert up.offset is not None
-        buf = bytearray()
+        parts: list[bytes] = []  # the body as it came, written once CHUNK of it is here
+        held = 0
 
         async def put() -> None:
-            assert up.offset is not None
-            done = 0
-            while done < len(buf):
-                n = await self.files.write(fh, up.offset, bytes(buf[done : done + CHUNK]))
+            nonlocal held
+            data = parts[0] if len(parts) == 1 else b"".join(parts)  # one copy, not two
+            parts.clear()
+            held = 0
+            while data:
+                assert up.offset is not None
+                n = await self.files.write(fh, up.offset, data)
                 up.offset += n
-                done += n
                 self.bytes_in += n
-            buf.clear()
+                data = data[n:]
 
         try:
             async for part in request.stream():
-                if up.offset + len(buf) + len(part) > up.length:
+                if up.offset + held + len(part) > up.length:
                     await put()
                     return 400, "too_long", f"the body runs past Upload-Length {up.length}"
-                buf += part
-                if len(buf) >= CHUNK:
+                parts.append(part)
+                held += len(part)
+                if held >= CHUNK:
                     await put()
             await put()
         except pyfuse3.FUSEError as exc:
