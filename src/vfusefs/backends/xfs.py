@@ -11,15 +11,15 @@ What it adds to plain directories:
   walk, whatever the tree's size).
 
 One project per vfolder, in both layouts (`flat` and `backendai`): a scope's limit is held by
-vfusefs's ledger, not by XFS.  Project ids live on the directories themselves (the project id XFS keeps in each inode, set
-and read with the FS_IOC_FSSETXATTR / FS_IOC_FSGETXATTR ioctls), not in /etc/projects or a
-dotfile: an adopted or restored directory keeps its own.  A new vfolder's id is derived from
-its UUID (so two nodes making vfolders at once pick different ids, short of a CRC-32 collision
-between two new UUIDs) and moved past ids the filesystem already uses.  `xfs_quota` (xfsprogs) sets and reads
-limits, on the host's admin threads only, with /etc/projects and /etc/projid unused.  The
-filesystem must be mounted with `prjquota` (or `pquota`); a limit set without it fails with a
-line that says so.  Clones are copies (`copy_file_range`, so reflinks where the filesystem was
-made with `reflink=1`).
+vfusefs's ledger, not by XFS.  Project ids live on the directories themselves (the project id
+XFS keeps in each inode, set and read with the FS_IOC_FSSETXATTR / FS_IOC_FSGETXATTR ioctls),
+not in /etc/projects or a dotfile: an adopted or restored directory keeps its own.  A new
+vfolder's id is derived from its UUID (so two nodes making vfolders at once pick different ids,
+short of a CRC-32 collision between two new UUIDs) and moved past ids the filesystem already
+uses.  `xfs_quota` (xfsprogs) sets and reads limits, on the host's admin threads only, with
+/etc/projects and /etc/projid unused.  The filesystem must be mounted with `prjquota` (or
+`pquota`); a limit set without it fails with a line that says so.  Clones are copies
+(`copy_file_range`, so reflinks where the filesystem was made with `reflink=1`).
 """
 
 from __future__ import annotations

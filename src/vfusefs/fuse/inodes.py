@@ -19,7 +19,7 @@ from collections.abc import Container, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from vfusefs.state.registry import Host, Vfolder
+    from vfusefs.state.records import Host, Vfolder
 
 ROOT_INODE = 1
 

@@ -38,7 +38,8 @@ from vfusefs.fuse.fdbudget import FdBudget
 from vfusefs.fuse.inodes import ROOT_INODE, InodeTable, Kind, Node
 from vfusefs.runtime import fuseshim
 from vfusefs.service.metrics import DENIAL_REASONS, FOREIGN_LINK, PRIVILEGED, READ_ONLY_TREE, OpStat
-from vfusefs.state.registry import Host, Registry, Vfolder
+from vfusefs.state.records import Host, Vfolder
+from vfusefs.state.registry import Registry
 
 log = logging.getLogger(__name__)
 
