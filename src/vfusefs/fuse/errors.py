@@ -48,6 +48,11 @@ LOG_EVERY = 10.0  # seconds: at most one line per (host, op, kind of failure) in
 _last_logged: dict[tuple[str, str, type], tuple[float, int]] = {}
 
 
+def fail(code: int) -> pyfuse3.FUSEError:
+    """The error a handler raises to answer errno code."""
+    return pyfuse3.FUSEError(code)
+
+
 def _should_log(host: str, op: str, kind: type) -> int | None:
     """None to stay quiet; else how many like it were suppressed since the last line.
 

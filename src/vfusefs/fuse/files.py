@@ -32,6 +32,7 @@ from vfusefs.domain.access import Caller, Mode, TokenCaller
 from vfusefs.domain.files import Path, show
 from vfusefs.domain.validation import RegistryError
 from vfusefs.fuse.callers import FilesContext
+from vfusefs.fuse.errors import fail
 from vfusefs.fuse.inodes import ROOT_INODE
 from vfusefs.fuse.ops import Operations
 
@@ -73,10 +74,6 @@ def refusal(exc: pyfuse3.FUSEError, what: Path | str) -> RegistryError:
     where = what if isinstance(what, str) else show(what)
     message = MESSAGES.get(exc.errno) or os.strerror(exc.errno).lower()
     return RegistryError(status, code, f"{where}: {message}")
-
-
-def fail(code: int) -> pyfuse3.FUSEError:
-    return pyfuse3.FUSEError(code)
 
 
 class Walk:

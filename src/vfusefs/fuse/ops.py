@@ -1,4 +1,7 @@
-"""The data path: every FUSE request, from inode to native syscall, in one file.
+"""The data path: every FUSE request, from inode to native syscall.  `Operations` is the
+handlers; two parts it is made of live beside it: `charging.py` (reserve, run, charge or
+refund: the quota around every native call) and `virtual.py` (the root and host directories,
+statfs, the `user.vfusefs.*` xattrs), on the state they share (`opsbase.py`).
 
 Each handler reads the same way: resolve the inode, decide access for the caller (`access.py`),
 run the native syscalls for the operation in one hop on the host's worker thread (`native.py`),
@@ -19,11 +22,10 @@ import errno
 import logging
 import os
 import stat as stat_mod
-import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol, Self, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import pyfuse3
 
@@ -31,11 +33,18 @@ from vfusefs import native
 from vfusefs.config import DaemonConfig
 from vfusefs.domain import access
 from vfusefs.domain.access import Caller, Mode, Need, TokenCaller
-from vfusefs.domain.quota import QuotaExceeded, Reservation, parse_count, parse_size
 from vfusefs.fuse.callers import CallerCache, FilesContext
-from vfusefs.fuse.errors import handler
+from vfusefs.fuse.charging import (
+    BLOCK,
+    Charging,
+    _locked,
+    _tracked,
+    changing,
+)
+from vfusefs.fuse.errors import fail, handler
 from vfusefs.fuse.fdbudget import FdBudget
 from vfusefs.fuse.inodes import ROOT_INODE, InodeTable, Kind, Node
+from vfusefs.fuse.virtual import XATTR_PREFIX, VirtualTree
 from vfusefs.runtime import fuseshim
 from vfusefs.service.metrics import DENIAL_REASONS, FOREIGN_LINK, PRIVILEGED, READ_ONLY_TREE, OpStat
 from vfusefs.state.records import Host, Vfolder
@@ -48,35 +57,8 @@ FH_OPS = frozenset(
     {"read", "write", "flush", "fsync", "release", "readdir", "releasedir", "fsyncdir"}
 )
 READDIR_CHUNK = 256  # native entries read (and stat'ed) per worker hop
-BLOCK = native.BLOCK
-RECONCILE_WINDOW = 60.0  # seconds a changed file is watched (> the kernel's 30 s writeback)
-LEASE_TRIES = 4  # many nodes: times a write short of its quota lease asks the store for more
-XATTR_PREFIX = b"user.vfusefs."
 CAPABILITY_XATTR = b"security.capability"  # file capabilities: privilege, like a setuid bit
 SET_ID = stat_mod.S_ISUID | stat_mod.S_ISGID
-
-
-class Growth(Protocol):
-    """A native result that says what it added to usage (native.Made, Written...)."""
-
-    @property
-    def grown_bytes(self) -> int: ...
-    @property
-    def grown_inodes(self) -> int: ...
-
-
-class StatGrowth(Growth, Protocol):
-    """One that also has the inode's stat after the change, and can be copied with another
-    grown_bytes (NamedTuple._replace): what _tracked adjusts."""
-
-    @property
-    def st(self) -> os.stat_result: ...
-    def _replace(self, *, grown_bytes: int) -> Self: ...
-
-
-T = TypeVar("T")
-G = TypeVar("G", bound=Growth)
-S = TypeVar("S", bound=StatGrowth)
 
 
 def plants_privilege(mode: int) -> bool:
@@ -89,10 +71,6 @@ def plants_privilege(mode: int) -> bool:
 
 
 UNCHECKED = Caller(0, 0, 0, "/")  # the caller of every request when checks are off (bench only)
-
-
-def fail(code: int) -> pyfuse3.FUSEError:
-    return pyfuse3.FUSEError(code)
 
 
 class FileHandle:
@@ -138,7 +116,7 @@ class DirHandle:
         self.fd_wait = True  # at the fd limit, wait for the kernel to forget entries (readdir)
 
 
-class Operations(pyfuse3.Operations):
+class Operations(VirtualTree, Charging):
     supports_dot_lookup = False  # the kernel never asks us for "." or ".." by name
     enable_acl = False
 
@@ -371,137 +349,10 @@ class Operations(pyfuse3.Operations):
         a.attr_timeout = self.timeout
         return a
 
-    def _virtual_attrs(self, node: Node) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = node.ino
-        a.st_mode = stat_mod.S_IFDIR | 0o555
-        if node.kind is Kind.ROOT:
-            a.st_nlink = 2 + len(self.registry.hosts)
-        else:
-            a.st_nlink = 2
-        a.st_uid = a.st_gid = 0
-        a.st_size = 0
-        a.st_blksize = 4096
-        a.st_blocks = 0
-        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.started_ns
-        a.entry_timeout = self.timeout
-        a.attr_timeout = self.timeout
-        return a
-
     async def _run(self, node: Node, fn: Any, *args: Any) -> Any:
         host = node.host
         assert host is not None
         return await host.workers.run(fn, *args)
-
-    # -- quota ----------------------------------------------------------------------------------
-    async def _charged(
-        self,
-        node: Node,
-        nbytes: int,
-        inodes: int,
-        fn: Callable[..., G],
-        *args: Any,
-        lock: tuple[Node, ...] = (),
-    ) -> G:
-        """Run fn on node's host with room reserved for nbytes/inodes of growth.
-
-        The reservation is taken before the first await (EDQUOT here, nothing changed); fn
-        returns a native result whose grown_bytes and grown_inodes are what it really added
-        (negative: freed), and that is what the vfolder and its scope are charged.
-        """
-        vf = node.vf
-        assert vf is not None
-        try:
-            res = self.ledger.reserve(vf.quota_keys, nbytes, inodes)
-        except QuotaExceeded as exc:
-            res = await self._reserve_leased(node, exc, nbytes, inodes)
-        with changing(vf):
-            try:
-                result: G = await self._run(node, _locked, self._locks(lock or (node,)), fn, *args)
-            except OSError as exc:
-                self.ledger.refund(res)
-                if self._native_quota_hit(node, vf, exc):
-                    raise self._deny(node, errno.EDQUOT) from None
-                raise
-            except BaseException:
-                self.ledger.refund(res)
-                raise
-            self.ledger.commit(res, result.grown_bytes, result.grown_inodes)
-        return result
-
-    @staticmethod
-    def _native_quota_hit(node: Node, vf: Vfolder, exc: OSError) -> bool:
-        """Whether exc is the storage's own quota refusing (SPEC §4: callers see EDQUOT),
-        where the storage says so with another errno (XFS project quota: ENOSPC)."""
-        quota_errno = node.host.backend.quota_errno  # type: ignore[union-attr]
-        return exc.errno == quota_errno != errno.EDQUOT and bool(
-            vf.record.quota_bytes or vf.record.quota_inodes
-        )
-
-    async def _reserve_leased(
-        self, node: Node, exc: QuotaExceeded, nbytes: int, inodes: int
-    ) -> Reservation:
-        """A reservation that did not fit: if what ran short is a lease (many nodes), ask the
-        store for more and try again, a few times; EDQUOT otherwise, or when there is no room."""
-        vf = node.vf
-        assert vf is not None
-        leases = self.registry.leases
-        for _ in range(LEASE_TRIES):
-            if not exc.leased or leases is None:
-                break
-            if not await leases.grow(exc.key, exc.short_bytes, exc.short_inodes):
-                break
-            try:
-                return self.ledger.reserve(vf.quota_keys, nbytes, inodes)
-            except QuotaExceeded as again:
-                exc = again
-        raise self._deny(node, errno.EDQUOT)
-
-    @staticmethod
-    def _locks(nodes: tuple[Node, ...]) -> list[threading.Lock]:
-        """The nodes' locks, in inode order (two renames can never wait on each other)."""
-        out = []
-        for n in sorted(set(nodes), key=lambda n: n.ino):
-            if n.lock is None:
-                n.lock = threading.Lock()
-            out.append(n.lock)
-        return out
-
-    def _watch(self, node: Node) -> None:
-        """node's allocation is charged through node.alloc: give it a lock and watch it for a
-        while, because the native fs may settle its blocks later (Registry.reconcile)."""
-        vf = node.vf
-        if node.lock is None:
-            node.lock = threading.Lock()
-        if vf is not None and node.kind is Kind.NATIVE:
-            vf.recent[node.ino] = (node, time.monotonic() + RECONCILE_WINDOW)
-
-    def _victim_correction(
-        self, vf: Vfolder | None, victim: os.stat_result | None, inodes: int
-    ) -> tuple[int, int]:
-        """What to add to the refund of a removed last link taken from its stat (its blocks and
-        one inode): the ledger may hold another figure for it (node.alloc: the native fs settled
-        it since), and a file still open keeps its blocks, and its charge, until the last close
-        (the temporary-file pattern; see release)."""
-        if victim is None or not inodes or vf is None:
-            return 0, 0
-        node = self.table.find(vf, victim)
-        if node is None:
-            return 0, 0
-        alloc = victim.st_blocks * 512
-        if node.opens:
-            node.orphan = True
-            if node.alloc is None:
-                node.alloc = alloc
-            return alloc, -inodes  # nothing freed yet
-        held, node.alloc = node.alloc, None
-        vf.recent.pop(node.ino, None)
-        return (alloc - held if held is not None else 0), 0
-
-    def _release(self, node: Node, nbytes: int, inodes: int) -> None:
-        """Apply a change that needs no check (what an unlink freed)."""
-        if node.vf is not None and (nbytes or inodes):
-            self.ledger.apply(node.vf.quota_keys, nbytes, inodes)
 
     def _adopt(self, parent: Node, name: bytes, entry: native.Entry) -> Node | None:
         """The node for a native inode just reached (None if a lost race needs a fresh fd)."""
@@ -1142,26 +993,6 @@ class Operations(pyfuse3.Operations):
             h.next_off += 1
             sent += 1
 
-    def _readdir_virtual(self, h: DirHandle, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        assert h.virtual is not None
-        for i in range(start_id, len(h.virtual)):
-            name, child = h.virtual[i]
-            if child.vf is None:
-                attrs = self._virtual_attrs(child)
-            else:
-                # a vfolder root: listing a host dir must not wait on every vfolder's storage, so
-                # send what we last saw, uncached: the kernel's next stat asks us for fresh ones
-                attrs = (
-                    self._attrs(child, child.st)
-                    if child.st is not None
-                    else self._virtual_attrs(child)
-                )
-                attrs.attr_timeout = 0
-                attrs.entry_timeout = 0
-            if not pyfuse3.readdir_reply(token, name, attrs, i + 1):
-                return
-            child.nlookup += 1
-
     async def _seekdir(self, h: DirHandle, offset: int) -> None:
         """rewinddir or seekdir: restart the native listing (entries already sent stay counted)."""
         assert h.stream is not None
@@ -1215,68 +1046,6 @@ class Operations(pyfuse3.Operations):
         if node.kind is not Kind.NATIVE and node.kind is not Kind.VFROOT:
             raise fail(errno.ENOTDIR)
         return await self._run(node, native.listing, node.fd, after, limit)  # type: ignore[no-any-return]
-
-    # -- file systems and xattrs -----------------------------------------------------------------
-    @handler
-    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        ino = fuseshim.statfs_ino()  # first, before any await (see fuseshim.py)
-        node = self.table.get(ino) if ino is not None else None
-        if node is None or node.kind is Kind.ROOT:
-            return await self._statfs_hosts(list(self.registry.hosts.values()))
-        if node.vf is None:
-            assert node.host is not None
-            return await self._statfs_hosts([node.host])
-        self._allow(ctx, node, Need.READ)
-        vf = node.vf
-        await self.registry.reconcile(vf)
-        out = await self._statfs_hosts([vf.host])
-        vacc = self.ledger.account(vf.quota_keys[0])
-        scope = self.ledger.account(vf.quota_keys[1]) if len(vf.quota_keys) > 1 else None
-        if vacc.limit_bytes or scope is not None and scope.limit_bytes:
-            # the quota is the size, what is left (of the vfolder and its scope) is free
-            rooms = [
-                r
-                for r in (vacc.room_bytes(), scope.room_bytes() if scope else None)
-                if r is not None
-            ]
-            size = vacc.limit_bytes or vacc.used_bytes + min(rooms)
-            free = min(rooms + [max(0, size - vacc.used_bytes)])
-            out.f_blocks = -(-size // out.f_frsize)
-            out.f_bfree = out.f_bavail = free // out.f_frsize
-        if vacc.limit_inodes or scope is not None and scope.limit_inodes:
-            rooms = [
-                r
-                for r in (vacc.room_inodes(), scope.room_inodes() if scope else None)
-                if r is not None
-            ]
-            files = vacc.limit_inodes or vacc.used_inodes + min(rooms)
-            out.f_files = files
-            out.f_ffree = out.f_favail = min(rooms + [max(0, files - vacc.used_inodes)])
-        return out
-
-    async def _statfs_hosts(self, hosts: list[Host]) -> pyfuse3.StatvfsData:
-        """Native figures of the hosts' filesystems, summed in 4 KiB blocks."""
-        out = pyfuse3.StatvfsData()
-        out.f_bsize = out.f_frsize = BLOCK
-        out.f_namemax = 255
-        blocks = bfree = bavail = files = ffree = 0
-        for host in hosts:
-            try:
-                await host.workers.settle()  # blocks of removed files we held open are free
-                sv = await host.workers.run(native.statvfs_path, host.config.path)
-            except Exception:  # a host that fails or hangs is left out of the sum
-                continue
-            scale = sv.f_frsize / BLOCK
-            blocks += int(sv.f_blocks * scale)
-            bfree += int(sv.f_bfree * scale)
-            bavail += int(sv.f_bavail * scale)
-            files += sv.f_files
-            ffree += sv.f_ffree
-            if sv.f_namemax:
-                out.f_namemax = min(out.f_namemax, sv.f_namemax)
-        out.f_blocks, out.f_bfree, out.f_bavail = blocks, bfree, bavail
-        out.f_files, out.f_ffree, out.f_favail = files, ffree, ffree
-        return out
 
     async def _xattr_node(self, inode: int, ctx: pyfuse3.RequestContext, need: Need) -> Node:
         node = self._node(inode)
@@ -1352,117 +1121,6 @@ class Operations(pyfuse3.Operations):
         await self._charged(node, 0, 0, _tracked(node, native.removexattr), node.fd, name)
         self._xattr_changed(node, name, False)
         node.st_until = 0.0  # ctime changed
-
-    async def _set_limit(
-        self, node: Node, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
-    ) -> None:
-        """Admins set a vfolder's limits with setfattr; everything else under user.vfusefs. is
-        read-only (EPERM), and a value that is not a size is EINVAL."""
-        _, admin = self._caller(ctx)
-        field = {
-            b"user.vfusefs.quota.bytes": "quota_bytes",
-            b"user.vfusefs.quota.inodes": "quota_inodes",
-        }.get(name)
-        if not admin or field is None or node.kind is not Kind.VFROOT or node.vf is None:
-            raise fail(errno.EPERM)
-        try:
-            text = value.decode("ascii").strip("\0 \n")
-            limit = parse_size(text) if field == "quota_bytes" else parse_count(text)
-        except (UnicodeDecodeError, ValueError):
-            raise fail(errno.EINVAL) from None
-        await self.registry.set_limits(node.vf.host.name, node.vf.id, **{field: limit})
-
-    def _virtual_xattrs(self, node: Node, ctx: pyfuse3.RequestContext) -> dict[bytes, bytes]:
-        caller, admin = self._caller(ctx)
-        if node.kind is Kind.ROOT:
-            return {}
-        host = node.host
-        assert host is not None
-        out = {
-            b"user.vfusefs.backend": host.config.backend.encode(),
-            b"user.vfusefs.health": host.health.encode(),
-        }
-        if node.kind is Kind.HOST:
-            accounts = [self.ledger.account(vf.quota_keys[0]) for vf in host.vfolders.values()]
-            out[b"user.vfusefs.host"] = host.name.encode()
-            out[b"user.vfusefs.vfolders"] = b"%d" % len(accounts)
-            out[b"user.vfusefs.usage.bytes"] = b"%d" % sum(a.used_bytes for a in accounts)
-            out[b"user.vfusefs.usage.inodes"] = b"%d" % sum(a.used_inodes for a in accounts)
-            return out
-        vf = node.vf
-        assert vf is not None
-        acc = self.ledger.account(vf.quota_keys[0])
-        out.update(
-            {
-                b"user.vfusefs.id": vf.id.encode(),
-                b"user.vfusefs.host": host.name.encode(),
-                b"user.vfusefs.mode": self._mode(caller, admin, vf).label.encode(),
-                b"user.vfusefs.scope": vf.record.scope.encode(),
-                b"user.vfusefs.quota.bytes": b"%d" % vf.record.quota_bytes,
-                b"user.vfusefs.quota.inodes": b"%d" % vf.record.quota_inodes,
-                b"user.vfusefs.usage.bytes": b"%d" % acc.used_bytes,
-                b"user.vfusefs.usage.inodes": b"%d" % acc.used_inodes,
-            }
-        )
-        return out
-
-    def _virtual_xattr(self, node: Node, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        if node.vf is not None:
-            self._allow(ctx, node, Need.READ)
-        value = self._virtual_xattrs(node, ctx).get(name)
-        if value is None:
-            raise fail(pyfuse3.ENOATTR)
-        return value
-
-
-def _locked(locks: list[threading.Lock], fn: Callable[..., T], *args: Any) -> T:
-    """Run fn holding locks: concurrent changes to one inode must not measure each other's
-    allocation (two appends each seeing the other's blocks would count them twice)."""
-    for lock in locks:
-        lock.acquire()
-    try:
-        return fn(*args)
-    finally:
-        for lock in reversed(locks):
-            lock.release()
-
-
-class changing:  # noqa: N801 (used as a with-statement, like contextlib's)
-    """Mark a change through vfusefs that may move vf's usage, from before its native call
-    until its charge or refund is applied (see Vfolder.changes).  A plain class, not a
-    generator: it is on every write's path, where contextlib's costs ~1.5 us."""
-
-    __slots__ = ("vf",)
-
-    def __init__(self, vf: Vfolder | None) -> None:
-        self.vf = vf
-
-    def __enter__(self) -> None:
-        if self.vf is not None:
-            self.vf.changes += 1
-            self.vf.changing += 1
-
-    def __exit__(self, *exc: object) -> None:
-        if self.vf is not None:
-            self.vf.changing -= 1
-
-
-def _tracked(node: Node, fn: Callable[..., S]) -> Callable[..., S]:
-    """Adapt fn for _charged: charge the inode's allocation relative to what the ledger holds
-    for it (node.alloc), so growth the native fs made on its own since our last look (delayed
-    allocation) is charged too, then remember it.  Runs on the worker thread under node.lock
-    (see _charged)."""
-
-    def tracked(*args: Any) -> S:
-        result = fn(*args)
-        alloc = result.st.st_blocks * 512
-        if node.alloc is not None:
-            result = result._replace(grown_bytes=alloc - node.alloc)
-        node.alloc = alloc
-        return result
-
-    tracked.__name__ = getattr(fn, "__name__", "tracked")
-    return tracked
 
 
 def _open_stream(fd: int) -> tuple[native.DirStream, os.stat_result]:
