@@ -25,7 +25,7 @@ MANDIR ?= /usr/local/share/man
 
 define apt_install
 	@if command -v apt-get >/dev/null && ! dpkg -s $(1) >/dev/null 2>&1; then \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1); fi
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(1); fi
 endef
 
 deps:
