@@ -35,7 +35,10 @@ def test_xfs_project_quota_in_a_vm(tmp_path: Path) -> None:
     if why is not None:
         pytest.skip(f"no test VM: {why}")
     vm = Vm.prepare(REPO / ".cache" / "vm")
-    rc, log = vm.run(GUEST.format(repo=REPO, python=sys.executable), tmp_path, timeout=1200)
+    venv = Path(sys.executable).parent.parent  # the checkout and its venv may be under /tmp
+    rc, log = vm.run(
+        GUEST.format(repo=REPO, python=sys.executable), tmp_path, timeout=1200, keep=(REPO, venv)
+    )
     print(log)
     assert rc == 0, log[-6000:]
     # every XFS test ran in the guest, none skipped there (the xfs_fs fixture would skip them

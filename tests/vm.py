@@ -8,7 +8,8 @@ results back; a sparse file is the guest's disk (/dev/vda).
     rc, log = vm.run(script, workdir)   # boot, run `sh script` chrooted into the host root
 
 Nothing is installed on the host: the kernel package is unpacked into the cache directory.
-In the guest: /tmp, /run and /mnt are tmpfs, /tmp/out is the writable share, /dev/vda the disk,
+In the guest: /tmp, /run and /mnt are tmpfs (host directories under /tmp named in `keep`
+show through, read-only), /tmp/out is the writable share, /dev/vda the disk,
 and the modules for virtio, 9p, XFS, FUSE and NFS (client and server) are loaded.
 """
 
@@ -34,11 +35,16 @@ mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144,cache=loose hostroo
 mount -t proc proc /r/proc
 mount -t sysfs sys /r/sys
 mount -t devtmpfs dev /r/dev
+mkdir -p /hosttmp
+mount --bind /r/tmp /hosttmp
 mount -t tmpfs tmp /r/tmp
 mount -t tmpfs run /r/run
 mount -t tmpfs mnt /r/mnt
 mkdir -p /r/tmp/out
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 out /r/tmp/out
+for p in $(cat /r/tmp/out/keep 2>/dev/null); do
+    mkdir -p "/r/tmp/$p" && mount --bind "/hosttmp/$p" "/r/tmp/$p"
+done
 hostname vm
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 chroot /r /bin/sh -c 'cd /tmp/out && sh /tmp/out/script.sh' > /r/tmp/out/console.log 2>&1
@@ -77,14 +83,25 @@ class Vm:
         return cls(kernel, initrd)
 
     def run(
-        self, script: str, workdir: Path, disk_mib: int = 1024, timeout: float = 600
+        self,
+        script: str,
+        workdir: Path,
+        disk_mib: int = 1024,
+        timeout: float = 600,
+        keep: tuple[Path, ...] = (),
     ) -> tuple[int, str]:
-        """Boot, run script (sh) in the guest, power off; its exit code and output."""
+        """Boot, run script (sh) in the guest, power off; its exit code and output.  The
+        guest's /tmp is its own (a tmpfs): host directories under /tmp it needs (a checkout
+        there, say) are named in keep, and shown there read-only."""
         out = workdir / "out"
         out.mkdir(parents=True, exist_ok=True)
         for name in ("rc", "console.log"):
             (out / name).unlink(missing_ok=True)
         (out / "script.sh").write_text(script)
+        under_tmp = [
+            p.resolve().relative_to("/tmp") for p in keep if p.resolve().is_relative_to("/tmp")
+        ]
+        (out / "keep").write_text("".join(f"{p}\n" for p in under_tmp))
         disk = workdir / "disk.img"
         disk.unlink(missing_ok=True)
         with open(disk, "wb") as f:

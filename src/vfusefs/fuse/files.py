@@ -22,7 +22,9 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Awaitable, Callable
 from types import TracebackType
+from typing import Any
 
 import pyfuse3
 import trio
@@ -149,16 +151,22 @@ class Files:
         self.kernel.forget_attrs(parent)
 
     async def _unlink(self, w: Walk, parent: int, name: bytes, missing_ok: bool = False) -> None:
-        try:
-            await self.ops.unlink(parent, name, w.ctx)  # type: ignore[arg-type]
-        except pyfuse3.FUSEError as exc:
-            if exc.errno != errno.ENOENT or not missing_ok:
-                raise
-        self._changed(parent, name)
+        await self._remove(self.ops.unlink, w, parent, name, missing_ok)
 
     async def _rmdir(self, w: Walk, parent: int, name: bytes, missing_ok: bool = False) -> None:
+        await self._remove(self.ops.rmdir, w, parent, name, missing_ok)
+
+    async def _remove(
+        self,
+        handler: Callable[[int, bytes, Any], Awaitable[None]],
+        w: Walk,
+        parent: int,
+        name: bytes,
+        missing_ok: bool,
+    ) -> None:
+        """unlink or rmdir name in parent (gone already: fine with missing_ok)."""
         try:
-            await self.ops.rmdir(parent, name, w.ctx)  # type: ignore[arg-type]
+            await handler(parent, name, w.ctx)
         except pyfuse3.FUSEError as exc:
             if exc.errno != errno.ENOENT or not missing_ok:
                 raise
