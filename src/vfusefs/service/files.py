@@ -193,6 +193,8 @@ class FileService:
             try:
                 await self.expire()
                 await self.tidy()
+            except (RegistryError, pyfuse3.FUSEError) as exc:  # a host away: next time
+                log.warning("upload housekeeping: %s", getattr(exc, "message", exc))
             except Exception:
                 log.exception("upload housekeeping failed")
 
@@ -286,6 +288,14 @@ class FileService:
                 raise RegistryError(403, "no_delete", "deleting needs an rwd token")
             raise RegistryError(403, "read_only", "the token is read-only")
 
+    def about(self, request: Request) -> dict[str, str]:
+        """The host and vfolder a request is about, for its log line (JSON logs' fields)."""
+        pieces = request.url.path.split("/")
+        if request.url.path.startswith("/v1/files/") and len(pieces) > 4:
+            return {"host": unquote(pieces[3]), "vfolder": unquote(pieces[4])}
+        up = self.uploads.get(request.path_params.get("upload", ""))
+        return {"host": up.host, "vfolder": up.vfolder} if up is not None else {}
+
     def count(self, op: str, status: int) -> None:
         self.requests[(op, status)] = self.requests.get((op, status), 0) + 1
 
@@ -294,6 +304,7 @@ class FileService:
     ) -> Callable[[Request], Awaitable[Response]]:
         async def wrapper(request: Request) -> Response:
             start = time.perf_counter()
+            fields = self.about(request)  # before: a finished upload is forgotten after
             try:
                 response = await fn(request)
             except RegistryError as exc:
@@ -305,13 +316,16 @@ class FileService:
                 log.exception("files API %s %s failed", request.method, request.url.path)
                 response = error(500, "internal", "internal error; see the daemon's log")
             self.count(op, response.status_code)
-            log.info(
+            # reads that went well at debug, as the mount's requests; changes and refusals at info
+            quiet = request.method in ("GET", "HEAD") and response.status_code < 400
+            log.log(
+                logging.DEBUG if quiet else logging.INFO,
                 "%s %s %d %.3fs",
                 request.method,
                 request.url.path[:300],
                 response.status_code,
                 time.perf_counter() - start,
-                extra={"op": op},
+                extra={"op": op, **fields},
             )
             return response
 
