@@ -435,7 +435,18 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
     cluster.stop()
 
 
-class BtrfsFs:
+class ScratchFs:
+    """A filesystem the tests mounted (or were given): fresh directories on it for hosts."""
+
+    mnt: Path
+
+    def dir(self, name: str) -> Path:
+        d = self.mnt / name
+        d.mkdir()
+        return d
+
+
+class BtrfsFs(ScratchFs):
     """A btrfs filesystem on a loop device, quotas enabled (LABS: milliseconds to make)."""
 
     def __init__(self, base: Path, size: str = "1G") -> None:
@@ -446,11 +457,6 @@ class BtrfsFs:
         run("mount", "-o", "loop", str(self.image), str(self.mnt))
         run("btrfs", "quota", "enable", str(self.mnt))
         self.mnt.chmod(0o755)
-
-    def dir(self, name: str) -> Path:
-        d = self.mnt / name
-        d.mkdir()
-        return d
 
     def stop(self) -> None:
         subprocess.run(["umount", "-l", str(self.mnt)], check=False)
@@ -489,7 +495,7 @@ log file = {d}/log/client.$pid.log
 """
 
 
-class CephFs:
+class CephFs(ScratchFs):
     """A single-node Ceph cluster on loopback (one monitor, one memstore OSD, one MDS; no
     manager, no cephx) with CephFS mounted by ceph-fuse: real CephFS quotas, recursive
     statistics and snapshots, about 6 s to start.  Started once per session."""
@@ -536,11 +542,6 @@ class CephFs:
             time.sleep(0.1)
         self.mnt.chmod(0o755)
 
-    def dir(self, name: str) -> Path:
-        d = self.mnt / name
-        d.mkdir()
-        return d
-
     def stop(self) -> None:
         """Unmount first, then stop the daemons (ceph-fuse hangs if the monitor goes first)."""
         subprocess.run(["umount", "-l", str(self.mnt)], check=False, capture_output=True)
@@ -574,18 +575,13 @@ def ceph_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephFs]:
     shutil.rmtree(base, ignore_errors=True)
 
 
-class XfsFs:
+class XfsFs(ScratchFs):
     """An XFS filesystem mounted with prjquota.  This machine's kernel has no XFS quota, so it
     exists only inside the test VM (tests/test_vm_storage.py boots it and runs the XFS tests
     there, with VFUSEFS_XFS_MNT naming the mount); on the host the tests that need it skip."""
 
     def __init__(self, mnt: Path) -> None:
         self.mnt = mnt
-
-    def dir(self, name: str) -> Path:
-        d = self.mnt / name
-        d.mkdir()
-        return d
 
 
 @pytest.fixture(scope="session")
