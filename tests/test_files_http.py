@@ -601,6 +601,9 @@ def test_bad_files_config_stops_start_up_in_one_line(world_dir: Path) -> None:
     ]
     for opts, words in cases:
         d = Daemon(world_dir, daemon_opts=opts)
+        checked = d.cli("check-config", check=False)  # check-config says what serve would
+        assert checked.returncode == 2 and words in checked.stderr, checked.stderr
+        assert "Traceback" not in checked.stderr
         with pytest.raises(RuntimeError) as exc:
             d.start(timeout=10)
         assert words in str(exc.value) and "Traceback" not in str(exc.value)

@@ -234,6 +234,18 @@ def check_config(ctx: click.Context, config_path: str | None, as_json: bool) -> 
 
         for hc in cfg.hosts.values():  # what serve checks: the backend exists, its options fit
             load_backend(hc)
+        d = cfg.daemon  # ... and the file API's key
+        if d.files_listen and not d.files_secret_file:
+            raise config_mod.ConfigError(
+                f"{cfg.path}: daemon.files_listen is set but daemon.files_secret_file is not"
+            )
+        if d.files_secret_file:
+            from vfusefs.service.tokens import BadKey, read_key
+
+            try:
+                read_key(d.files_secret_file)
+            except BadKey as exc:
+                raise config_mod.ConfigError(f"{cfg.path}: {exc}") from None
     except config_mod.ConfigError as exc:
         click.echo(f"vfusefs: {exc}", err=True)
         sys.exit(2)
