@@ -78,6 +78,14 @@ def refusal(exc: pyfuse3.FUSEError, what: Path | str) -> RegistryError:
     return RegistryError(status, code, f"{where}: {message}")
 
 
+def through(attrs: pyfuse3.EntryAttributes) -> None:
+    """A path goes on through a directory only: never through a symlink (ELOOP), nor a file."""
+    if stat.S_ISLNK(attrs.st_mode):
+        raise fail(errno.ELOOP)
+    if not stat.S_ISDIR(attrs.st_mode):
+        raise fail(errno.ENOTDIR)
+
+
 class Walk:
     """One request's way through one vfolder: `async with Files.walk(...) as w:`.  The nodes it
     looked up are forgotten when the block ends, whatever ends it."""
@@ -116,10 +124,7 @@ class Walk:
         decides what to do with it), never one on the way."""
         attrs = root
         for name in parts:
-            if stat.S_ISLNK(attrs.st_mode):
-                raise fail(errno.ELOOP)
-            if not stat.S_ISDIR(attrs.st_mode):
-                raise fail(errno.ENOTDIR)
+            through(attrs)
             attrs = await self.lookup(attrs.st_ino, name)
         return attrs
 
@@ -130,10 +135,7 @@ class Walk:
         if not parts:
             raise fail(errno.EBUSY)  # the vfolder's top itself: not to be made or removed
         parent = await self.path(root, parts[:-1])
-        if stat.S_ISLNK(parent.st_mode):
-            raise fail(errno.ELOOP)
-        if not stat.S_ISDIR(parent.st_mode):
-            raise fail(errno.ENOTDIR)
+        through(parent)
         return parent, parts[-1]
 
 
@@ -144,11 +146,11 @@ class Files:
         self.ops = ops
         self.kernel = ops.registry.kernel
 
-    def _changed(self, parent: int, name: bytes) -> None:
-        """A name the API changed: the mount's kernel forgets what it cached of it (and the
-        directory's attributes), as it never saw the change go by."""
-        self.kernel.forget_entry(parent, name)
-        self.kernel.forget_attrs(parent)
+    async def _changed(self, *names: tuple[int, bytes]) -> None:
+        """Names the API changed: the mount's kernel forgets what it cached of them (and of
+        their directories' attributes) before the API answers, as it never saw the change go
+        by, and the client's next look may be through the mount."""
+        await self.kernel.forget_names(list(names))
 
     async def _unlink(self, w: Walk, parent: int, name: bytes, missing_ok: bool = False) -> None:
         await self._remove(self.ops.unlink, w, parent, name, missing_ok)
@@ -170,7 +172,7 @@ class Files:
         except pyfuse3.FUSEError as exc:
             if exc.errno != errno.ENOENT or not missing_ok:
                 raise
-        self._changed(parent, name)
+        await self._changed((parent, name))
 
     def walk(self, host: str, vfid: str, mode: Mode) -> Walk:
         return Walk(self.ops, TokenCaller(0, 0, 0, None, vfolder=vfid, mode=mode))
@@ -220,17 +222,15 @@ class Files:
             parent, name = await w.parent(root, parts)
             return await self._mkdir(w, parent, name)
         attrs = root
-        for name in parts:
+        for i, name in enumerate(parts):
             try:
                 attrs = await w.path(attrs, (name,))
             except pyfuse3.FUSEError as exc:
                 if exc.errno != errno.ENOENT:
                     raise
                 attrs = await self._mkdir(w, attrs, name, exist_ok=True)
-            if not stat.S_ISDIR(attrs.st_mode):
-                raise fail(errno.ENOTDIR if name != parts[-1] else errno.EEXIST)
-        if not parts:
-            return root
+            if not stat.S_ISDIR(attrs.st_mode):  # a file (or symlink) has the name
+                raise fail(errno.ENOTDIR if i < len(parts) - 1 else errno.EEXIST)
         return attrs
 
     async def _mkdir(
@@ -243,7 +243,7 @@ class Files:
                 raise
             return await w.path(parent, (name,))
         w.looked.append(attrs.st_ino)
-        self._changed(parent.st_ino, name)
+        await self._changed((parent.st_ino, name))
         return attrs
 
     async def remove(
@@ -285,8 +285,7 @@ class Files:
         old, old_name = await w.parent(root, src)
         new, new_name = await w.parent(root, dst)
         await self.ops.rename(old.st_ino, old_name, new.st_ino, new_name, 0, w.ctx)  # type: ignore[arg-type]
-        self._changed(old.st_ino, old_name)
-        self._changed(new.st_ino, new_name)
+        await self._changed((old.st_ino, old_name), (new.st_ino, new_name))
 
     # -- uploads --------------------------------------------------------------------------------
     async def upload_dir(self, w: Walk, root: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
@@ -304,7 +303,7 @@ class Files:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         info, attrs = await self.ops.create(updir.st_ino, name, FILE_MODE, flags, w.ctx)  # type: ignore[arg-type]
         w.looked.append(attrs.st_ino)
-        self._changed(updir.st_ino, name)
+        await self._changed((updir.st_ino, name))
         return int(info.fh)
 
     async def open_upload(self, w: Walk, root: pyfuse3.EntryAttributes, name: bytes) -> int:

@@ -27,6 +27,27 @@ class KernelCache:
             except FileNotFoundError:
                 pass  # the kernel does not know it (any more): nothing cached
 
+    async def forget_names(self, names: list[tuple[int, bytes]]) -> None:
+        """The kernel forgets each (directory, name) and the directory's attributes, and this
+        returns once it has (a change made around the kernel, that the next request through
+        the mount must see).  On a thread: the kernel waits for a request in flight on that
+        directory, which this event loop serves."""
+        if not self.mounted or not names:
+            return
+
+        def invalidate() -> None:
+            for parent, name in names:
+                for call, args in (
+                    (pyfuse3.invalidate_entry, (parent, name)),
+                    (pyfuse3.invalidate_inode, (parent, True)),
+                ):
+                    try:
+                        call(*args)
+                    except OSError:
+                        pass  # the kernel does not know it: nothing cached
+
+        await trio.to_thread.run_sync(invalidate)
+
     async def forget_inodes(self, inos: list[int]) -> None:
         """The kernel drops attributes and cached pages of every inode in inos (a narrowed
         grant: nothing may be served from the cache the caller could no longer read).  On a

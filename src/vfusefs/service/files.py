@@ -120,12 +120,19 @@ def not_modified(request: Request, tag: str, mtime: float) -> bool:
         return False
 
 
+def files_url(path: str) -> tuple[str, str, str] | None:
+    """host, vfolder and the path inside it of a /v1/files/ URL path (None for others), as
+    messages and log lines show them; requests themselves are parsed by FileService.target."""
+    pieces = path.split("/", 5)  # "", v1, files, host, id, rest
+    if not path.startswith("/v1/files/") or len(pieces) < 5:
+        return None
+    return unquote(pieces[3]), unquote(pieces[4]), "/" + (pieces[5] if len(pieces) > 5 else "")
+
+
 def shown(request: Request) -> str:
     """What a request is about, for its error message: the path inside the vfolder."""
-    path = request.url.path
-    if path.startswith("/v1/files/"):
-        return "/" + (path.split("/", 5) + [""])[5]
-    return path
+    url = files_url(request.url.path)
+    return url[2] if url is not None else request.url.path
 
 
 def quota_name(key: str) -> str:
@@ -225,14 +232,14 @@ class FileService:
                         await self.files.tidy(w, await w.vfolder(host, vfid))
 
     async def drop(self, up: Upload, outcome: str) -> None:
-        """End an upload and remove its file (which the daemon does whatever the token)."""
-        try:
-            if up.vfolder in self.registry.vfolders:
-                async with self.files.housekeeping() as w:
-                    root = await w.vfolder(up.host, up.vfolder)
-                    await self.files.drop_upload(w, root, up.name)
-        finally:
-            await self.ended(up, outcome)
+        """Remove an upload's file (which the daemon does whatever the token), then end it.
+        If the file cannot be removed (its host away), the upload stays, to be dropped again:
+        ending it first would leave a file nobody knows of, charged to the vfolder for good."""
+        if up.vfolder in self.registry.vfolders:
+            async with self.files.housekeeping() as w:
+                root = await w.vfolder(up.host, up.vfolder)
+                await self.files.drop_upload(w, root, up.name)
+        await self.ended(up, outcome)
 
     async def ended(self, up: Upload, outcome: str) -> None:
         self.uploads.pop(up.id, None)
@@ -290,9 +297,9 @@ class FileService:
 
     def about(self, request: Request) -> dict[str, str]:
         """The host and vfolder a request is about, for its log line (JSON logs' fields)."""
-        pieces = request.url.path.split("/")
-        if request.url.path.startswith("/v1/files/") and len(pieces) > 4:
-            return {"host": unquote(pieces[3]), "vfolder": unquote(pieces[4])}
+        url = files_url(request.url.path)
+        if url is not None:
+            return {"host": url[0], "vfolder": url[1]}
         up = self.uploads.get(request.path_params.get("upload", ""))
         return {"host": up.host, "vfolder": up.vfolder} if up is not None else {}
 
@@ -687,6 +694,8 @@ class FileService:
                     await self.drop(up, "failed")
                     return e.status, e.code, e.message + " (the upload is dropped)"
                 await self.ended(up, "completed")
+        if up.id in self.uploads:  # still open: its pushed-back expiry outlives a restart too
+            await trio.to_thread.run_sync(self.records.save, up)
         return problem
 
     async def write_body(
