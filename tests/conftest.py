@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -445,6 +445,25 @@ class ScratchFs:
         d.mkdir()
         return d
 
+    def stop(self) -> None:
+        """Unmount and stop what serves it."""
+
+
+F = TypeVar("F", bound=ScratchFs)
+
+
+def scratch(kind: Callable[[Path], F], prefix: str) -> Iterator[F]:
+    """A session fixture's filesystem: made in a fresh directory other uids can traverse,
+    stopped and removed at the end."""
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    base.chmod(0o755)
+    fs = kind(base)
+    try:
+        yield fs
+    finally:
+        fs.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
 
 class BtrfsFs(ScratchFs):
     """A btrfs filesystem on a loop device, quotas enabled (LABS: milliseconds to make)."""
@@ -567,12 +586,7 @@ class CephFs(ScratchFs):
 def ceph_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephFs]:
     if not (have("ceph-mon") and have("ceph-fuse") and IS_ROOT):
         pytest.skip("needs root and Ceph (ceph-mon ceph-osd ceph-mds ceph-fuse)")
-    base = Path(tempfile.mkdtemp(prefix="vfusefs-ceph-", dir="/tmp"))
-    base.chmod(0o755)
-    fs = CephFs(base)
-    yield fs
-    fs.stop()
-    shutil.rmtree(base, ignore_errors=True)
+    yield from scratch(CephFs, "vfusefs-ceph-")
 
 
 class XfsFs(ScratchFs):
@@ -596,9 +610,4 @@ def xfs_fs() -> XfsFs:
 def btrfs_fs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BtrfsFs]:
     if not (have("mkfs.btrfs") and IS_ROOT):
         pytest.skip("needs root and btrfs-progs for a btrfs loop mount")
-    base = Path(tempfile.mkdtemp(prefix="vfusefs-btrfs-", dir="/tmp"))
-    base.chmod(0o755)
-    fs = BtrfsFs(base)
-    yield fs
-    fs.stop()
-    shutil.rmtree(base, ignore_errors=True)
+    yield from scratch(BtrfsFs, "vfusefs-btrfs-")

@@ -246,14 +246,14 @@ class Backend:
         half made: the caller removes it (remove_new_vfolder).
 
         Here: a copy (native/copytree.py: contents by copy_file_range, which reflinks where
-        the filesystem can, holes, modes, owners, times, xattrs, symlinks, hard links), for
-        storage with no snapshot; a backend that has one overrides this."""
-        if snapshot is not None:
-            raise BackendError(f"backend {self.name!r} has no snapshots to clone from")
+        the filesystem can, holes, modes, owners, times, xattrs, symlinks, hard links), of the
+        tree or of what `snapshot_origin` names; a backend whose snapshots are writable clones
+        (btrfs) overrides this."""
+        origin = src if snapshot is None else self.snapshot_origin(src, snapshot)
         if os.path.lexists(dst):
             raise AlreadyThere(f"native directory {dst} already exists")
         self.create_vfolder(dst)
-        src_fd = os.open(src, copytree.DIR_FLAGS)
+        src_fd = os.open(origin, copytree.DIR_FLAGS)
         try:
             dst_fd = os.open(dst, copytree.DIR_FLAGS)
             try:
@@ -262,6 +262,10 @@ class Backend:
                 os.close(dst_fd)
         finally:
             os.close(src_fd)
+
+    def snapshot_origin(self, path: str, name: str) -> str:
+        """Where snapshot `name` of a vfolder can be read, for a clone to copy it from."""
+        raise BackendError(f"backend {self.name!r} has no snapshots to clone from")
 
     def snapshot(self, path: str, name: str) -> str:
         """Take a read-only snapshot of a vfolder; returns where it is."""

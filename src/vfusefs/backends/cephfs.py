@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
 
 from vfusefs.backends import AlreadyThere, Backend, BackendError, Capabilities
 
@@ -79,7 +78,7 @@ class CephFsBackend(Backend):
     def purge(self, trash_path: str) -> None:
         """CephFS does not remove a directory that still has snapshots: drop them first."""
         for name in self.snapshots(trash_path):
-            os.rmdir(os.path.join(trash_path, SNAP_DIR, name))
+            self.delete_snapshot(trash_path, name)
         super().purge(trash_path)
 
     # -- snapshots and clone --------------------------------------------------------------------
@@ -124,18 +123,9 @@ class CephFsBackend(Backend):
         except FileNotFoundError:
             raise BackendError(f"no snapshot {name!r} of {path}") from None
 
-    def clone(
-        self,
-        src: str,
-        dst: str,
-        snapshot: str | None = None,
-        progress: Callable[[int, int], None] = lambda files, nbytes: None,
-        cancelled: Callable[[], bool] = lambda: False,
-    ) -> None:
-        """A copy of src, or of its snapshot `snapshot` (CephFS snapshots are read-only)."""
-        origin = src
-        if snapshot is not None:
-            origin = self._snap(src, snapshot)
-            if not os.path.isdir(origin):
-                raise BackendError(f"no snapshot {snapshot!r} of {src}")
-        super().clone(origin, dst, None, progress, cancelled)
+    def snapshot_origin(self, path: str, name: str) -> str:
+        """A clone from a snapshot copies it (CephFS snapshots are read-only)."""
+        origin = self._snap(path, name)
+        if not os.path.isdir(origin):
+            raise BackendError(f"no snapshot {name!r} of {path}")
+        return origin

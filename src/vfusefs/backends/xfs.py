@@ -59,13 +59,20 @@ def project_of(path: str) -> tuple[int, bool]:
     return projid, bool(xflags & FS_XFLAG_PROJINHERIT)
 
 
-def set_project(fd: int, projid: int, inherit: bool) -> None:
-    xflags, extsize, nextents, _, cow, pad = FSXATTR.unpack(
-        fcntl.ioctl(fd, FS_IOC_FSGETXATTR, bytes(FSXATTR.size))
-    )
-    if inherit:
-        xflags |= FS_XFLAG_PROJINHERIT
-    fcntl.ioctl(fd, FS_IOC_FSSETXATTR, FSXATTR.pack(xflags, extsize, nextents, projid, cow, pad))
+def set_project(path: str, projid: int, inherit: bool) -> None:
+    """Put path (not followed if a symlink) in project projid; inherit: and what is made in it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        xflags, extsize, nextents, _, cow, pad = FSXATTR.unpack(
+            fcntl.ioctl(fd, FS_IOC_FSGETXATTR, bytes(FSXATTR.size))
+        )
+        if inherit:
+            xflags |= FS_XFLAG_PROJINHERIT
+        fcntl.ioctl(
+            fd, FS_IOC_FSSETXATTR, FSXATTR.pack(xflags, extsize, nextents, projid, cow, pad)
+        )
+    finally:
+        os.close(fd)
 
 
 class XfsBackend(Backend):
@@ -89,13 +96,11 @@ class XfsBackend(Backend):
             projid, inherit = project_of(path)
             if projid == 0 or not inherit:  # new, or adopted from outside any project
                 self._assign(path, projid or self._free_id(path))
-        except OSError as exc:
+        except BaseException as exc:
             if made:
                 self.remove_new_vfolder(path)
-            raise self._refusal(path, exc) from None
-        except BaseException:
-            if made:
-                self.remove_new_vfolder(path)
+            if isinstance(exc, OSError):
+                raise self._refusal(path, exc) from None
             raise
         return made
 
@@ -105,18 +110,9 @@ class XfsBackend(Backend):
         for dirpath, dirnames, filenames in os.walk(path):
             for name in [*dirnames, *filenames]:
                 full = os.path.join(dirpath, name)
-                if os.path.islink(full):
-                    continue  # the ioctl needs an open file; a symlink's blocks are few
-                fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-                try:
-                    set_project(fd, projid, os.path.isdir(full))
-                finally:
-                    os.close(fd)
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            set_project(fd, projid, True)
-        finally:
-            os.close(fd)
+                if not os.path.islink(full):  # the ioctl needs an open file; a symlink's
+                    set_project(full, projid, os.path.isdir(full))  # blocks are few
+        set_project(path, projid, True)
 
     def _free_id(self, path: str) -> int:
         """An id no project on the filesystem uses, derived from the vfolder's UUID."""
